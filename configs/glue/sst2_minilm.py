@@ -1,0 +1,24 @@
+"""Fine-tune the packaged all-MiniLM-L6-v2 (6-layer BERT) on GLUE SST-2.
+
+  python -m finetune_jax.train --config=configs/glue/sst2_minilm.py --workdir=runs/sst2 \\
+      --config.data.dir=../shared/data/glue/sst2
+  python -m finetune_jax.eval --config=configs/glue/sst2_minilm.py --workdir=runs/sst2
+
+Expected (2-core CPU, 300 steps, batch 32, lr 1e-4): dev accuracy >= 0.85 (see README).
+Presets: --config.optim.preset=linear_probe | bitfit | top_k_layers | llrd.
+"""
+
+from finetune_jax.config import base_config
+
+
+def get_config():
+  config = base_config()
+  config.data.task = "sst2"
+  config.data.dir = "../shared/data/glue/sst2"
+  config.data.max_length = 64
+  config.optim.lr = 1e-4
+  config.train.batch_size = 32
+  config.train.max_steps = 300
+  config.train.eval_every = 100
+  config.train.checkpoint_every = 100
+  return config
