@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Callable
 
-from absl import app
+from absl import app, flags, logging
 
 # Errors that describe a bad config, path, data row or weight file: the message says what is
 # wrong and what to do, so a traceback would only bury it. FINETUNE_JAX_DEBUG=1 shows it anyway.
@@ -24,6 +24,16 @@ def _message(e: BaseException) -> str:
   # KeyError and config_dict's AttributeError wrap their text in quotes; unwrap it.
   text = str(e.args[0]) if e.args else str(e)
   return text.strip("'\"").replace("\\n", " ").replace("\\'", "'")
+
+
+def quiet_libraries() -> None:
+  """Warnings only from absl-logging libraries (Orbax logs every save step at INFO),
+  unless the user asked for a level with --verbosity."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  import datasets  # noqa: PLC0415
+
+  datasets.disable_progress_bars()
 
 
 def run_main(main: Callable[[list[str]], None]) -> None:

@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from finetune_jax import checkpoint, experiment
-from finetune_jax.cli import run_main
+from finetune_jax.cli import quiet_libraries, run_main
 from finetune_jax.evaluation import evaluate, metric_mode
 
 
@@ -64,6 +64,7 @@ def main() -> None:
   def run(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_libraries()
     print(json.dumps(run_eval(config.value, workdir.value, split.value, which.value), indent=2))
 
   run_main(run)

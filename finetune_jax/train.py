@@ -14,12 +14,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from finetune_jax import checkpoint, experiment, optim
 from finetune_jax import config as config_lib
-from finetune_jax.cli import run_main
+from finetune_jax.cli import quiet_libraries, run_main
 from finetune_jax.evaluation import EarlyStopping, evaluate, metric_mode
 from finetune_jax.metric_writers import MetricWriter
 from finetune_jax.progress import Progress
@@ -31,7 +31,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, until_step: int | Non
   """Train (or resume) until `config.train.max_steps` (or `until_step`); returns a summary."""
   exp = experiment.build(config)
   config_lib.write_config(config, workdir)
-  logging.info("parameter groups:\n%s", optim.group_table(exp.groups, exp.params))
+  say(f"parameter groups (optim.preset={config.optim.preset!r}):\n"
+      + optim.group_table(exp.groups, exp.params))
   batches = experiment.train_batches(exp)
   eval_data = experiment.encode_split(exp, config.data.eval_split)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, exp.metric,
@@ -44,8 +45,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, until_step: int | Non
     state, progress = restored
     batches.restore(progress["data"])
     stopper = EarlyStopping.from_dict(progress["early_stopping"])
-    logging.info("resumed from step %d in %s", int(state.step), workdir)
-  logging.info("optimizer state: %s bytes", f"{optim.tree_bytes(state.opt_state):,}")
+    say(f"resumed from step {int(state.step)} in {workdir}")
+  say(f"optimizer state: {optim.tree_bytes(state.opt_state):,} bytes; mesh {dict(exp.mesh.shape)}")
 
   writer = MetricWriter(workdir)
   start, end = int(state.step), min(config.train.max_steps, until_step or config.train.max_steps)
@@ -90,6 +91,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, until_step: int | Non
   return summary
 
 
+def say(message: str) -> None:
+  """Print on process 0 only (the other processes run the same code silently)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
 def _summary(exp, state, stopper, intervals, wall_time) -> dict[str, Any]:
   # The first interval includes compilation; steady state is the median of the rest.
   steady = [s for s, _ in intervals[1:]] or [s for s, _ in intervals]
@@ -115,6 +122,7 @@ def main() -> None:
   def run(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_libraries()
     print(json.dumps(train(config.value, workdir.value), indent=2))
 
   run_main(run)
