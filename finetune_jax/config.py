@@ -9,79 +9,125 @@ from __future__ import annotations
 
 import json
 import os
+
+import jax
 import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults for a sequence-classification fine-tune; `configs/**.py` override them."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+    """Defaults for a sequence-classification fine-tune; `configs/**.py` override them."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
 
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "all-minilm-l6-v2"  # local HF dir, packaged alias, or hub id
-  c.model.dtype = "float32"  # compute dtype; params stay float32
-  c.model.remat = False
-  c.model.dropout = -1.0  # <0: keep the pretrained config's dropout
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "all-minilm-l6-v2"  # local HF dir, packaged alias, or hub id
+    c.model.dtype = "float32"  # compute dtype; params stay float32
+    c.model.remat = "none"  # none | full | dots_saveable: recompute activations in backward
+    c.model.dropout = -1.0  # <0: keep the pretrained config's dropout
 
-  c.data = ml_collections.ConfigDict()
-  c.data.task = "sst2"
-  c.data.dir = ""  # local dir with the task's files; "" = load from the HF hub
-  c.data.max_length = 64
-  c.data.buckets = (16, 32, 64)  # padded lengths: bounds the number of compiled shapes
-  c.data.eval_split = "validation"
+    c.data = ml_collections.ConfigDict()
+    c.data.task = "sst2"
+    c.data.dir = ""  # local dir with the task's files; "" = load from the HF hub
+    c.data.max_length = 64
+    c.data.buckets = (16, 32, 64)  # padded lengths: bounds the number of compiled shapes
+    c.data.eval_split = "validation"
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-4
-  c.optim.schedule = "linear"  # linear | cosine | constant (after warmup)
-  c.optim.warmup_fraction = 0.1
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.01
-  c.optim.clip_norm = 1.0  # global norm over trainable leaves; <=0 disables
-  # Which params train, and at what lr multiplier: a preset, or explicit rules.
-  c.optim.preset = "full"  # full | linear_probe | bitfit | top_k_layers | llrd | rules
-  c.optim.top_k = 2  # for top_k_layers
-  c.optim.llrd_decay = 0.8  # for llrd: layer i of N gets decay**(N - i)
-  c.optim.head = r"(classifier|bert/pooler)/.*"  # new / task-specific params
-  c.optim.layer = r".*/layer_(\d+)/.*"  # finds a param's layer index (group 1)
-  # (regex, label) pairs used when preset == "rules"; label: "trainable", "frozen" or an
-  # lr multiplier (float). First full match wins; every param must be matched.
-  c.optim.rules = ()
-  # (regex, bool): which params get weight decay (none for biases and norms).
-  c.optim.decay_rules = ((r".*/bias", False), (r".*LayerNorm/.*", False),
-                         (r".*norm/.*", False), (r".*", True))
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4
+    c.optim.schedule = "linear"  # linear | cosine | constant (after warmup)
+    c.optim.warmup_fraction = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.01
+    c.optim.clip_norm = 1.0  # global norm over trainable leaves; <=0 disables
+    # Which params train, and at what lr multiplier: a preset, or explicit rules.
+    c.optim.preset = "full"  # full | linear_probe | bitfit | top_k_layers | llrd | rules
+    c.optim.top_k = 2  # for top_k_layers
+    c.optim.llrd_decay = 0.8  # for llrd: layer i of N gets decay**(N - i)
+    c.optim.head = r"(classifier|bert/pooler)/.*"  # new / task-specific params
+    c.optim.layer = r".*/layer_(\d+)/.*"  # finds a param's layer index (group 1)
+    # (regex, label) pairs used when preset == "rules"; label: "trainable", "frozen" or an
+    # lr multiplier (float). First full match wins; every param must be matched.
+    c.optim.rules = ()
+    # (regex, bool): which params get weight decay (none for biases and norms).
+    c.optim.decay_rules = (
+        (r".*/bias", False),
+        (r".*LayerNorm/.*", False),
+        (r".*norm/.*", False),
+        (r".*", True),
+    )
 
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 32
-  c.train.max_steps = 1000
-  c.train.log_every = 20
-  c.train.eval_every = 100
-  c.train.checkpoint_every = 100
-  c.train.keep_checkpoints = 2  # the last K, plus the best by train.metric
-  c.train.metric = ""  # "" = the task's main metric
-  c.train.patience = 0  # evals without improvement before stopping; 0 = never stop early
-  c.train.async_checkpoint = True
-  c.train.progress = True
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32  # global, over all processes
+    c.train.microbatches = (
+        1  # gradient accumulation inside the step: batch_size / microbatches each
+    )
+    c.train.max_steps = 1000
+    c.train.log_every = 20
+    c.train.eval_every = 100
+    c.train.checkpoint_every = 100
+    c.train.keep_checkpoints = 2  # the last K, plus the best by train.metric
+    c.train.metric = ""  # "" = the task's main metric
+    c.train.patience = 0  # evals without improvement before stopping; 0 = never stop early
+    c.train.async_checkpoint = True
+    c.train.nonfinite = (
+        "halt"  # halt: stop with an error naming step and param | skip: drop the update
+    )
+    c.train.progress = True
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: all remaining devices
+    c.mesh = ml_collections.ConfigDict()
+    # Mesh axes over all devices of all processes; one size may be -1 (= the rest).
+    # data: pure data parallel; fsdp: batch split AND params/optimizer state sharded (ZeRO-3
+    # style); tensor: heads / MLP / vocab split inside each layer (Megatron style).
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
 
-  c.sharding = ml_collections.ConfigDict()
-  # Logical axis name -> mesh axis (or None = replicated), first match wins.
-  c.sharding.rules = (("batch", "data"), ("length", None), ("vocab", None), ("embed", None),
-                      ("heads", None), ("kv", None), ("mlp", None), ("position", None),
-                      ("token_type", None), ("classes", None))
-  c.lock()
-  return c
+    c.sharding = ml_collections.ConfigDict()
+    # Logical axis name -> mesh axis (or None = replicated), first match wins.
+    c.sharding.rules = (
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("activation_embed", None),
+        ("embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("kv", None),
+        ("mlp", "tensor"),
+        ("position", None),
+        ("token_type", None),
+        ("classes", None),
+    )
+    c.lock()
+    return c
+
+
+def ensure_writable_workdir(workdir: str) -> None:
+    """Fail at start, not at the first checkpoint, when the workdir cannot be written."""
+    # One probe file per process: several processes may share the workdir.
+    probe = os.path.join(workdir, f".write-test-{os.uname().nodename}-{os.getpid()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(
+            f"workdir {workdir!r} is not a writable directory ({e.strerror or e}); pass "
+            "--workdir=<a directory this user can create and write>"
+        ) from None
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Write the resolved config as JSON into the workdir (the record of what ran)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
-  return path
+    """Write the resolved config as JSON into the workdir (the record of what ran)."""
+    if jax.process_index() != 0:
+        return os.path.join(workdir, "config.json")
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+    return path

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import numpy as np
@@ -12,56 +13,64 @@ import numpy as np
 from finetune_jax import metrics as metrics_lib
 
 
-def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict[str, np.ndarray]],
-             task: Any, put_batch: Callable) -> dict[str, float]:
-  """Mean loss and the task's metrics over every real (weight 1) example of `batches`."""
-  loss_sum, weight_sum = 0.0, 0.0
-  predictions, labels = [], []
-  for batch in batches:
-    out = jax.device_get(eval_step(params, put_batch(batch)))
-    keep = batch["weights"] > 0
-    loss_sum += float(out["loss_sum"])
-    weight_sum += float(out["weight_sum"])
-    predictions.append(np.asarray(out["predictions"])[keep])
-    labels.append(batch["labels"][keep])
-  if weight_sum == 0:
-    raise ValueError("evaluation ran over no examples")
-  result = {"loss": loss_sum / weight_sum, "examples": int(weight_sum)}
-  result.update(metrics_lib.compute_metrics(task, np.concatenate(predictions), np.concatenate(labels)))
-  return result
+def evaluate(
+    eval_step: Callable,
+    params: Any,
+    batches: Iterable[dict[str, np.ndarray]],
+    task: Any,
+    put_batch: Callable,
+) -> dict[str, float]:
+    """Mean loss and the task's metrics over every real (weight 1) example of `batches`."""
+    loss_sum, weight_sum = 0.0, 0.0
+    predictions, labels = [], []
+    for batch in batches:
+        out = jax.device_get(eval_step(params, put_batch(batch)))
+        keep = np.asarray(out["weights"]) > 0  # global rows, not just this process's
+        loss_sum += float(out["loss_sum"])
+        weight_sum += float(out["weight_sum"])
+        predictions.append(np.asarray(out["predictions"])[keep])
+        labels.append(np.asarray(out["labels"])[keep])
+    if weight_sum == 0:
+        raise ValueError("evaluation ran over no examples")
+    result = {"loss": loss_sum / weight_sum, "examples": int(weight_sum)}
+    result.update(
+        metrics_lib.compute_metrics(task, np.concatenate(predictions), np.concatenate(labels))
+    )
+    return result
 
 
 def metric_mode(metric: str) -> str:
-  """'min' for losses, 'max' for everything else (accuracy, F1, correlations)."""
-  return "min" if metric.endswith("loss") else "max"
+    """'min' for losses, 'max' for everything else (accuracy, F1, correlations)."""
+    return "min" if metric.endswith("loss") else "max"
 
 
 @dataclasses.dataclass
 class EarlyStopping:
-  """Tracks the best value of one eval metric; stops after `patience` evals without gain."""
-  metric: str
-  patience: int = 0  # 0: never stop early
-  best: float | None = None
-  best_step: int | None = None
-  bad_evals: int = 0
+    """Tracks the best value of one eval metric; stops after `patience` evals without gain."""
 
-  def update(self, value: float, step: int) -> bool:
-    """Record an eval result; True if it is a new best."""
-    sign = -1.0 if metric_mode(self.metric) == "min" else 1.0
-    improved = math.isfinite(value) and (self.best is None or sign * value > sign * self.best)
-    if improved:
-      self.best, self.best_step, self.bad_evals = value, step, 0
-    else:
-      self.bad_evals += 1
-    return improved
+    metric: str
+    patience: int = 0  # 0: never stop early
+    best: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
 
-  @property
-  def should_stop(self) -> bool:
-    return self.patience > 0 and self.bad_evals >= self.patience
+    def update(self, value: float, step: int) -> bool:
+        """Record an eval result; True if it is a new best."""
+        sign = -1.0 if metric_mode(self.metric) == "min" else 1.0
+        improved = math.isfinite(value) and (self.best is None or sign * value > sign * self.best)
+        if improved:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+        else:
+            self.bad_evals += 1
+        return improved
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_evals >= self.patience
 
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "EarlyStopping":
-    return cls(**d)
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EarlyStopping:
+        return cls(**d)

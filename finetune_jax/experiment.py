@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -17,6 +18,7 @@ import optax
 import transformers
 
 from finetune_jax import checkpoint, optim, sharding, steps, weights
+from finetune_jax import rules as rules_lib
 from finetune_jax.data import pipeline, sources, tasks
 from finetune_jax.losses import loss_for
 from finetune_jax.models import get_model_module
@@ -25,101 +27,166 @@ from finetune_jax.state import TrainState, create_train_state
 
 @dataclasses.dataclass
 class Experiment:
-  """Everything a train or eval loop needs, built once from the config."""
-  config: ml_collections.ConfigDict
-  task: tasks.Task
-  tokenizer: Any
-  model_dir: str
-  module: Any  # the flax module
-  params: Any  # pretrained params (host), unboxed
-  groups: optim.ParamGroups
-  tx: optax.GradientTransformation
-  lr_fn: optax.Schedule
-  mesh: jax.sharding.Mesh
-  state_sharding: Any
-  batch_sharding: jax.sharding.NamedSharding
-  train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated
-  eval_step: Callable  # jitted (params, batch) -> outputs
+    """Everything a train or eval loop needs, built once from the config."""
 
-  @property
-  def metric(self) -> str:
-    return self.config.train.metric or self.task.main_metric
+    config: ml_collections.ConfigDict
+    task: tasks.Task
+    tokenizer: Any
+    model_dir: str
+    module: Any  # the flax module
+    params: Any  # pretrained params (host), unboxed
+    groups: optim.ParamGroups
+    tx: optax.GradientTransformation
+    lr_fn: optax.Schedule
+    mesh: jax.sharding.Mesh
+    state_sharding: Any
+    batch_sharding: jax.sharding.NamedSharding
+    train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated
+    eval_step: Callable  # jitted (params, batch) -> outputs
 
-  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Host batch (this process's rows) -> global arrays sharded over the data axes."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in batch.items()}
+    @property
+    def trainable_paths(self) -> list[str]:
+        """'/'-joined paths of the trainable leaves, in the order the step's grads use."""
+        paths = rules_lib.param_paths(self.params)
+        return [p for p, t in zip(paths, jax.tree.leaves(self.groups.trainable)) if t]
 
-  def initial_state(self) -> TrainState:
-    """A fresh state around the pretrained params, placed on the mesh."""
-    return jax.device_put(create_train_state(self.params, self.tx, self.config.seed),
-                          self.state_sharding)
+    @property
+    def metric(self) -> str:
+        return self.config.train.metric or self.task.main_metric
 
-  def abstract_state(self) -> TrainState:
-    """Shapes, dtypes and shardings of the state, for restoring without materialising it."""
-    shapes = jax.eval_shape(lambda: create_train_state(self.params, self.tx, self.config.seed))
-    return checkpoint.abstract_with_shardings(shapes, self.state_sharding)
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Host batch (this process's rows) -> global arrays sharded over the data axes."""
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in batch.items()
+        }
+
+    def initial_state(self) -> TrainState:
+        """A fresh state around the pretrained params, placed on the mesh."""
+        return jax.device_put(
+            create_train_state(self.params, self.tx, self.config.seed), self.state_sharding
+        )
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state, for restoring without materialising it."""
+        shapes = jax.eval_shape(lambda: create_train_state(self.params, self.tx, self.config.seed))
+        return checkpoint.abstract_with_shardings(shapes, self.state_sharding)
 
 
-def build(config: ml_collections.ConfigDict) -> Experiment:
-  """Resolve the model and task, load pretrained weights, and jit the steps."""
-  task = tasks.get_task(config.data.task)
-  model_dir = str(weights.resolve_model_dir(config.model.name))
-  hf_config = weights.read_hf_config(model_dir)
-  model_lib = get_model_module(hf_config.get("model_type", ""))
-  overrides = {}
-  if config.model.dropout >= 0:
-    overrides = {"hidden_dropout_prob": config.model.dropout,
-                 "attention_probs_dropout_prob": config.model.dropout}
-  model_config, module, params = model_lib.load_pretrained(
-      model_dir, num_labels=task.num_labels, dtype=config.model.dtype, seed=config.seed,
-      remat=config.model.remat, **overrides)
-  params = jax.tree.map(np.asarray, params)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Experiment:
+    """Resolve the model and task, load pretrained weights, and jit the steps.
 
-  groups = optim.param_groups(config.optim, params)
-  tx, lr_fn = optim.make_optimizer(config.optim, groups, config.train.max_steps)
+    `devices` (default: all devices of all processes) is what `config.mesh` is laid over.
+    """
+    task = tasks.get_task(config.data.task)
+    model_dir = str(weights.resolve_model_dir(config.model.name))
+    hf_config = weights.read_hf_config(model_dir)
+    model_lib = get_model_module(hf_config.get("model_type", ""))
+    overrides = {}
+    if config.model.dropout >= 0:
+        overrides = {
+            "hidden_dropout_prob": config.model.dropout,
+            "attention_probs_dropout_prob": config.model.dropout,
+        }
+    model_config, module, params = model_lib.load_pretrained(
+        model_dir,
+        num_labels=task.num_labels,
+        dtype=config.model.dtype,
+        seed=config.seed,
+        remat=config.model.remat,
+        **overrides,
+    )
+    params = jax.tree.map(np.asarray, params)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
 
-  mesh = sharding.make_mesh(config.mesh)
-  boxed = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
-  params_sharding = sharding.param_shardings(boxed, mesh, sharding.logical_rules(config))
-  shapes = jax.eval_shape(lambda: create_train_state(params, tx, config.seed))
-  state_sharding = sharding.state_shardings(shapes, tx, params_sharding, mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
+    groups = optim.param_groups(config.optim, params)
+    tx, lr_fn = optim.make_optimizer(config.optim, groups, config.train.max_steps)
 
-  loss_fn = loss_for(task.num_labels)
-  train_fn = functools.partial(steps.train_step, apply_fn=module.apply, tx=tx, loss_fn=loss_fn,
-                               lr_fn=lr_fn, trainable=groups.trainable)
-  eval_fn = functools.partial(steps.eval_step, apply_fn=module.apply, loss_fn=loss_fn)
-  replicated = sharding.replicated(mesh)
-  train_step = jax.jit(train_fn, in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-  eval_step = jax.jit(eval_fn, in_shardings=(params_sharding, batch_sharding),
-                      out_shardings=replicated)
-  return Experiment(config, task, tokenizer, model_dir, module, params, groups, tx, lr_fn, mesh,
-                    state_sharding, batch_sharding, train_step, eval_step)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.logical_rules(config)
+    boxed = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
+    params_sharding = sharding.param_shardings(boxed, mesh, rules)
+    shapes = jax.eval_shape(lambda: create_train_state(params, tx, config.seed))
+    state_sharding = sharding.state_shardings(shapes, tx, params_sharding, mesh)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    sharding.check_batch_size(config.train.batch_size, config.train.microbatches, batch_sharding)
+
+    loss_fn = loss_for(task.num_labels)
+    train_fn = functools.partial(
+        steps.train_step,
+        apply_fn=module.apply,
+        tx=tx,
+        loss_fn=loss_fn,
+        lr_fn=lr_fn,
+        trainable=groups.trainable,
+        microbatches=config.train.microbatches,
+        skip_nonfinite=config.train.nonfinite == "skip",
+    )
+    eval_fn = functools.partial(steps.eval_step, apply_fn=module.apply, loss_fn=loss_fn)
+    replicated = sharding.replicated(mesh)
+    train_step = sharding.MeshBound(
+        jax.jit(
+            train_fn,
+            in_shardings=(state_sharding, batch_sharding),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=(0,),
+        ),
+        mesh,
+        rules,
+    )
+    eval_step = sharding.MeshBound(
+        jax.jit(eval_fn, in_shardings=(params_sharding, batch_sharding), out_shardings=replicated),
+        mesh,
+        rules,
+    )
+    return Experiment(
+        config,
+        task,
+        tokenizer,
+        model_dir,
+        module,
+        params,
+        groups,
+        tx,
+        lr_fn,
+        mesh,
+        state_sharding,
+        batch_sharding,
+        train_step,
+        eval_step,
+    )
 
 
 def encode_split(exp: Experiment, split: str) -> pipeline.Encoded:
-  """Load and tokenize one split of the configured task."""
-  examples = sources.load_split(exp.task, exp.config.data.dir or None, split)
-  return pipeline.tokenize(examples, exp.tokenizer, exp.config.data.max_length)
+    """Load and tokenize one split of the configured task."""
+    examples = sources.load_split(exp.task, exp.config.data.dir or None, split)
+    return pipeline.tokenize(examples, exp.tokenizer, exp.config.data.max_length)
 
 
 def train_batches(exp: Experiment) -> pipeline.TrainBatches:
-  """The resumable, seeded, bucketed training iterator for this process."""
-  config = exp.config
-  buckets = pipeline.bucket_lengths(config.data.max_length, tuple(config.data.buckets))
-  return pipeline.TrainBatches(
-      encode_split(exp, "train"), batch_size=config.train.batch_size, seed=config.seed,
-      buckets=buckets, pad_id=exp.tokenizer.pad_token_id,
-      process_index=jax.process_index(), process_count=jax.process_count())
+    """The resumable, seeded, bucketed training iterator for this process."""
+    config = exp.config
+    buckets = pipeline.bucket_lengths(config.data.max_length, tuple(config.data.buckets))
+    return pipeline.TrainBatches(
+        encode_split(exp, "train"),
+        batch_size=config.train.batch_size,
+        seed=config.seed,
+        buckets=buckets,
+        pad_id=exp.tokenizer.pad_token_id,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
 
 
 def eval_batches(exp: Experiment, encoded: pipeline.Encoded):
-  """Fixed-order eval batches (last one padded with weight-0 rows)."""
-  config = exp.config
-  buckets = pipeline.bucket_lengths(config.data.max_length, tuple(config.data.buckets))
-  return pipeline.eval_batches(encoded, config.train.batch_size, buckets,
-                               exp.tokenizer.pad_token_id, process_index=jax.process_index(),
-                               process_count=jax.process_count())
+    """Fixed-order eval batches (last one padded with weight-0 rows)."""
+    config = exp.config
+    buckets = pipeline.bucket_lengths(config.data.max_length, tuple(config.data.buckets))
+    return pipeline.eval_batches(
+        encoded,
+        config.train.batch_size,
+        buckets,
+        exp.tokenizer.pad_token_id,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )

@@ -73,7 +73,9 @@ def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> 
     """All of `task.metrics` for predictions (class ids, or floats for regression) vs labels."""
     unknown = [name for name in task.metrics if name not in METRICS]
     if unknown:
-        raise ValueError(f"task {task.name} asks for unknown metrics {unknown}; known: {sorted(METRICS)}")
+        raise ValueError(
+            f"task {task.name} asks for unknown metrics {unknown}; known: {sorted(METRICS)}"
+        )
     return {name: METRICS[name](predictions, labels) for name in task.metrics}
 
 

@@ -27,144 +27,176 @@ PRESETS = ("full", "linear_probe", "bitfit", "top_k_layers", "llrd", "rules")
 
 
 def _num_layers(paths: list[str], layer_regex: str) -> int:
-  indices = [int(m.group(1)) for p in paths if (m := re.fullmatch(layer_regex, p))]
-  if not indices:
-    raise rules_lib.RuleError(
-        f"optim.layer={layer_regex!r} finds no layer index in any parameter path; the "
-        "top_k_layers and llrd presets need it (group 1 must capture the layer number)")
-  return max(indices) + 1
+    indices = [int(m.group(1)) for p in paths if (m := re.fullmatch(layer_regex, p))]
+    if not indices:
+        raise rules_lib.RuleError(
+            f"optim.layer={layer_regex!r} finds no layer index in any parameter path; the "
+            "top_k_layers and llrd presets need it (group 1 must capture the layer number)"
+        )
+    return max(indices) + 1
 
 
 def preset_rules(optim: ml_collections.ConfigDict, paths: list[str]) -> list[tuple[str, Any]]:
-  """The (regex, label) rules a preset stands for, given the model's parameter paths."""
-  head, preset = optim.head, optim.preset
-  if preset == "full":
-    return [(".*", "trainable")]
-  if preset == "linear_probe":
-    return [(head, "trainable"), (".*", FROZEN)]
-  if preset == "bitfit":
-    return [(head, "trainable"), (r".*/bias", "trainable"), (".*", FROZEN)]
-  if preset == "top_k_layers":
-    n = _num_layers(paths, optim.layer)
-    if not 0 <= optim.top_k <= n:
-      raise ValueError(f"optim.top_k={optim.top_k} must be between 0 and the {n} layers")
-    top = "|".join(str(i) for i in range(n - optim.top_k, n)) or "-1"
-    layer_prefix = optim.layer.split("(", 1)[0]  # the part before the index group
-    return [(head, "trainable"), (rf"{layer_prefix}({top})/.*", "trainable"), (".*", FROZEN)]
-  if preset == "llrd":
-    # ELECTRA-style: head depth N+1 (x1), layer i depth i+1, embeddings depth 0.
-    n = _num_layers(paths, optim.layer)
-    layer_prefix = optim.layer.split("(", 1)[0]
-    rules = [(head, 1.0)]
-    rules += [(rf"{layer_prefix}{i}/.*", float(optim.llrd_decay ** (n - i))) for i in range(n)]
-    return rules + [(".*", float(optim.llrd_decay ** (n + 1)))]
-  if preset == "rules":
-    if not optim.rules:
-      raise ValueError("optim.preset='rules' needs optim.rules: a list of (regex, label) pairs")
-    return rules_lib.as_pairs(optim.rules)
-  raise ValueError(f"optim.preset={preset!r} is not one of {PRESETS}")
+    """The (regex, label) rules a preset stands for, given the model's parameter paths."""
+    head, preset = optim.head, optim.preset
+    if preset == "full":
+        return [(".*", "trainable")]
+    if preset == "linear_probe":
+        return [(head, "trainable"), (".*", FROZEN)]
+    if preset == "bitfit":
+        return [(head, "trainable"), (r".*/bias", "trainable"), (".*", FROZEN)]
+    if preset == "top_k_layers":
+        n = _num_layers(paths, optim.layer)
+        if not 0 <= optim.top_k <= n:
+            raise ValueError(f"optim.top_k={optim.top_k} must be between 0 and the {n} layers")
+        top = "|".join(str(i) for i in range(n - optim.top_k, n)) or "-1"
+        layer_prefix = optim.layer.split("(", 1)[0]  # the part before the index group
+        return [(head, "trainable"), (rf"{layer_prefix}({top})/.*", "trainable"), (".*", FROZEN)]
+    if preset == "llrd":
+        # ELECTRA-style: head depth N+1 (x1), layer i depth i+1, embeddings depth 0.
+        n = _num_layers(paths, optim.layer)
+        layer_prefix = optim.layer.split("(", 1)[0]
+        rules = [(head, 1.0)]
+        rules += [(rf"{layer_prefix}{i}/.*", float(optim.llrd_decay ** (n - i))) for i in range(n)]
+        return rules + [(".*", float(optim.llrd_decay ** (n + 1)))]
+    if preset == "rules":
+        if not optim.rules:
+            raise ValueError(
+                "optim.preset='rules' needs optim.rules: a list of (regex, label) pairs"
+            )
+        return rules_lib.as_pairs(optim.rules)
+    raise ValueError(f"optim.preset={preset!r} is not one of {PRESETS}")
 
 
 def lr_multiplier(label: Any) -> float | None:
-  """None for frozen; the lr multiplier otherwise ('trainable' = 1.0)."""
-  if label == FROZEN:
-    return None
-  if label == "trainable":
-    return 1.0
-  try:
-    value = float(label)
-  except (TypeError, ValueError):
-    raise ValueError(
-        f"rule label {label!r} is not 'trainable', 'frozen' or an lr multiplier (a number)") from None
-  if value < 0:
-    raise ValueError(f"lr multiplier {value} must be >= 0")
-  return value
+    """None for frozen; the lr multiplier otherwise ('trainable' = 1.0)."""
+    if label == FROZEN:
+        return None
+    if label == "trainable":
+        return 1.0
+    try:
+        value = float(label)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"rule label {label!r} is not 'trainable', 'frozen' or an lr multiplier (a number)"
+        ) from None
+    if value < 0:
+        raise ValueError(f"lr multiplier {value} must be >= 0")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
 class ParamGroups:
-  """Per-leaf group labels and the multiplier / decay each group stands for."""
-  labels: Any  # tree of str, shaped like params
-  trainable: Any  # tree of bool
-  multipliers: dict[str, float | None]
-  decay: dict[str, bool]
+    """Per-leaf group labels and the multiplier / decay each group stands for."""
+
+    labels: Any  # tree of str, shaped like params
+    trainable: Any  # tree of bool
+    multipliers: dict[str, float | None]
+    decay: dict[str, bool]
 
 
 def param_groups(optim: ml_collections.ConfigDict, params: Any) -> ParamGroups:
-  """Resolve the trainability and decay rules over `params` into group labels."""
-  paths = rules_lib.param_paths(params)
-  train_rules = preset_rules(optim, paths)
-  mults = rules_lib.resolve(train_rules, params, name="optim.rules", transform=lr_multiplier)
-  decays = rules_lib.resolve(rules_lib.as_pairs(optim.decay_rules), params, name="optim.decay_rules")
-  multipliers, decay = {}, {}
+    """Resolve the trainability and decay rules over `params` into group labels."""
+    paths = rules_lib.param_paths(params)
+    train_rules = preset_rules(optim, paths)
+    mults = rules_lib.resolve(train_rules, params, name="optim.rules", transform=lr_multiplier)
+    decays = rules_lib.resolve(
+        rules_lib.as_pairs(optim.decay_rules), params, name="optim.decay_rules"
+    )
+    multipliers, decay = {}, {}
 
-  def label(mult: float | None, dec: bool) -> str:
-    if mult is None:
-      name = FROZEN
-    else:
-      name = f"lr x{mult:.4g}" + ("" if dec else " no-decay")
-    multipliers[name], decay[name] = mult, bool(dec) and mult is not None
-    return name
+    def label(mult: float | None, dec: bool) -> str:
+        if mult is None:
+            name = FROZEN
+        else:
+            name = f"lr x{mult:.4g}" + ("" if dec else " no-decay")
+        multipliers[name], decay[name] = mult, bool(dec) and mult is not None
+        return name
 
-  labels = jax.tree.map(label, mults, decays, is_leaf=lambda x: x is None)
-  trainable = jax.tree.map(lambda l: l != FROZEN, labels)
-  return ParamGroups(labels, trainable, multipliers, decay)
+    labels = jax.tree.map(label, mults, decays, is_leaf=lambda x: x is None)
+    trainable = jax.tree.map(lambda label: label != FROZEN, labels)
+    return ParamGroups(labels, trainable, multipliers, decay)
 
 
 def schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup to optim.lr, then linear / cosine decay to 0 (or constant)."""
-  warmup = int(round(optim.warmup_fraction * total_steps))
-  decay_steps = max(total_steps - warmup, 1)
-  if optim.schedule == "linear":
-    after = optax.linear_schedule(optim.lr, 0.0, decay_steps)
-  elif optim.schedule == "cosine":
-    after = optax.cosine_decay_schedule(optim.lr, decay_steps)
-  elif optim.schedule == "constant":
-    after = optax.constant_schedule(optim.lr)
-  else:
-    raise ValueError(f"optim.schedule={optim.schedule!r} is not linear, cosine or constant")
-  if warmup == 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])
-
-
-def make_optimizer(optim: ml_collections.ConfigDict, groups: ParamGroups,
-                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """One optax transform: masked clipping, then an AdamW per group, set_to_zero if frozen."""
-  lr = schedule(optim, total_steps)
-  transforms = {}
-  for name, mult in groups.multipliers.items():
-    if mult is None:
-      transforms[name] = optax.set_to_zero()
+    """Linear warmup to optim.lr, then linear / cosine decay to 0 (or constant)."""
+    warmup = int(round(optim.warmup_fraction * total_steps))
+    decay_steps = max(total_steps - warmup, 1)
+    if optim.schedule == "linear":
+        after = optax.linear_schedule(optim.lr, 0.0, decay_steps)
+    elif optim.schedule == "cosine":
+        after = optax.cosine_decay_schedule(optim.lr, decay_steps)
+    elif optim.schedule == "constant":
+        after = optax.constant_schedule(optim.lr)
     else:
-      transforms[name] = optax.adamw(
-          learning_rate=lambda step, m=mult: lr(step) * m, b1=optim.b1, b2=optim.b2,
-          eps=optim.eps, weight_decay=optim.weight_decay if groups.decay[name] else 0.0)
-  chain = []
-  if optim.clip_norm > 0:
-    chain.append(optax.masked(optax.clip_by_global_norm(optim.clip_norm), groups.trainable))
-  chain.append(optax.multi_transform(transforms, groups.labels))
-  return optax.chain(*chain), lr
+        raise ValueError(f"optim.schedule={optim.schedule!r} is not linear, cosine or constant")
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])
+
+
+def make_optimizer(
+    optim: ml_collections.ConfigDict, groups: ParamGroups, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """One optax transform: masked clipping, then an AdamW per group, set_to_zero if frozen."""
+    lr = schedule(optim, total_steps)
+    transforms = {}
+    for name, mult in groups.multipliers.items():
+        if mult is None:
+            transforms[name] = optax.set_to_zero()
+        else:
+            transforms[name] = optax.adamw(
+                learning_rate=lambda step, m=mult: lr(step) * m,
+                b1=optim.b1,
+                b2=optim.b2,
+                eps=optim.eps,
+                weight_decay=optim.weight_decay if groups.decay[name] else 0.0,
+            )
+    chain = []
+    if optim.clip_norm > 0:
+        chain.append(optax.masked(optax.clip_by_global_norm(optim.clip_norm), groups.trainable))
+    chain.append(optax.multi_transform(transforms, groups.labels))
+    return optax.chain(*chain), lr
 
 
 def group_table(groups: ParamGroups, params: Any) -> str:
-  """A printable table: group, #params, #tensors, lr multiplier, weight decay."""
-  counts: dict[str, list[int]] = {name: [0, 0] for name in groups.multipliers}
-  for label, leaf in zip(jax.tree.leaves(groups.labels), jax.tree.leaves(params)):
-    counts[label][0] += int(np.prod(leaf.shape))
-    counts[label][1] += 1
-  total = sum(c[0] for c in counts.values())
-  trainable = sum(c[0] for n, c in counts.items() if groups.multipliers[n] is not None)
-  lines = [f"{'group':<22}{'#params':>12}{'#tensors':>10}{'lr mult':>10}{'decay':>7}"]
-  for name in sorted(counts, key=lambda n: (groups.multipliers[n] is None, -(groups.multipliers[n] or 0))):
-    mult = groups.multipliers[name]
-    lines.append(f"{name:<22}{counts[name][0]:>12,}{counts[name][1]:>10}"
-                 f"{'-' if mult is None else f'{mult:.4g}':>10}{'yes' if groups.decay[name] else 'no':>7}")
-  lines.append(f"{'trainable / total':<22}{trainable:>12,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)")
-  return "\n".join(lines)
+    """A printable table: group, #params, #tensors, lr multiplier, weight decay."""
+    counts: dict[str, list[int]] = {name: [0, 0] for name in groups.multipliers}
+    for label, leaf in zip(jax.tree.leaves(groups.labels), jax.tree.leaves(params)):
+        counts[label][0] += int(np.prod(leaf.shape))
+        counts[label][1] += 1
+    total = sum(c[0] for c in counts.values())
+    trainable = sum(c[0] for n, c in counts.items() if groups.multipliers[n] is not None)
+    lines = [f"{'group':<22}{'#params':>12}{'#tensors':>10}{'lr mult':>10}{'decay':>7}"]
+    for name in sorted(
+        counts, key=lambda n: (groups.multipliers[n] is None, -(groups.multipliers[n] or 0))
+    ):
+        mult = groups.multipliers[name]
+        lines.append(
+            f"{name:<22}{counts[name][0]:>12,}{counts[name][1]:>10}"
+            f"{'-' if mult is None else f'{mult:.4g}':>10}{'yes' if groups.decay[name] else 'no':>7}"
+        )
+    lines.append(
+        f"{'trainable / total':<22}{trainable:>12,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+    )
+    return "\n".join(lines)
+
+
+def param_counts(groups: ParamGroups, params: Any) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = frozen = 0
+    for leaf, train in zip(jax.tree.leaves(params), jax.tree.leaves(groups.trainable)):
+        if train:
+            trainable += int(np.prod(leaf.shape))
+        else:
+            frozen += int(np.prod(leaf.shape))
+    return trainable, frozen
 
 
 def tree_bytes(tree: Any) -> int:
-  """Bytes held by the array leaves of a tree (e.g. an optimizer state)."""
-  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
-             if hasattr(x, "dtype"))
+    """Bytes held by the array leaves of a tree (e.g. an optimizer state)."""
+    return sum(
+        int(np.prod(x.shape)) * x.dtype.itemsize
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype")
+    )

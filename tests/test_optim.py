@@ -11,128 +11,173 @@ N_LAYERS = 3
 
 
 def bert_like_params():
-  rng = np.random.default_rng(0)
-  layer = lambda: {"attention": {"query": {"kernel": rng.normal(size=(8, 2, 4)).astype(np.float32),
-                                           "bias": np.zeros((2, 4), np.float32)}},
-                   "output": {"LayerNorm": {"scale": np.ones(8, np.float32),
-                                            "bias": np.zeros(8, np.float32)}}}
-  return {
-      "bert": {"embeddings": {"word_embeddings": {"embedding": rng.normal(size=(50, 8)).astype(np.float32)}},
-               "encoder": {f"layer_{i}": layer() for i in range(N_LAYERS)},
-               "pooler": {"dense": {"kernel": rng.normal(size=(8, 8)).astype(np.float32),
-                                    "bias": np.zeros(8, np.float32)}}},
-      "classifier": {"kernel": rng.normal(size=(8, 2)).astype(np.float32), "bias": np.zeros(2, np.float32)},
-  }
+    rng = np.random.default_rng(0)
+    layer = lambda: {
+        "attention": {
+            "query": {
+                "kernel": rng.normal(size=(8, 2, 4)).astype(np.float32),
+                "bias": np.zeros((2, 4), np.float32),
+            }
+        },
+        "output": {"LayerNorm": {"scale": np.ones(8, np.float32), "bias": np.zeros(8, np.float32)}},
+    }
+    return {
+        "bert": {
+            "embeddings": {
+                "word_embeddings": {"embedding": rng.normal(size=(50, 8)).astype(np.float32)}
+            },
+            "encoder": {f"layer_{i}": layer() for i in range(N_LAYERS)},
+            "pooler": {
+                "dense": {
+                    "kernel": rng.normal(size=(8, 8)).astype(np.float32),
+                    "bias": np.zeros(8, np.float32),
+                }
+            },
+        },
+        "classifier": {
+            "kernel": rng.normal(size=(8, 2)).astype(np.float32),
+            "bias": np.zeros(2, np.float32),
+        },
+    }
 
 
 def optim_config(**kw):
-  config = base_config().optim
-  config.unlock()
-  for k, v in kw.items():
-    config[k] = v
-  return config
+    config = base_config().optim
+    config.unlock()
+    for k, v in kw.items():
+        config[k] = v
+    return config
 
 
 def labels_by_path(groups):
-  return dict(zip(rules.param_paths(groups.labels), jax.tree.leaves(groups.labels)))
+    return dict(zip(rules.param_paths(groups.labels), jax.tree.leaves(groups.labels)))
 
 
 def multiplier_by_path(groups):
-  return {p: groups.multipliers[l] for p, l in labels_by_path(groups).items()}
+    return {p: groups.multipliers[label] for p, label in labels_by_path(groups).items()}
 
 
-@pytest.mark.parametrize("preset,expected_trainable", [
-    ("full", lambda p: True),
-    ("linear_probe", lambda p: p.startswith(("classifier/", "bert/pooler/"))),
-    ("bitfit", lambda p: p.startswith(("classifier/", "bert/pooler/")) or p.endswith("/bias")),
-    ("top_k_layers", lambda p: p.startswith(("classifier/", "bert/pooler/", "bert/encoder/layer_1/",
-                                             "bert/encoder/layer_2/"))),
-])
+@pytest.mark.parametrize(
+    "preset,expected_trainable",
+    [
+        ("full", lambda p: True),
+        ("linear_probe", lambda p: p.startswith(("classifier/", "bert/pooler/"))),
+        ("bitfit", lambda p: p.startswith(("classifier/", "bert/pooler/")) or p.endswith("/bias")),
+        (
+            "top_k_layers",
+            lambda p: p.startswith(
+                ("classifier/", "bert/pooler/", "bert/encoder/layer_1/", "bert/encoder/layer_2/")
+            ),
+        ),
+    ],
+)
 def test_presets_select_trainable_params(preset, expected_trainable):
-  groups = optim.param_groups(optim_config(preset=preset, top_k=2), bert_like_params())
-  for path, mult in multiplier_by_path(groups).items():
-    assert (mult is not None) == expected_trainable(path), path
+    groups = optim.param_groups(optim_config(preset=preset, top_k=2), bert_like_params())
+    for path, mult in multiplier_by_path(groups).items():
+        assert (mult is not None) == expected_trainable(path), path
 
 
 def test_llrd_multipliers_decay_with_depth():
-  decay = 0.5
-  groups = optim.param_groups(optim_config(preset="llrd", llrd_decay=decay), bert_like_params())
-  mults = multiplier_by_path(groups)
-  assert mults["classifier/kernel"] == 1.0
-  for i in range(N_LAYERS):
-    assert mults[f"bert/encoder/layer_{i}/attention/query/kernel"] == pytest.approx(decay ** (N_LAYERS - i))
-  assert mults["bert/embeddings/word_embeddings/embedding"] == pytest.approx(decay ** (N_LAYERS + 1))
+    decay = 0.5
+    groups = optim.param_groups(optim_config(preset="llrd", llrd_decay=decay), bert_like_params())
+    mults = multiplier_by_path(groups)
+    assert mults["classifier/kernel"] == 1.0
+    for i in range(N_LAYERS):
+        assert mults[f"bert/encoder/layer_{i}/attention/query/kernel"] == pytest.approx(
+            decay ** (N_LAYERS - i)
+        )
+    assert mults["bert/embeddings/word_embeddings/embedding"] == pytest.approx(
+        decay ** (N_LAYERS + 1)
+    )
 
 
 def test_explicit_rules_and_unmatched_param_error():
-  config = optim_config(preset="rules", rules=((r"classifier/.*", "trainable"), (r".*/layer_2/.*", 0.1)))
-  with pytest.raises(rules.RuleError, match="bert/embeddings/word_embeddings/embedding"):
-    optim.param_groups(config, bert_like_params())
-  config = optim_config(preset="rules", rules=((r"classifier/.*", "trainable"), (".*", "sideways")))
-  with pytest.raises(ValueError, match="'sideways'"):
-    optim.param_groups(config, bert_like_params())
+    config = optim_config(
+        preset="rules", rules=((r"classifier/.*", "trainable"), (r".*/layer_2/.*", 0.1))
+    )
+    with pytest.raises(rules.RuleError, match="bert/embeddings/word_embeddings/embedding"):
+        optim.param_groups(config, bert_like_params())
+    config = optim_config(
+        preset="rules", rules=((r"classifier/.*", "trainable"), (".*", "sideways"))
+    )
+    with pytest.raises(ValueError, match="'sideways'"):
+        optim.param_groups(config, bert_like_params())
 
 
 def test_no_weight_decay_on_biases_and_layernorm():
-  groups = optim.param_groups(optim_config(), bert_like_params())
-  decay = {p: groups.decay[l] for p, l in labels_by_path(groups).items()}
-  assert decay["classifier/kernel"] and decay["bert/encoder/layer_0/attention/query/kernel"]
-  assert not decay["classifier/bias"]
-  assert not decay["bert/encoder/layer_0/output/LayerNorm/scale"]
+    groups = optim.param_groups(optim_config(), bert_like_params())
+    decay = {p: groups.decay[label] for p, label in labels_by_path(groups).items()}
+    assert decay["classifier/kernel"] and decay["bert/encoder/layer_0/attention/query/kernel"]
+    assert not decay["classifier/bias"]
+    assert not decay["bert/encoder/layer_0/output/LayerNorm/scale"]
 
 
 def trainable_count(groups, params):
-  return sum(int(np.prod(p.shape)) for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(groups.trainable)) if t)
+    return sum(
+        int(np.prod(p.shape))
+        for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(groups.trainable))
+        if t
+    )
 
 
 def test_optimizer_state_scales_with_trainable_params_only():
-  params = bert_like_params()
-  state_bytes = {}
-  for preset in ("full", "linear_probe"):
-    groups = optim.param_groups(optim_config(preset=preset), params)
-    tx, _ = optim.make_optimizer(optim_config(preset=preset), groups, total_steps=10)
-    state_bytes[preset] = optim.tree_bytes(tx.init(params))
-    moments = 2 * 4 * trainable_count(groups, params)  # adam mu + nu in float32
-    # Beyond the moments only per-group step counters (a few bytes each) may exist.
-    assert moments <= state_bytes[preset] <= moments + 64 * len(groups.multipliers)
-  assert state_bytes["linear_probe"] < state_bytes["full"] / 4
+    params = bert_like_params()
+    state_bytes = {}
+    for preset in ("full", "linear_probe"):
+        groups = optim.param_groups(optim_config(preset=preset), params)
+        tx, _ = optim.make_optimizer(optim_config(preset=preset), groups, total_steps=10)
+        state_bytes[preset] = optim.tree_bytes(tx.init(params))
+        moments = 2 * 4 * trainable_count(groups, params)  # adam mu + nu in float32
+        # Beyond the moments only per-group step counters (a few bytes each) may exist.
+        assert moments <= state_bytes[preset] <= moments + 64 * len(groups.multipliers)
+    assert state_bytes["linear_probe"] < state_bytes["full"] / 4
 
 
 def test_frozen_params_do_not_move_and_clipping_ignores_their_gradients():
-  params = jax.tree.map(jnp.asarray, bert_like_params())
-  config = optim_config(preset="linear_probe", clip_norm=1.0, weight_decay=0.0, warmup_fraction=0.0,
-                        schedule="constant")
-  groups = optim.param_groups(config, params)
-  tx, _ = optim.make_optimizer(config, groups, total_steps=10)
-  small = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
-  # Huge gradients on frozen leaves only: with clipping over trainable leaves they change nothing.
-  huge = jax.tree.map(lambda g, t: g if t else g * 1e9, small, groups.trainable)
-  updates_small, _ = tx.update(small, tx.init(params), params)
-  updates_huge, _ = tx.update(huge, tx.init(params), params)
-  for u_small, u_huge, t in zip(jax.tree.leaves(updates_small), jax.tree.leaves(updates_huge),
-                                jax.tree.leaves(groups.trainable)):
-    np.testing.assert_array_equal(u_small, u_huge)
-    if not t:
-      assert not np.any(np.asarray(u_huge))
-  new = optax.apply_updates(params, updates_huge)
-  for p, q, t in zip(jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(groups.trainable)):
-    assert np.array_equal(p, q) != t
+    params = jax.tree.map(jnp.asarray, bert_like_params())
+    config = optim_config(
+        preset="linear_probe",
+        clip_norm=1.0,
+        weight_decay=0.0,
+        warmup_fraction=0.0,
+        schedule="constant",
+    )
+    groups = optim.param_groups(config, params)
+    tx, _ = optim.make_optimizer(config, groups, total_steps=10)
+    small = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+    # Huge gradients on frozen leaves only: with clipping over trainable leaves they change nothing.
+    huge = jax.tree.map(lambda g, t: g if t else g * 1e9, small, groups.trainable)
+    updates_small, _ = tx.update(small, tx.init(params), params)
+    updates_huge, _ = tx.update(huge, tx.init(params), params)
+    for u_small, u_huge, t in zip(
+        jax.tree.leaves(updates_small),
+        jax.tree.leaves(updates_huge),
+        jax.tree.leaves(groups.trainable),
+    ):
+        np.testing.assert_array_equal(u_small, u_huge)
+        if not t:
+            assert not np.any(np.asarray(u_huge))
+    new = optax.apply_updates(params, updates_huge)
+    for p, q, t in zip(
+        jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(groups.trainable)
+    ):
+        assert np.array_equal(p, q) != t
 
 
 def test_schedule_warms_up_then_decays_to_zero():
-  config = optim_config(lr=1e-3, warmup_fraction=0.1, schedule="linear")
-  lr = optim.schedule(config, total_steps=100)
-  assert float(lr(0)) == 0.0
-  assert float(lr(10)) == pytest.approx(1e-3)
-  assert float(lr(55)) == pytest.approx(0.5e-3, rel=1e-5)
-  assert float(lr(100)) == pytest.approx(0.0, abs=1e-12)
-  cosine = optim.schedule(optim_config(lr=1e-3, warmup_fraction=0.0, schedule="cosine"), 100)
-  assert float(cosine(50)) == pytest.approx(0.5e-3, rel=1e-5)
+    config = optim_config(lr=1e-3, warmup_fraction=0.1, schedule="linear")
+    lr = optim.schedule(config, total_steps=100)
+    assert float(lr(0)) == 0.0
+    assert float(lr(10)) == pytest.approx(1e-3)
+    assert float(lr(55)) == pytest.approx(0.5e-3, rel=1e-5)
+    assert float(lr(100)) == pytest.approx(0.0, abs=1e-12)
+    cosine = optim.schedule(optim_config(lr=1e-3, warmup_fraction=0.0, schedule="cosine"), 100)
+    assert float(cosine(50)) == pytest.approx(0.5e-3, rel=1e-5)
 
 
 def test_group_table_counts_every_param():
-  params = bert_like_params()
-  groups = optim.param_groups(optim_config(preset="bitfit"), params)
-  table = optim.group_table(groups, params)
-  total = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-  assert f"/ {total:,}" in table and "frozen" in table
+    params = bert_like_params()
+    groups = optim.param_groups(optim_config(preset="bitfit"), params)
+    table = optim.group_table(groups, params)
+    total = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    assert f"/ {total:,}" in table and "frozen" in table

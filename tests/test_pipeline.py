@@ -24,7 +24,9 @@ def _synthetic(n: int = 103, max_length: int = 64, seed: int = 0) -> Encoded:
     # Mostly short examples, a few long ones: the realistic case bucketing is for.
     lengths[rng.random(n) < 0.8] //= 4
     lengths = np.maximum(lengths, 2)
-    input_ids = [np.arange(100 + i, 100 + i + length, dtype=np.int32) for i, length in enumerate(lengths)]
+    input_ids = [
+        np.arange(100 + i, 100 + i + length, dtype=np.int32) for i, length in enumerate(lengths)
+    ]
     token_type_ids = [(np.arange(length) >= length // 2).astype(np.int32) for length in lengths]
     return Encoded(input_ids, token_type_ids, np.arange(n, dtype=np.int32))
 
@@ -59,14 +61,21 @@ def test_collate_layout_and_padding_rows():
     encoded = _synthetic(10)
     batch = collate(encoded, [3, pipeline.PADDING_ROW, 7], length=64, pad_id=PAD_ID)
     assert {k: v.shape for k, v in batch.items()} == {
-        "input_ids": (3, 64), "attention_mask": (3, 64), "token_type_ids": (3, 64),
-        "labels": (3,), "weights": (3,),
+        "input_ids": (3, 64),
+        "attention_mask": (3, 64),
+        "token_type_ids": (3, 64),
+        "labels": (3,),
+        "weights": (3,),
     }
-    assert all(batch[k].dtype == np.int32 for k in KEYS[:4]) and batch["weights"].dtype == np.float32
+    assert (
+        all(batch[k].dtype == np.int32 for k in KEYS[:4]) and batch["weights"].dtype == np.float32
+    )
     for row, index in ((0, 3), (2, 7)):
         n = len(encoded.input_ids[index])
         np.testing.assert_array_equal(batch["input_ids"][row, :n], encoded.input_ids[index])
-        np.testing.assert_array_equal(batch["token_type_ids"][row, :n], encoded.token_type_ids[index])
+        np.testing.assert_array_equal(
+            batch["token_type_ids"][row, :n], encoded.token_type_ids[index]
+        )
         assert (batch["input_ids"][row, n:] == PAD_ID).all()
         assert batch["attention_mask"][row].sum() == n and batch["attention_mask"][row, :n].all()
     assert batch["weights"].tolist() == [1.0, 0.0, 1.0]
@@ -159,7 +168,9 @@ def test_process_slices_concatenate_to_the_global_batch():
 
 def test_batch_size_must_split_evenly_over_processes():
     with pytest.raises(ValueError, match="divisible"):
-        TrainBatches(_synthetic(), 10, 0, bucket_lengths(64), PAD_ID, process_index=0, process_count=3)
+        TrainBatches(
+            _synthetic(), 10, 0, bucket_lengths(64), PAD_ID, process_index=0, process_count=3
+        )
     with pytest.raises(ValueError, match="fewer than one batch"):
         TrainBatches(_synthetic(n=5), 8, 0, bucket_lengths(64), PAD_ID)
 
@@ -221,8 +232,10 @@ def test_tokenize_all_of_sst2_train_and_batch_it(tokenizer):
     encoded = pipeline.tokenize(examples, tokenizer, max_length=64)
     assert len(encoded) == 67349
     assert encoded.lengths.min() >= 3 and encoded.lengths.max() <= 64
-    assert all(ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
-               for ids in encoded.input_ids[:100])
+    assert all(
+        ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+        for ids in encoded.input_ids[:100]
+    )
     batches = TrainBatches(encoded, 32, 0, bucket_lengths(64), tokenizer.pad_token_id)
     batch = next(batches)
     assert batch["input_ids"].shape[0] == 32 and batch["input_ids"].shape[1] in (16, 32, 64)

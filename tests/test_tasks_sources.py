@@ -35,9 +35,15 @@ EXPECTED = [
 FIRST_ROWS = [
     ("sst2", "train", "hide new secretions from the parental units", None, 0),
     ("sst2", "validation", "it 's a charming and often affecting journey .", None, 1),
-    ("mrpc", "train", 'Amrozi accused his brother, whom he called "the witness", of deliberately '
-     "distorting his evidence.", 'Referring to him as only "the witness", Amrozi accused his '
-     "brother of deliberately distorting his evidence.", 1),
+    (
+        "mrpc",
+        "train",
+        'Amrozi accused his brother, whom he called "the witness", of deliberately '
+        "distorting his evidence.",
+        'Referring to him as only "the witness", Amrozi accused his '
+        "brother of deliberately distorting his evidence.",
+        1,
+    ),
     ("rte", "validation", None, "Christopher Reeve had an accident.", 1),
     ("cola", "validation", "The sailors rode the breeze clear of the rocks.", None, 1),
     ("stsb", "train", "A plane is taking off.", "An air plane is taking off.", 5.0),
@@ -131,7 +137,9 @@ def test_rte_unknown_string_label(tmp_path):
 @pytest.mark.parametrize("score", ["high", "5.5", "-1", "nan", ""])
 def test_bad_stsb_score(tmp_path, score):
     header = "index\tsentence1\tsentence2\tscore\n"
-    _write(tmp_path / "train.tsv", header + "0\tA.\tB.\t3.2\n1\tC.\tD.\t0\n2\tE.\tF.\t" + score + "\n")
+    _write(
+        tmp_path / "train.tsv", header + "0\tA.\tB.\t3.2\n1\tC.\tD.\t0\n2\tE.\tF.\t" + score + "\n"
+    )
     with pytest.raises(DataError, match=rf"train\.tsv.*line 4.*{score!r}"):
         load_split(tasks.get_task("stsb"), tmp_path, "train")
 

@@ -54,8 +54,13 @@ def test_read_sharded_and_bfloat16(tmp_path):
     b = rng.normal(size=(5,)).astype(ml_dtypes.bfloat16)
     safetensors.numpy.save_file({"a": a}, tmp_path / "model-00001-of-00002.safetensors")
     safetensors.numpy.save_file({"b": b}, tmp_path / "model-00002-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
-                                            "b": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors",
+        },
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     tensors = weights.read_safetensors(tmp_path)
     np.testing.assert_array_equal(tensors["a"], a)
@@ -75,8 +80,9 @@ def test_no_safetensors_is_a_clear_error(tmp_path):
 def test_write_then_read_round_trip_and_transformers_loads_it(tiny_bert_dir, tmp_path):
     import transformers
 
-    tensors = {k: v for k, v in weights.read_safetensors(tiny_bert_dir).items()
-               if "position_ids" not in k}
+    tensors = {
+        k: v for k, v in weights.read_safetensors(tiny_bert_dir).items() if "position_ids" not in k
+    }
     config = weights.read_hf_config(tiny_bert_dir)
     out_dir = weights.write_safetensors(tensors, tmp_path / "export", config)
     back = weights.read_safetensors(out_dir)

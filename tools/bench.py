@@ -26,82 +26,86 @@ from finetune_jax import experiment, optim  # noqa: E402
 
 
 def step_flops(exp, state, batch) -> float:
-  """FLOPs of one train step at this batch's shape (XLA cost analysis)."""
-  compiled = exp.train_step.lower(state, exp.put_batch(batch)).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan")))
+    """FLOPs of one train step at this batch's shape (XLA cost analysis)."""
+    compiled = exp.train_step.lower(state, exp.put_batch(batch)).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
 
 
 def measure_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-  """Achieved fp32 GFLOP/s of a large jitted matmul: the reference 'peak' on CPU."""
-  x = jax.random.normal(jax.random.key(0), (n, n), np.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(x).block_until_ready()
-  start = time.perf_counter()
-  for _ in range(repeats):
+    """Achieved fp32 GFLOP/s of a large jitted matmul: the reference 'peak' on CPU."""
+    x = jax.random.normal(jax.random.key(0), (n, n), np.float32)
+    f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
-  return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+    start = time.perf_counter()
+    for _ in range(repeats):
+        f(x).block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def bench(config, steps: int, warmup: int) -> dict:
-  """Time `warmup + steps` train steps on real batches; returns the figures."""
-  t_build = time.perf_counter()
-  exp = experiment.build(config)
-  batches = experiment.train_batches(exp)
-  state = exp.initial_state()
-  build_s = time.perf_counter() - t_build
-  flops_by_len, times, tokens = {}, [], []
-  t_compile = time.perf_counter()
-  for i in range(warmup + steps):
-    batch = next(batches)
-    length = batch["input_ids"].shape[1]
-    if length not in flops_by_len:
-      flops_by_len[length] = step_flops(exp, state, batch)
-    start = time.perf_counter()
-    state, metrics = exp.train_step(state, exp.put_batch(batch))
-    jax.block_until_ready(metrics)
-    if i == warmup - 1:
-      warmup_s = time.perf_counter() - t_compile
-    if i >= warmup:
-      times.append((time.perf_counter() - start, flops_by_len[length]))
-      tokens.append(int(batch["attention_mask"].sum()))
-  step_s = statistics.median(t for t, _ in times)
-  mean_s = float(np.mean([t for t, _ in times]))
-  flops = float(np.mean([f for _, f in times]))
-  batch_size = config.train.batch_size
-  return {
-      "build_s": build_s, "warmup_s_incl_compile": warmup_s,
-      "compiled_train_shapes": exp.train_step._cache_size(),
-      "steps_timed": steps, "step_s_median": step_s, "step_s_mean": mean_s,
-      "samples_per_s": batch_size / mean_s, "tokens_per_s": float(np.sum(tokens)) / float(np.sum([t for t, _ in times])),
-      "gflop_per_step": flops / 1e9, "achieved_gflops": flops / mean_s / 1e9,
-      "trainable_params": int(sum(np.prod(p.shape) for p, t in zip(
-          jax.tree.leaves(exp.params), jax.tree.leaves(exp.groups.trainable)) if t)),
-      "optimizer_state_bytes": optim.tree_bytes(state.opt_state),
-      "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-  }
+    """Time `warmup + steps` train steps on real batches; returns the figures."""
+    t_build = time.perf_counter()
+    exp = experiment.build(config)
+    batches = experiment.train_batches(exp)
+    state = exp.initial_state()
+    build_s = time.perf_counter() - t_build
+    flops_by_len, times, tokens = {}, [], []
+    t_compile = time.perf_counter()
+    for i in range(warmup + steps):
+        batch = next(batches)
+        length = batch["input_ids"].shape[1]
+        if length not in flops_by_len:
+            flops_by_len[length] = step_flops(exp, state, batch)
+        start = time.perf_counter()
+        state, metrics = exp.train_step(state, exp.put_batch(batch))
+        jax.block_until_ready(metrics)
+        if i == warmup - 1:
+            warmup_s = time.perf_counter() - t_compile
+        if i >= warmup:
+            times.append((time.perf_counter() - start, flops_by_len[length]))
+            tokens.append(int(batch["attention_mask"].sum()))
+    step_s = statistics.median(t for t, _ in times)
+    mean_s = float(np.mean([t for t, _ in times]))
+    flops = float(np.mean([f for _, f in times]))
+    batch_size = config.train.batch_size
+    return {
+        "build_s": build_s,
+        "warmup_s_incl_compile": warmup_s,
+        "compiled_train_shapes": exp.train_step._cache_size(),
+        "steps_timed": steps,
+        "step_s_median": step_s,
+        "step_s_mean": mean_s,
+        "samples_per_s": batch_size / mean_s,
+        "tokens_per_s": float(np.sum(tokens)) / float(np.sum([t for t, _ in times])),
+        "gflop_per_step": flops / 1e9,
+        "achieved_gflops": flops / mean_s / 1e9,
+        "trainable_params": optim.param_counts(exp.groups, exp.params)[0],
+        "optimizer_state_bytes": optim.tree_bytes(state.opt_state),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    }
 
 
 def main() -> None:
-  config = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-  steps = flags.DEFINE_integer("steps", 30, "Timed steps after warmup.")
-  warmup = flags.DEFINE_integer("warmup", 10, "Untimed steps first (compiles every bucket seen).")
-  peak = flags.DEFINE_float("peak_gflops", 0.0, "Peak GFLOP/s; 0 = measure a large matmul.")
-  out = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
-  flags.mark_flags_as_required(["config"])
+    config = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+    steps = flags.DEFINE_integer("steps", 30, "Timed steps after warmup.")
+    warmup = flags.DEFINE_integer("warmup", 10, "Untimed steps first (compiles every bucket seen).")
+    peak = flags.DEFINE_float("peak_gflops", 0.0, "Peak GFLOP/s; 0 = measure a large matmul.")
+    out = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+    flags.mark_flags_as_required(["config"])
 
-  def run(argv):
-    result = bench(config.value, steps.value, warmup.value)
-    result["peak_gflops"] = peak.value or measure_peak_gflops()
-    result["utilisation"] = result["achieved_gflops"] / result["peak_gflops"]
-    for key, value in result.items():
-      print(f"{key:<26}{value:,.4g}" if isinstance(value, float) else f"{key:<26}{value}")
-    if out.value:
-      Path(out.value).write_text(json.dumps(result, indent=2))
+    def run(argv):
+        result = bench(config.value, steps.value, warmup.value)
+        result["peak_gflops"] = peak.value or measure_peak_gflops()
+        result["utilisation"] = result["achieved_gflops"] / result["peak_gflops"]
+        for key, value in result.items():
+            print(f"{key:<26}{value:,.4g}" if isinstance(value, float) else f"{key:<26}{value}")
+        if out.value:
+            Path(out.value).write_text(json.dumps(result, indent=2))
 
-  app.run(run)
+    app.run(run)
 
 
 if __name__ == "__main__":
-  main()
+    main()

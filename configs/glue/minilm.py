@@ -12,15 +12,15 @@ _PAIR_TASKS = ("mrpc", "rte", "stsb")
 
 
 def get_config(task: str = "sst2"):
-  config = base_config()
-  config.data.task = task
-  data_name = "rotten_tomatoes" if task == "rotten_tomatoes" else f"glue/{task}"
-  config.data.dir = f"../shared/data/{data_name}"
-  config.data.max_length = 128 if task in _PAIR_TASKS else 64
-  config.data.buckets = (32, 64, 128) if task in _PAIR_TASKS else (16, 32, 64)
-  config.optim.lr = 1e-4
-  config.train.batch_size = 32
-  config.train.max_steps = 1000
-  config.train.eval_every = 200
-  config.train.checkpoint_every = 200
-  return config
+    config = base_config()
+    config.data.task = task
+    data_name = "rotten_tomatoes" if task == "rotten_tomatoes" else f"glue/{task}"
+    config.data.dir = f"../shared/data/{data_name}"
+    config.data.max_length = 128 if task in _PAIR_TASKS else 64
+    config.data.buckets = (32, 64, 128) if task in _PAIR_TASKS else (16, 32, 64)
+    config.optim.lr = 1e-4
+    config.train.batch_size = 32
+    config.train.max_steps = 1000
+    config.train.eval_every = 200
+    config.train.checkpoint_every = 200
+    return config

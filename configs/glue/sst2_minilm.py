@@ -12,15 +12,15 @@ from finetune_jax.config import base_config
 
 
 def get_config():
-  config = base_config()
-  config.data.task = "sst2"
-  config.data.dir = "../shared/data/glue/sst2"
-  config.data.max_length = 64
-  # Fine buckets: SST-2 batches mostly need 24-48 tokens; each bucket is one compile.
-  config.data.buckets = (16, 24, 32, 40, 48, 64)
-  config.optim.lr = 1e-4
-  config.train.batch_size = 32
-  config.train.max_steps = 300
-  config.train.eval_every = 100
-  config.train.checkpoint_every = 100
-  return config
+    config = base_config()
+    config.data.task = "sst2"
+    config.data.dir = "../shared/data/glue/sst2"
+    config.data.max_length = 64
+    # Fine buckets: SST-2 batches mostly need 24-48 tokens; each bucket is one compile.
+    config.data.buckets = (16, 24, 32, 40, 48, 64)
+    config.optim.lr = 1e-4
+    config.train.batch_size = 32
+    config.train.max_steps = 300
+    config.train.eval_every = 100
+    config.train.checkpoint_every = 100
+    return config

@@ -114,7 +114,9 @@ def _bucket_for(lengths: np.ndarray, buckets: Sequence[int]) -> int:
     longest = int(lengths.max()) if lengths.size else 1
     position = int(np.searchsorted(buckets, longest))
     if position == len(buckets):
-        raise ValueError(f"an example has {longest} tokens, more than the largest bucket {buckets[-1]}")
+        raise ValueError(
+            f"an example has {longest} tokens, more than the largest bucket {buckets[-1]}"
+        )
     return int(buckets[position])
 
 
@@ -184,7 +186,9 @@ class TrainBatches:
         """Moves to a position saved by `state()`; the next batch is the one that followed."""
         epoch, batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         if epoch < 0 or not 0 <= batch_in_epoch < self.steps_per_epoch:
-            raise ValueError(f"invalid iterator state {state} (steps_per_epoch={self.steps_per_epoch})")
+            raise ValueError(
+                f"invalid iterator state {state} (steps_per_epoch={self.steps_per_epoch})"
+            )
         if epoch != self._epoch:
             self._permutation = None
         self._epoch, self._batch_in_epoch = epoch, batch_in_epoch
@@ -221,7 +225,9 @@ def eval_batches(
     `batch_size // process_count` rows and every process yields the same number of batches.
     """
     if batch_size <= 0 or batch_size % process_count:
-        raise ValueError(f"batch_size {batch_size} must be positive and divisible by {process_count}")
+        raise ValueError(
+            f"batch_size {batch_size} must be positive and divisible by {process_count}"
+        )
     lengths = encoded.lengths
     buckets = tuple(sorted(buckets))
     for start in range(0, len(encoded), batch_size):

@@ -59,7 +59,9 @@ def _load_local(task: Task, data_dir: str, split: str) -> Examples:
             f"directory holding {sorted(task.files.values())} (e.g. <data root>/{task.subdir})"
         )
     if split not in task.files:
-        raise DataError(f"task {task.name} has no local {split!r} split; it has {sorted(task.files)}")
+        raise DataError(
+            f"task {task.name} has no local {split!r} split; it has {sorted(task.files)}"
+        )
     path = os.path.join(data_dir, task.files[split])
     if not os.path.isfile(path):
         present = sorted(os.listdir(data_dir))
@@ -71,7 +73,9 @@ def _load_local(task: Task, data_dir: str, split: str) -> Examples:
     table = _read_tsv(path, names, task.has_header)
     first_line = 2 if task.has_header else 1  # 1-based line number of the first data row
     if not table[names[0]]:
-        raise DataError(f"{path!r} has no data rows; task {task.name} needs a non-empty {split} split")
+        raise DataError(
+            f"{path!r} has no data rows; task {task.name} needs a non-empty {split} split"
+        )
     labels = _parse_labels(task, table[task.label_column], path, first_line)
     texts = [_clean_texts(table[c], path, c, first_line) for c in task.text_columns]
     return Examples(

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import types
 
-from finetune_jax.models import bert
+from finetune_jax.models import bert, llama
 
 MODELS: dict[str, types.ModuleType] = {
     "bert": bert,
+    "llama": llama,
+    "qwen2": llama,
+    "mistral": llama,
 }
 
 

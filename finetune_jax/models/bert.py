@@ -23,7 +23,7 @@ from finetune_jax.models import layers
 from finetune_jax.models.layers import HFMapping
 
 # Activations are constrained to these logical axes at block boundaries.
-ACTIVATION_AXES = ("batch", "length", "embed")
+ACTIVATION_AXES = ("batch", "length", "activation_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class BertConfig:
     num_labels: int = 2  # 1 means regression
     classifier_dropout: float | None = None  # None: use hidden_dropout_prob
     dtype: str = "float32"  # compute dtype; params are always float32
-    remat: bool = False
+    remat: str = "none"  # none | full | dots_saveable (see layers.remat_policy)
 
     def __post_init__(self) -> None:
         layers.get_activation(self.hidden_act)  # fail at config time, not mid-trace
@@ -61,7 +61,7 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_hf(cls, hf_config: dict[str, Any], **overrides: Any) -> "BertConfig":
+    def from_hf(cls, hf_config: dict[str, Any], **overrides: Any) -> BertConfig:
         """Builds a config from an HF config.json dict; unknown HF keys are ignored."""
         position_type = hf_config.get("position_embedding_type", "absolute")
         if position_type != "absolute":
@@ -109,8 +109,12 @@ class BertEmbeddings(nn.Module):
 
         def embed(num: int, axis: str, name: str) -> nn.Embed:
             return nn.Embed(
-                num, cfg.hidden_size, dtype=cfg.dtype, param_dtype=jnp.float32,
-                embedding_init=_normal(cfg, (axis, "embed")), name=name,
+                num,
+                cfg.hidden_size,
+                dtype=cfg.dtype,
+                param_dtype=jnp.float32,
+                embedding_init=_normal(cfg, (axis, "embed")),
+                name=name,
             )
 
         positions_1L = jnp.arange(input_ids_BL.shape[1])[None, :]
@@ -134,10 +138,12 @@ class BertSelfAttention(nn.Module):
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
 
         def project(name: str) -> jax.Array:
-            return nn.DenseGeneral(
-                features=(heads, head_dim), dtype=cfg.dtype, param_dtype=jnp.float32,
+            return layers.DenseND(
+                features=(heads, head_dim),
+                dtype=cfg.dtype,
                 kernel_init=_normal(cfg, ("embed", "heads", "kv")),
-                bias_init=_zeros(("heads", "kv")), name=name,
+                bias_init=_zeros(("heads", "kv")),
+                name=name,
             )(x_BLD)
 
         # Scale q (L*D values) rather than the scores (L*L*H values); same maths.
@@ -150,10 +156,13 @@ class BertSelfAttention(nn.Module):
             probs_BHLL, deterministic=deterministic
         ).astype(cfg.dtype)
         context_BLHK = jnp.einsum("bhqk,bkhd->bqhd", probs_BHLL, v_BLHK)
-        out_BLD = nn.DenseGeneral(
-            features=cfg.hidden_size, axis=(-2, -1), dtype=cfg.dtype, param_dtype=jnp.float32,
+        out_BLD = layers.DenseND(
+            features=(cfg.hidden_size,),
+            in_axes=2,
+            dtype=cfg.dtype,
             kernel_init=_normal(cfg, ("heads", "kv", "embed")),
-            bias_init=_zeros(("embed",)), name="output",
+            bias_init=_zeros(("embed",)),
+            name="output",
         )(context_BLHK)
         out_BLD = nn.Dropout(cfg.hidden_dropout_prob)(out_BLD, deterministic=deterministic)
         return _layer_norm(cfg, "LayerNorm")(out_BLD + x_BLD)
@@ -172,8 +181,10 @@ class BertOutput(nn.Module):
     def __call__(self, h_BLF, residual_BLD, deterministic: bool = True):
         cfg = self.config
         kernel_FD = self.param(
-            "kernel", _normal(cfg, ("mlp", "embed")),
-            (cfg.intermediate_size, cfg.hidden_size), jnp.float32,
+            "kernel",
+            _normal(cfg, ("mlp", "embed")),
+            (cfg.intermediate_size, cfg.hidden_size),
+            jnp.float32,
         )
         bias_D = self.param("bias", _zeros(("embed",)), (cfg.hidden_size,), jnp.float32)
         out_BLD = h_BLF.astype(cfg.dtype) @ kernel_FD.astype(cfg.dtype) + bias_D.astype(cfg.dtype)
@@ -191,8 +202,11 @@ class BertLayer(nn.Module):
         cfg = self.config
         x_BLD = BertSelfAttention(cfg, name="attention")(x_BLD, mask_bias_B11L, deterministic)
         h_BLF = nn.Dense(
-            cfg.intermediate_size, dtype=cfg.dtype, param_dtype=jnp.float32,
-            kernel_init=_normal(cfg, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
+            cfg.intermediate_size,
+            dtype=cfg.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_normal(cfg, ("embed", "mlp")),
+            bias_init=_zeros(("mlp",)),
             name="intermediate",
         )(x_BLD)
         h_BLF = layers.get_activation(cfg.hidden_act)(h_BLF)
@@ -209,7 +223,7 @@ class BertEncoder(nn.Module):
     def __call__(self, x_BLD, attention_mask_BL, deterministic: bool = True):
         cfg = self.config
         # static_argnums counts `self` as 0, so 3 is `deterministic` (a Python bool).
-        block = nn.remat(BertLayer, static_argnums=(3,)) if cfg.remat else BertLayer
+        block = layers.remat(BertLayer, cfg.remat, static_argnums=(3,))
         mask_bias_B11L = layers.additive_attention_mask(attention_mask_BL)
         for i in range(cfg.num_hidden_layers):
             x_BLD = block(cfg, name=f"layer_{i}")(x_BLD, mask_bias_B11L, deterministic)
@@ -224,10 +238,16 @@ class BertPooler(nn.Module):
     @nn.compact
     def __call__(self, x_BLD):
         cfg = self.config
-        return jnp.tanh(nn.Dense(
-            cfg.hidden_size, dtype=cfg.dtype, param_dtype=jnp.float32,
-            kernel_init=_normal(cfg, ("embed", "mlp")), bias_init=_zeros(("mlp",)), name="dense",
-        )(x_BLD[:, 0]))
+        return jnp.tanh(
+            nn.Dense(
+                cfg.hidden_size,
+                dtype=cfg.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=_normal(cfg, ("embed", "mlp")),
+                bias_init=_zeros(("mlp",)),
+                name="dense",
+            )(x_BLD[:, 0])
+        )
 
 
 class BertModel(nn.Module):
@@ -264,8 +284,11 @@ class BertForSequenceClassification(nn.Module):
         pooled_BD = nn.Dropout(rate)(pooled_BD.astype(jnp.float32), deterministic=deterministic)
         # The head is tiny, so it runs in float32 and logits never come out in bf16.
         return nn.Dense(
-            cfg.num_labels, dtype=jnp.float32, param_dtype=jnp.float32,
-            kernel_init=_normal(cfg, ("embed", "classes")), bias_init=_zeros(("classes",)),
+            cfg.num_labels,
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            kernel_init=_normal(cfg, ("embed", "classes")),
+            bias_init=_zeros(("classes",)),
             name="classifier",
         )(pooled_BD)
 
@@ -275,36 +298,79 @@ class BertForSequenceClassification(nn.Module):
 
 def hf_mappings(config: BertConfig) -> list[HFMapping]:
     """The HF BertModel tensors (keys without `bert.`) and where they go in our `bert` subtree."""
-    d, f, h, k = config.hidden_size, config.intermediate_size, config.num_attention_heads, config.head_dim
+    d, f, h, k = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_attention_heads,
+        config.head_dim,
+    )
     rows = [
-        HFMapping("embeddings.word_embeddings.weight", "embeddings/word_embeddings/embedding",
-                  (config.vocab_size, d), (config.vocab_size, d)),
-        HFMapping("embeddings.position_embeddings.weight", "embeddings/position_embeddings/embedding",
-                  (config.max_position_embeddings, d), (config.max_position_embeddings, d)),
-        HFMapping("embeddings.token_type_embeddings.weight",
-                  "embeddings/token_type_embeddings/embedding",
-                  (config.type_vocab_size, d), (config.type_vocab_size, d)),
+        HFMapping(
+            "embeddings.word_embeddings.weight",
+            "embeddings/word_embeddings/embedding",
+            (config.vocab_size, d),
+            (config.vocab_size, d),
+        ),
+        HFMapping(
+            "embeddings.position_embeddings.weight",
+            "embeddings/position_embeddings/embedding",
+            (config.max_position_embeddings, d),
+            (config.max_position_embeddings, d),
+        ),
+        HFMapping(
+            "embeddings.token_type_embeddings.weight",
+            "embeddings/token_type_embeddings/embedding",
+            (config.type_vocab_size, d),
+            (config.type_vocab_size, d),
+        ),
     ]
 
     def layer_norm(hf: str, ours: str) -> list[HFMapping]:
-        return [HFMapping(f"{hf}.weight", f"{ours}/scale", (d,), (d,)),
-                HFMapping(f"{hf}.bias", f"{ours}/bias", (d,), (d,))]
+        return [
+            HFMapping(f"{hf}.weight", f"{ours}/scale", (d,), (d,)),
+            HFMapping(f"{hf}.bias", f"{ours}/bias", (d,), (d,)),
+        ]
 
     rows += layer_norm("embeddings.LayerNorm", "embeddings/LayerNorm")
     for i in range(config.num_hidden_layers):
         hf, ours = f"encoder.layer.{i}", f"encoder/layer_{i}"
         for name in ("query", "key", "value"):
-            rows.append(HFMapping(f"{hf}.attention.self.{name}.weight",
-                                  f"{ours}/attention/{name}/kernel", (d, d), (d, h, k), True))
-            rows.append(HFMapping(f"{hf}.attention.self.{name}.bias",
-                                  f"{ours}/attention/{name}/bias", (d,), (h, k)))
+            rows.append(
+                HFMapping(
+                    f"{hf}.attention.self.{name}.weight",
+                    f"{ours}/attention/{name}/kernel",
+                    (d, d),
+                    (d, h, k),
+                    True,
+                )
+            )
+            rows.append(
+                HFMapping(
+                    f"{hf}.attention.self.{name}.bias",
+                    f"{ours}/attention/{name}/bias",
+                    (d,),
+                    (h, k),
+                )
+            )
         rows += [
-            HFMapping(f"{hf}.attention.output.dense.weight", f"{ours}/attention/output/kernel",
-                      (d, d), (h, k, d), True),
-            HFMapping(f"{hf}.attention.output.dense.bias", f"{ours}/attention/output/bias", (d,), (d,)),
+            HFMapping(
+                f"{hf}.attention.output.dense.weight",
+                f"{ours}/attention/output/kernel",
+                (d, d),
+                (h, k, d),
+                True,
+            ),
+            HFMapping(
+                f"{hf}.attention.output.dense.bias", f"{ours}/attention/output/bias", (d,), (d,)
+            ),
             *layer_norm(f"{hf}.attention.output.LayerNorm", f"{ours}/attention/LayerNorm"),
-            HFMapping(f"{hf}.intermediate.dense.weight", f"{ours}/intermediate/kernel",
-                      (f, d), (d, f), True),
+            HFMapping(
+                f"{hf}.intermediate.dense.weight",
+                f"{ours}/intermediate/kernel",
+                (f, d),
+                (d, f),
+                True,
+            ),
             HFMapping(f"{hf}.intermediate.dense.bias", f"{ours}/intermediate/bias", (f,), (f,)),
             HFMapping(f"{hf}.output.dense.weight", f"{ours}/output/kernel", (d, f), (f, d), True),
             HFMapping(f"{hf}.output.dense.bias", f"{ours}/output/bias", (d,), (d,)),
@@ -329,7 +395,10 @@ def from_hf(
     """
     prefix = "bert." if any(key.startswith("bert.") for key in hf_tensors) else ""
     return layers.convert_from_hf(
-        hf_tensors, hf_mappings(config), key_prefix=prefix, path_prefix="bert",
+        hf_tensors,
+        hf_mappings(config),
+        key_prefix=prefix,
+        path_prefix="bert",
         optional_groups=("pooler",),
     )
 
@@ -374,7 +443,10 @@ def _init_subtrees(config: BertConfig, seed: int, paths: list[str]) -> dict[str,
 
 
 def load_pretrained(
-    model_dir: str | pathlib.Path, num_labels: int, dtype: str = "float32", seed: int = 0,
+    model_dir: str | pathlib.Path,
+    num_labels: int,
+    dtype: str = "float32",
+    seed: int = 0,
     **overrides: Any,
 ) -> tuple[BertConfig, BertForSequenceClassification, dict[str, Any]]:
     """Builds a classifier from an HF directory (or a name `weights.resolve_model_dir` knows).
@@ -390,8 +462,9 @@ def load_pretrained(
     config = BertConfig.from_hf(hf_config, num_labels=num_labels, dtype=dtype, **overrides)
     loaded, missing = from_hf(weights.read_safetensors(model_dir), config)
     if missing:
-        logging.warning("%s has no weights for %s; keeping freshly initialised values.",
-                        model_dir, missing)
+        logging.warning(
+            "%s has no weights for %s; keeping freshly initialised values.", model_dir, missing
+        )
     params: dict[str, Any] = {"bert": loaded}
     for path, value in _init_subtrees(config, seed, ["classifier", *missing]).items():
         layers.set_path(params, path, value)

@@ -1,0 +1,73 @@
+"""Plain helpers shared by test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+
+from finetune_jax import experiment
+from finetune_jax.config import base_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def tiny_config(model_dir, data_dir, **train):
+    """base_config shrunk to the tiny model: batch 8, 6 steps, eval and save every 3."""
+    config = base_config()
+    config.model.name = str(model_dir)
+    config.data.dir = str(data_dir)
+    config.data.max_length = 32
+    config.data.buckets = (16, 32)
+    config.train.batch_size = 8
+    config.train.max_steps = 6
+    config.train.log_every = 1
+    config.train.eval_every = 3
+    config.train.checkpoint_every = 3
+    config.train.progress = False
+    for key, value in train.items():
+        config.train[key] = value
+    return config
+
+
+def run_steps(config, steps, devices=None):
+    """Build the experiment and run `steps` train steps: (experiment, state, losses)."""
+    exp = experiment.build(config, devices=devices)
+    state = exp.initial_state()
+    batches = experiment.train_batches(exp)
+    losses = []
+    for _ in range(steps):
+        state, metrics = exp.train_step(state, exp.put_batch(next(batches)))
+        losses.append(float(metrics["loss"]))
+    return exp, state, losses
+
+
+def check_remat_and_bfloat16(module_cls, config, params, bf16_atol):
+    """Remat policies give the same logits; bf16 compute stays close, with float32 logits and
+    float32 gradients (params are float32 masters)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    ids = jnp.arange(20).reshape(2, 10) % config.vocab_size
+    mask = jnp.ones_like(ids).at[1, 6:].set(0)
+    base = jax.jit(module_cls(config).apply)({"params": params}, ids, mask)
+    variants = (
+        ({"remat": "full"}, 1e-6),
+        ({"remat": "dots_saveable"}, 1e-6),
+        ({"dtype": "bfloat16"}, bf16_atol),
+    )
+    for overrides, atol in variants:
+        module = module_cls(dataclasses.replace(config, **overrides))
+
+        def loss(p, module=module):
+            logits = module.apply({"params": p}, ids, mask)
+            return logits.sum(), logits
+
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        assert logits.dtype == jnp.float32, overrides
+        np.testing.assert_allclose(logits, base, atol=atol, err_msg=str(overrides))
+        assert jax.tree.structure(grads) == jax.tree.structure(params)
+        assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
