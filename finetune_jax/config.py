@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0  # global norm over trainable leaves; <=0 disables
     # Which params train, and at what lr multiplier: a preset, or explicit rules.
-    c.optim.preset = "full"  # full | linear_probe | bitfit | top_k_layers | llrd | rules
+    c.optim.preset = "full"  # full | linear_probe | bitfit | top_k_layers | llrd | lora | rules
     c.optim.top_k = 2  # for top_k_layers
     c.optim.llrd_decay = 0.8  # for llrd: layer i of N gets decay**(N - i)
     c.optim.head = r"(classifier|bert/pooler)/.*"  # new / task-specific params
@@ -57,6 +57,15 @@ def base_config() -> ml_collections.ConfigDict:
         (r".*norm/.*", False),
         (r".*", True),
     )
+
+    c.peft = ml_collections.ConfigDict()
+    # LoRA on the kernels whose '/'-joined param path full-matches `targets`; rank 0 = off.
+    # Train it with optim.preset=lora (LoRA params + head) or explicit optim.rules.
+    c.peft.rank = 0
+    c.peft.alpha = 16.0  # the update is scaled by alpha / rank
+    c.peft.dropout = 0.0  # on the LoRA branch's input only
+    # BERT's query/value; for Llama e.g. r".*/self_attn/(q_proj|v_proj)/kernel".
+    c.peft.targets = r".*/attention/(query|value)/kernel"
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32  # global, over all processes
@@ -99,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
         ("position", None),
         ("token_type", None),
         ("classes", None),
+        ("lora_rank", None),  # LoRA's rank dim; its other dims follow the base weight's
     )
     c.lock()
     return c

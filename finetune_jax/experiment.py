@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import transformers
 
-from finetune_jax import checkpoint, optim, sharding, steps, weights
+from finetune_jax import checkpoint, optim, peft, sharding, steps, weights
 from finetune_jax import rules as rules_lib
 from finetune_jax.data import pipeline, sources, tasks
 from finetune_jax.losses import loss_for
@@ -73,11 +73,31 @@ class Experiment:
         return checkpoint.abstract_with_shardings(shapes, self.state_sharding)
 
 
+def lora_config(config: ml_collections.ConfigDict) -> peft.LoraConfig | None:
+    """`config.peft` as a LoraConfig (None when off), checked against `config.optim`.
+
+    LoRA under a preset that trains the base weights (`full`, `llrd`, ...) would silently be
+    full fine-tuning plus an adapter, so only `lora` or explicit `rules` are accepted.
+    """
+    lora = peft.LoraConfig.from_config(config.peft)
+    preset = config.optim.preset
+    if lora is not None and preset not in ("lora", "rules"):
+        raise ValueError(
+            f"peft.rank={lora.rank} (LoRA) with optim.preset={preset!r} would train the base "
+            "weights too; set optim.preset=lora (LoRA params + head trainable, rest frozen) "
+            "or write explicit optim.rules with optim.preset=rules"
+        )
+    if lora is None and preset == "lora":
+        raise ValueError("optim.preset=lora needs LoRA params: set peft.rank > 0")
+    return lora
+
+
 def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Experiment:
     """Resolve the model and task, load pretrained weights, and jit the steps.
 
     `devices` (default: all devices of all processes) is what `config.mesh` is laid over.
     """
+    lora = lora_config(config)  # fail before any loading
     task = tasks.get_task(config.data.task)
     model_dir = str(weights.resolve_model_dir(config.model.name))
     hf_config = weights.read_hf_config(model_dir)
@@ -94,6 +114,7 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
         dtype=config.model.dtype,
         seed=config.seed,
         remat=config.model.remat,
+        lora=lora,
         **overrides,
     )
     params = jax.tree.map(np.asarray, params)

@@ -26,3 +26,18 @@ def regression_loss(
 def loss_for(num_labels: int):
     """Pick the loss at setup time, so the jitted step holds no branch on the task."""
     return regression_loss if num_labels == 1 else classification_loss
+
+
+def causal_lm_loss(
+    logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked next-token cross-entropy, number of trained tokens), both float32.
+
+    logits [B, T, V] at position t predict targets[:, t] (already shifted by the data
+    pipeline); loss_mask [B, T] is 1 on trained tokens. Sums, not means, so packed and
+    unpacked batches, microbatches and hosts add up exactly; divide by the count once.
+    """
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    mask = loss_mask.astype(jnp.float32)
+    # where, not a product: a non-finite logit on a padding position must not poison the sum.
+    return jnp.sum(jnp.where(mask > 0, losses * mask, 0.0)), jnp.sum(mask)

@@ -23,7 +23,7 @@ import optax
 from finetune_jax import rules as rules_lib
 
 FROZEN = "frozen"
-PRESETS = ("full", "linear_probe", "bitfit", "top_k_layers", "llrd", "rules")
+PRESETS = ("full", "linear_probe", "bitfit", "top_k_layers", "llrd", "lora", "rules")
 
 
 def _num_layers(paths: list[str], layer_regex: str) -> int:
@@ -45,6 +45,8 @@ def preset_rules(optim: ml_collections.ConfigDict, paths: list[str]) -> list[tup
         return [(head, "trainable"), (".*", FROZEN)]
     if preset == "bitfit":
         return [(head, "trainable"), (r".*/bias", "trainable"), (".*", FROZEN)]
+    if preset == "lora":  # the LoRA params (see peft.py) and the task head; base frozen
+        return [(r".*/lora_[ab]", "trainable"), (head, "trainable"), (".*", FROZEN)]
     if preset == "top_k_layers":
         n = _num_layers(paths, optim.layer)
         if not 0 <= optim.top_k <= n:

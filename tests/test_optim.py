@@ -77,6 +77,16 @@ def test_presets_select_trainable_params(preset, expected_trainable):
         assert (mult is not None) == expected_trainable(path), path
 
 
+def test_lora_preset_trains_lora_params_and_head_only():
+    params = bert_like_params()
+    query = params["bert"]["encoder"]["layer_1"]["attention"]["query"]
+    query["lora_a"], query["lora_b"] = np.zeros((8, 2), np.float32), np.zeros((2, 2, 4), np.float32)
+    groups = optim.param_groups(optim_config(preset="lora"), params)
+    for path, mult in multiplier_by_path(groups).items():
+        expected = path.startswith(("classifier/", "bert/pooler/")) or "/lora_" in path
+        assert (mult is not None) == expected, path
+
+
 def test_llrd_multipliers_decay_with_depth():
     decay = 0.5
     groups = optim.param_groups(optim_config(preset="llrd", llrd_decay=decay), bert_like_params())

@@ -1,17 +1,21 @@
 """Benchmark the train step of a config: steady-state step time, throughput, FLOP/s.
 
   python tools/bench.py --config=configs/glue/sst2_minilm.py --steps=30 \\
-      --config.data.dir=../shared/data/glue/sst2 [--peak_gflops=300] [--json=out.json]
+      --config.data.dir=../shared/data/glue/sst2 [--peak_gflops=300] [--json=out.json] \\
+      [--torch_peer=../shared/tools/peer_torch_glue.py]
 
 Runs real batches from the config's data pipeline through the jitted train step. The first
 `--warmup` steps (compilation of every bucket shape) are timed separately; the table reports
-the median of the rest. FLOPs come from XLA's cost analysis of each compiled shape.
+the median and mean of the rest. FLOPs come from XLA's cost analysis of each compiled shape.
+`--torch_peer` runs the transformers+torch reference right afterwards on the same data, batch
+size and max length, and reports the step-time ratio (one sitting, one machine state).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +27,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune_jax import experiment, optim  # noqa: E402
+from finetune_jax.cli import quiet_libraries  # noqa: E402
 
 
 def step_flops(exp, state, batch) -> float:
@@ -87,20 +92,55 @@ def bench(config, steps: int, warmup: int) -> dict:
     }
 
 
+def torch_peer(script: str, config, steps: int) -> dict:
+    """The transformers+torch reference on the same data, batch and max length, run now so
+    the ratio compares one machine state. Only the SST-2-style peer script is supported."""
+    command = [
+        sys.executable,
+        script,
+        "--data",
+        config.data.dir,
+        "--steps",
+        str(steps),
+        "--batch",
+        str(config.train.batch_size),
+        "--max_len",
+        str(config.data.max_length),
+        "--lr",
+        str(config.optim.lr),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    peer = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "torch_step_s": peer["steady_step_s"],
+        "torch_samples_per_s": peer["steady_samples_per_s"],
+    }
+
+
 def main() -> None:
     config = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
     steps = flags.DEFINE_integer("steps", 30, "Timed steps after warmup.")
     warmup = flags.DEFINE_integer("warmup", 10, "Untimed steps first (compiles every bucket seen).")
     peak = flags.DEFINE_float("peak_gflops", 0.0, "Peak GFLOP/s; 0 = measure a large matmul.")
     out = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+    peer = flags.DEFINE_string(
+        "torch_peer", "", "Path of peer_torch_glue.py: run it right after, same batch and length."
+    )
     flags.mark_flags_as_required(["config"])
 
     def run(argv):
+        quiet_libraries()
         result = bench(config.value, steps.value, warmup.value)
         result["peak_gflops"] = peak.value or measure_peak_gflops()
         result["utilisation"] = result["achieved_gflops"] / result["peak_gflops"]
+        if peer.value:
+            result.update(torch_peer(peer.value, config.value, warmup.value + steps.value))
+            # > 1: our steps are faster than the reference's.
+            result["speed_ratio_torch_step_over_ours"] = (
+                result["torch_step_s"] / result["step_s_mean"]
+            )
         for key, value in result.items():
-            print(f"{key:<26}{value:,.4g}" if isinstance(value, float) else f"{key:<26}{value}")
+            print(f"{key:<34}{value:,.4g}" if isinstance(value, float) else f"{key:<34}{value}")
         if out.value:
             Path(out.value).write_text(json.dumps(result, indent=2))
 

@@ -5,7 +5,8 @@
   python -m finetune_jax.eval --config=configs/glue/sst2_minilm.py --workdir=runs/sst2
 
 Expected (2-core CPU, 300 steps, batch 32, lr 1e-4): dev accuracy >= 0.85 (see README).
-Presets: --config.optim.preset=linear_probe | bitfit | top_k_layers | llrd.
+Presets: --config.optim.preset=linear_probe | bitfit | top_k_layers | llrd;
+LoRA: --config.peft.rank=8 --config.optim.preset=lora (see README, LoRA).
 """
 
 from finetune_jax.config import base_config

@@ -120,7 +120,7 @@ def _bucket_for(lengths: np.ndarray, buckets: Sequence[int]) -> int:
     return int(buckets[position])
 
 
-def _local_rows(global_rows: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+def local_rows(global_rows: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
     """This process's contiguous slice of a global batch's rows."""
     if len(global_rows) % process_count:
         raise ValueError(
@@ -167,7 +167,7 @@ class TrainBatches:
         self._pad_id = pad_id
         self._process_index = process_index
         self._process_count = process_count
-        _local_rows(np.zeros(batch_size), process_index, process_count)  # validate early
+        local_rows(np.zeros(batch_size), process_index, process_count)  # validate early
         _bucket_for(self._lengths, self._buckets)  # fail now, not after hours of training
         self._epoch = 0
         self._batch_in_epoch = 0
@@ -203,7 +203,7 @@ class TrainBatches:
         start = self._batch_in_epoch * self._batch_size
         global_rows = self._permutation[start : start + self._batch_size]
         length = _bucket_for(self._lengths[global_rows], self._buckets)
-        rows = _local_rows(global_rows, self._process_index, self._process_count)
+        rows = local_rows(global_rows, self._process_index, self._process_count)
         batch = collate(self._encoded, rows, length, self._pad_id)
         self._batch_in_epoch += 1
         if self._batch_in_epoch == self.steps_per_epoch:
@@ -235,4 +235,4 @@ def eval_batches(
         length = _bucket_for(lengths[global_rows], buckets)
         padded = np.full(batch_size, PADDING_ROW, np.int64)
         padded[: len(global_rows)] = global_rows
-        yield collate(encoded, _local_rows(padded, process_index, process_count), length, pad_id)
+        yield collate(encoded, local_rows(padded, process_index, process_count), length, pad_id)

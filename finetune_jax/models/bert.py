@@ -18,12 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from finetune_jax import weights
+from finetune_jax import peft, weights
 from finetune_jax.models import layers
 from finetune_jax.models.layers import HFMapping
 
 # Activations are constrained to these logical axes at block boundaries.
 ACTIVATION_AXES = ("batch", "length", "activation_embed")
+# HF PEFT task type of the exported adapter, and the modules it saves whole: the classifier
+# and pooler, new or trained in the `lora` preset (our param-path prefixes).
+PEFT_TASK_TYPE = "SEQ_CLS"
+PEFT_MODULES_TO_SAVE = ("classifier", "bert/pooler")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,7 @@ class BertConfig:
     classifier_dropout: float | None = None  # None: use hidden_dropout_prob
     dtype: str = "float32"  # compute dtype; params are always float32
     remat: str = "none"  # none | full | dots_saveable (see layers.remat_policy)
+    lora: peft.LoraConfig | None = None  # LoRA on the DenseND kernels its targets match
 
     def __post_init__(self) -> None:
         layers.get_activation(self.hidden_act)  # fail at config time, not mid-trace
@@ -143,8 +148,9 @@ class BertSelfAttention(nn.Module):
                 dtype=cfg.dtype,
                 kernel_init=_normal(cfg, ("embed", "heads", "kv")),
                 bias_init=_zeros(("heads", "kv")),
+                lora=cfg.lora,
                 name=name,
-            )(x_BLD)
+            )(x_BLD, deterministic)
 
         # Scale q (L*D values) rather than the scores (L*L*H values); same maths.
         q_BLHK = project("query") * jnp.asarray(head_dim**-0.5, cfg.dtype)
@@ -162,8 +168,9 @@ class BertSelfAttention(nn.Module):
             dtype=cfg.dtype,
             kernel_init=_normal(cfg, ("heads", "kv", "embed")),
             bias_init=_zeros(("embed",)),
+            lora=cfg.lora,
             name="output",
-        )(context_BLHK)
+        )(context_BLHK, deterministic)
         out_BLD = nn.Dropout(cfg.hidden_dropout_prob)(out_BLD, deterministic=deterministic)
         return _layer_norm(cfg, "LayerNorm")(out_BLD + x_BLD)
 
@@ -171,7 +178,7 @@ class BertSelfAttention(nn.Module):
 class BertOutput(nn.Module):
     """FFN down-projection + dropout + residual LayerNorm.
 
-    Holds `kernel`/`bias` directly (not in a Dense child) so the path is
+    The projection shares this module's scope (`nn.share_scope`), so its params sit at
     `output/kernel` next to `output/LayerNorm`, as in HF's layout.
     """
 
@@ -180,14 +187,16 @@ class BertOutput(nn.Module):
     @nn.compact
     def __call__(self, h_BLF, residual_BLD, deterministic: bool = True):
         cfg = self.config
-        kernel_FD = self.param(
-            "kernel",
-            _normal(cfg, ("mlp", "embed")),
-            (cfg.intermediate_size, cfg.hidden_size),
-            jnp.float32,
+        dense = layers.DenseND(
+            features=(cfg.hidden_size,),
+            dtype=cfg.dtype,
+            kernel_init=_normal(cfg, ("mlp", "embed")),
+            bias_init=_zeros(("embed",)),
+            lora=cfg.lora,
+            name="dense",
         )
-        bias_D = self.param("bias", _zeros(("embed",)), (cfg.hidden_size,), jnp.float32)
-        out_BLD = h_BLF.astype(cfg.dtype) @ kernel_FD.astype(cfg.dtype) + bias_D.astype(cfg.dtype)
+        nn.share_scope(self, dense)
+        out_BLD = dense(h_BLF, deterministic)
         out_BLD = nn.Dropout(cfg.hidden_dropout_prob)(out_BLD, deterministic=deterministic)
         return _layer_norm(cfg, "LayerNorm")(out_BLD + residual_BLD)
 
@@ -201,14 +210,14 @@ class BertLayer(nn.Module):
     def __call__(self, x_BLD, mask_bias_B11L, deterministic: bool = True):
         cfg = self.config
         x_BLD = BertSelfAttention(cfg, name="attention")(x_BLD, mask_bias_B11L, deterministic)
-        h_BLF = nn.Dense(
-            cfg.intermediate_size,
+        h_BLF = layers.DenseND(
+            features=(cfg.intermediate_size,),
             dtype=cfg.dtype,
-            param_dtype=jnp.float32,
             kernel_init=_normal(cfg, ("embed", "mlp")),
             bias_init=_zeros(("mlp",)),
+            lora=cfg.lora,
             name="intermediate",
-        )(x_BLD)
+        )(x_BLD, deterministic)
         h_BLF = layers.get_activation(cfg.hidden_act)(h_BLF)
         x_BLD = BertOutput(cfg, name="output")(h_BLF, x_BLD, deterministic)
         return nn.with_logical_constraint(x_BLD, ACTIVATION_AXES)
@@ -383,6 +392,18 @@ def hf_mappings(config: BertConfig) -> list[HFMapping]:
     return rows
 
 
+def hf_param_mappings(config: BertConfig) -> list[HFMapping]:
+    """Every param of BertForSequenceClassification: full paths and full HF keys."""
+    rows = [
+        m._replace(hf_key="bert." + m.hf_key, path="bert/" + m.path) for m in hf_mappings(config)
+    ]
+    labels, d = config.num_labels, config.hidden_size
+    return rows + [
+        HFMapping("classifier.weight", "classifier/kernel", (labels, d), (d, labels), True),
+        HFMapping("classifier.bias", "classifier/bias", (labels,), (labels,)),
+    ]
+
+
 def from_hf(
     hf_tensors: dict[str, np.ndarray], config: BertConfig
 ) -> tuple[dict[str, Any], list[str]]:
@@ -447,19 +468,23 @@ def load_pretrained(
     num_labels: int,
     dtype: str = "float32",
     seed: int = 0,
+    lora: peft.LoraConfig | None = None,
     **overrides: Any,
 ) -> tuple[BertConfig, BertForSequenceClassification, dict[str, Any]]:
     """Builds a classifier from an HF directory (or a name `weights.resolve_model_dir` knows).
 
     The `bert` subtree comes from safetensors; the classifier head (and the pooler, if the
-    checkpoint has none) comes from init with `seed`. Params are unboxed float32 numpy arrays
-    on the host, so the caller decides their placement and sharding.
+    checkpoint has none) and the LoRA params (with `lora`) come from init with `seed`. Params
+    are unboxed float32 numpy arrays on the host, so the caller decides their placement and
+    sharding.
     """
     model_dir = weights.resolve_model_dir(str(model_dir))
     hf_config = weights.read_hf_config(model_dir)
     if hf_config.get("model_type", "bert") != "bert":
         raise ValueError(f"{model_dir} holds model_type {hf_config['model_type']!r}, not 'bert'")
-    config = BertConfig.from_hf(hf_config, num_labels=num_labels, dtype=dtype, **overrides)
+    config = BertConfig.from_hf(
+        hf_config, num_labels=num_labels, dtype=dtype, lora=lora, **overrides
+    )
     loaded, missing = from_hf(weights.read_safetensors(model_dir), config)
     if missing:
         logging.warning(
@@ -468,4 +493,8 @@ def load_pretrained(
     params: dict[str, Any] = {"bert": loaded}
     for path, value in _init_subtrees(config, seed, ["classifier", *missing]).items():
         layers.set_path(params, path, value)
+    if lora is not None:
+        params = peft.add_params(
+            params, peft.init_lora_params(functools.partial(init_params, config), seed)
+        )
     return config, BertForSequenceClassification(config), params

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax.peft import LORA_A, LORA_B, LoraConfig, lora_delta, lora_initializers
+
 # HF `hidden_act` names -> functions. HF's "gelu" is the exact erf form; the tanh
 # approximation goes by several names across checkpoints.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -275,7 +277,12 @@ class DenseND(nn.Module):
     DenseGeneral initialises a flattened 2-D kernel and reshapes it, which breaks logical
     partitioning names (one per real dimension) as soon as a mesh is active.
     `kernel_init` / `bias_init` carry their logical names (`nn.with_logical_partitioning`);
-    `bias_init=None` means no bias.
+    `bias_init=None` means no bias. `out_dtype` sets the matmul's result (accumulation)
+    dtype, e.g. float32 logits from bf16 inputs; None means the compute dtype.
+
+    With `lora` set and its `targets` full-matching this layer's kernel path, the layer adds
+    `scale * ((dropout(x) @ lora_a) @ lora_b)` (see `peft.py`); the frozen kernel's matmul is
+    kept separate so no gradient with respect to it is ever formed.
     """
 
     features: tuple[int, ...]
@@ -283,19 +290,44 @@ class DenseND(nn.Module):
     bias_init: Callable | None = None
     in_axes: int = 1  # how many trailing dims of x are contracted
     dtype: Any = jnp.float32
+    out_dtype: Any = None
+    lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         in_shape = x.shape[x.ndim - self.in_axes :]
-        kernel = self.param("kernel", self.kernel_init, (*in_shape, *self.features), jnp.float32)
+        kernel_shape = (*in_shape, *self.features)
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
+        x = x.astype(self.dtype)
         contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
         y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ()))
+            x,
+            kernel.astype(self.dtype),
+            (contract, ((), ())),
+            preferred_element_type=self.out_dtype,
         )
         if self.bias_init is not None:
             bias = self.param("bias", self.bias_init, self.features, jnp.float32)
             y = y + bias.astype(self.dtype)
+        # The path the optimizer and sharding rules see for this kernel (a shared scope,
+        # as in BertOutput, makes it the parent's path).
+        if self.lora is not None and self.lora.matches("/".join(self.scope.path) + "/kernel"):
+            y = y + self._lora_update(x, kernel_shape, deterministic)
         return y
+
+    def _lora_update(self, x: jax.Array, kernel_shape: tuple, deterministic: bool) -> jax.Array:
+        """The low-rank term; its params are created after kernel and bias, so adding LoRA
+        leaves every other param's init draw unchanged."""
+        rank = self.lora.rank
+        init_a, init_b = lora_initializers(self.kernel_init, kernel_shape, self.in_axes)
+        a = self.param(LORA_A, init_a, (*kernel_shape[: self.in_axes], rank), jnp.float32)
+        b = self.param(LORA_B, init_b, (rank, *kernel_shape[self.in_axes :]), jnp.float32)
+        if self.lora.dropout > 0:
+            # Named: in a scope shared with the parent an auto-named Dropout_0 could clash.
+            x = nn.Dropout(self.lora.dropout, name="lora_dropout")(x, deterministic=deterministic)
+        return lora_delta(
+            x, a.astype(self.dtype), b.astype(self.dtype), self.lora.scale, self.in_axes
+        )
 
 
 def attention_mask(

@@ -25,13 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from finetune_jax import weights
+from finetune_jax import peft, weights
 from finetune_jax.models import layers
 from finetune_jax.models.layers import HFMapping
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 ACTIVATION_AXES = ("batch", "length", "activation_embed")
 SLIDING = "sliding_attention"
+PEFT_TASK_TYPE = "CAUSAL_LM"  # HF PEFT task type of exported adapters
+PEFT_MODULES_TO_SAVE = ()  # no new head: nothing but the LoRA params to export
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,7 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype; params are always float32
     remat: str = "none"  # none | full | dots_saveable (see layers.remat)
     attention_impl: str | None = None  # jax.nn.dot_product_attention: None (XLA) or "cudnn"
+    lora: peft.LoraConfig | None = None  # LoRA on the DenseND kernels its targets match
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
@@ -197,6 +200,7 @@ class LlamaAttention(nn.Module):
                 dtype=cfg.dtype,
                 kernel_init=_normal(cfg, ("embed", axis, "kv")),
                 bias_init=_zeros((axis, "kv")) if cfg.attention_bias else None,
+                lora=cfg.lora,
             )
 
         self.q_proj = dense(cfg.num_attention_heads, "heads")
@@ -208,20 +212,21 @@ class LlamaAttention(nn.Module):
             dtype=cfg.dtype,
             kernel_init=_normal(cfg, ("heads", "kv", "embed")),
             bias_init=_zeros(("embed",)) if cfg.o_proj_bias else None,
+            lora=cfg.lora,
         )
 
-    def project(self, x_BTD, cos_BTH, sin_BTH):
+    def project(self, x_BTD, cos_BTH, sin_BTH, deterministic=True):
         """Returns q [B,T,N,H] and k, v [B,T,K,H], with RoPE applied to q and k."""
-        q_BTNH = layers.apply_rope(self.q_proj(x_BTD), cos_BTH, sin_BTH)
-        k_BTKH = layers.apply_rope(self.k_proj(x_BTD), cos_BTH, sin_BTH)
-        return q_BTNH, k_BTKH, self.v_proj(x_BTD)
+        q_BTNH = layers.apply_rope(self.q_proj(x_BTD, deterministic), cos_BTH, sin_BTH)
+        k_BTKH = layers.apply_rope(self.k_proj(x_BTD, deterministic), cos_BTH, sin_BTH)
+        return q_BTNH, k_BTKH, self.v_proj(x_BTD, deterministic)
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_B1TT=None):
-        q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, cos_BTH, sin_BTH)
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_B1TT=None, deterministic=True):
+        q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, cos_BTH, sin_BTH, deterministic)
         out_BTNH = attend(
             q_BTNH, k_BTKH, v_BTKH, mask_B1TT, implementation=self.config.attention_impl
         )
-        return self.o_proj(out_BTNH)
+        return self.o_proj(out_BTNH, deterministic)
 
 
 class LlamaMLP(nn.Module):
@@ -230,24 +235,23 @@ class LlamaMLP(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, deterministic=True):
         cfg = self.config
 
-        def dense(features: int, names: tuple[str, str], name: str) -> nn.Dense:
-            return nn.Dense(
-                features,
-                use_bias=cfg.mlp_bias,
+        def dense(features: int, names: tuple[str, str], name: str) -> layers.DenseND:
+            return layers.DenseND(
+                features=(features,),
                 dtype=cfg.dtype,
-                param_dtype=jnp.float32,
                 kernel_init=_normal(cfg, names),
-                bias_init=_zeros(names[1:]),
+                bias_init=_zeros(names[1:]) if cfg.mlp_bias else None,
+                lora=cfg.lora,
                 name=name,
             )
 
-        gate_BTF = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x_BTD)
-        up_BTF = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x_BTD)
+        gate_BTF = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x_BTD, deterministic)
+        up_BTF = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x_BTD, deterministic)
         h_BTF = layers.get_activation(cfg.hidden_act)(gate_BTF) * up_BTF
-        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h_BTF)
+        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h_BTF, deterministic)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -256,13 +260,14 @@ class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_B1TT=None):
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_B1TT=None, deterministic=True):
         cfg = self.config
         norm = functools.partial(layers.RMSNorm, epsilon=cfg.rms_norm_eps, dtype=cfg.dtype)
         h_BTD = norm(name="input_layernorm")(x_BTD)
-        x_BTD = x_BTD + LlamaAttention(cfg, name="self_attn")(h_BTD, cos_BTH, sin_BTH, mask_B1TT)
+        attention = LlamaAttention(cfg, name="self_attn")
+        x_BTD = x_BTD + attention(h_BTD, cos_BTH, sin_BTH, mask_B1TT, deterministic)
         h_BTD = norm(name="post_attention_layernorm")(x_BTD)
-        x_BTD = x_BTD + LlamaMLP(cfg, name="mlp")(h_BTD)
+        x_BTD = x_BTD + LlamaMLP(cfg, name="mlp")(h_BTD, deterministic)
         return nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
 
 
@@ -280,11 +285,14 @@ class LlamaModel(nn.Module):
             param_dtype=jnp.float32,
             embedding_init=_normal(cfg, ("vocab", "embed")),
         )
-        block = layers.remat(LlamaDecoderLayer, cfg.remat)
+        # static_argnums counts `self` as 0, so 5 is `deterministic` (a Python bool).
+        block = layers.remat(LlamaDecoderLayer, cfg.remat, static_argnums=(5,))
         self.layers = [block(cfg) for _ in range(cfg.num_hidden_layers)]
         self.norm = layers.RMSNorm(epsilon=cfg.rms_norm_eps, dtype=cfg.dtype)
 
-    def __call__(self, input_ids, attention_mask=None, segment_ids=None, positions=None):
+    def __call__(
+        self, input_ids, attention_mask=None, segment_ids=None, positions=None, deterministic=True
+    ):
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
@@ -303,7 +311,7 @@ class LlamaModel(nn.Module):
         }
         x_BTD = nn.with_logical_constraint(self.embed_tokens(input_ids), ACTIVATION_AXES)
         for layer, window in zip(self.layers, windows):
-            x_BTD = layer(x_BTD, cos_BTH, sin_BTH, masks[window])
+            x_BTD = layer(x_BTD, cos_BTH, sin_BTH, masks[window], deterministic)
         return self.norm(x_BTD)
 
     def attend_embedding(self, x_BTD):
@@ -323,20 +331,26 @@ def _logits(x_BTD, kernel_DV, dtype):
 
 
 class LMHead(nn.Module):
-    """Untied output projection `kernel` [D, V]; float32 logits."""
+    """Untied output projection `kernel` [D, V]; float32 logits.
+
+    The DenseND shares this module's scope, so the kernel stays at `lm_head/kernel`.
+    """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, deterministic=True):
         cfg = self.config
-        kernel_DV = self.param(
-            "kernel",
-            _normal(cfg, ("embed", "vocab")),
-            (cfg.hidden_size, cfg.vocab_size),
-            jnp.float32,
+        dense = layers.DenseND(
+            features=(cfg.vocab_size,),
+            dtype=cfg.dtype,
+            out_dtype=jnp.float32,  # as in `_logits`: float32 accumulation and logits
+            kernel_init=_normal(cfg, ("embed", "vocab")),
+            lora=cfg.lora,
+            name="dense",
         )
-        return _logits(x_BTD, kernel_DV, cfg.dtype)
+        nn.share_scope(self, dense)
+        return dense(x_BTD, deterministic)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -344,8 +358,8 @@ class LlamaForCausalLM(nn.Module):
 
     attention_mask [B, T] 0/1 masks padded keys; segment_ids [B, T] int restrict attention to
     the query's own segment (packing); positions [B, T] default to 0..T-1 (pass per-segment
-    positions when packing). `deterministic` is accepted for a uniform model interface:
-    these architectures train without dropout.
+    positions when packing). These architectures train without dropout; `deterministic`
+    only switches LoRA dropout (`LoraConfig.dropout`), if any.
     """
 
     config: LlamaConfig
@@ -354,12 +368,11 @@ class LlamaForCausalLM(nn.Module):
     def __call__(
         self, input_ids, attention_mask=None, segment_ids=None, positions=None, deterministic=True
     ):
-        del deterministic
         model = LlamaModel(self.config, name="model")
-        x_BTD = model(input_ids, attention_mask, segment_ids, positions)
+        x_BTD = model(input_ids, attention_mask, segment_ids, positions, deterministic)
         if self.config.tie_word_embeddings:
             return model.attend_embedding(x_BTD)
-        return LMHead(self.config, name="lm_head")(x_BTD)
+        return LMHead(self.config, name="lm_head")(x_BTD, deterministic)
 
 
 # ----------------------------------------------------------------------------- HF weights
@@ -412,6 +425,15 @@ def _head_mapping(config: LlamaConfig) -> list[HFMapping]:
     return [HFMapping("weight", "kernel", shape, shape[::-1], True)]
 
 
+def hf_param_mappings(config: LlamaConfig) -> list[HFMapping]:
+    """Every param of LlamaForCausalLM: full paths and full HF keys."""
+    rows = [
+        m._replace(hf_key="model." + m.hf_key, path="model/" + m.path) for m in hf_mappings(config)
+    ]
+    head = _head_mapping(config)
+    return rows + [m._replace(hf_key="lm_head." + m.hf_key, path="lm_head/" + m.path) for m in head]
+
+
 def from_hf(hf_tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> dict[str, Any]:
     """HF tensors (`model.*`, `lm_head.weight`) -> our full param tree (float32 numpy).
 
@@ -462,15 +484,22 @@ def init_params(config: LlamaConfig, rng: jax.Array, seq_len: int = 8) -> dict[s
 
 
 def load_pretrained(
-    path: str | pathlib.Path, dtype: str = "float32", seed: int = 0, **overrides: Any
+    path: str | pathlib.Path,
+    dtype: str = "float32",
+    seed: int = 0,
+    lora: peft.LoraConfig | None = None,
+    **overrides: Any,
 ) -> tuple[LlamaConfig, LlamaForCausalLM, dict[str, Any]]:
     """Builds a causal LM from an HF directory, a `.gguf` file, or a name `weights` resolves.
 
-    All params come from the checkpoint (nothing is new, so `seed` is unused; it is kept
-    for the common `load_pretrained` signature). Params are unboxed float32 numpy arrays on
-    the host, so the caller decides their placement and sharding.
+    All params come from the checkpoint except, with `lora`, the LoRA params, which are
+    initialised from `seed`. Params are unboxed float32 numpy arrays on the host, so the
+    caller decides their placement and sharding.
     """
-    del seed
     hf_config, tensors = weights.read_checkpoint(path)
-    config = LlamaConfig.from_hf(hf_config, dtype=dtype, **overrides)
-    return config, LlamaForCausalLM(config), from_hf(tensors, config)
+    config = LlamaConfig.from_hf(hf_config, dtype=dtype, lora=lora, **overrides)
+    params = from_hf(tensors, config)
+    if lora is not None:
+        init_fn = functools.partial(init_params, config)
+        params = peft.add_params(params, peft.init_lora_params(init_fn, seed))
+    return config, LlamaForCausalLM(config), params
