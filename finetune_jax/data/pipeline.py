@@ -132,51 +132,22 @@ def local_rows(global_rows: np.ndarray, process_index: int, process_count: int) 
     return global_rows[process_index * per_process : (process_index + 1) * per_process]
 
 
-class TrainBatches:
-    """Infinite, resumable iterator over shuffled, bucketed training batches.
+class EpochOrder:
+    """Seeded, resumable order of global batches: epoch e visits
+    `np.random.default_rng([seed, e]).permutation(n)` in `batch_size` slices (the incomplete
+    last slice is dropped). Shared by every training iterator, so all resume the same way."""
 
-    Epoch e visits `np.random.default_rng([seed, e]).permutation(n)` in `batch_size` slices
-    (global batches; the incomplete last slice is dropped). Each global batch is padded to the
-    smallest bucket holding its longest example, and this process yields its contiguous
-    `batch_size // process_count` rows of it. `state()` / `restore()` save and resume the
-    position exactly.
-    """
-
-    def __init__(
-        self,
-        encoded: Encoded,
-        batch_size: int,
-        seed: int,
-        buckets: Sequence[int],
-        pad_id: int,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
-        if batch_size <= 0 or batch_size % process_count:
-            raise ValueError(
-                f"batch_size {batch_size} must be positive and divisible by process_count "
-                f"{process_count}, since every process takes an equal slice of each global batch"
-            )
-        if len(encoded) < batch_size:
-            raise ValueError(f"{len(encoded)} examples are fewer than one batch of {batch_size}")
-        self._encoded = encoded
-        self._lengths = encoded.lengths
-        self._batch_size = batch_size
-        self._seed = seed
-        self._buckets = tuple(sorted(buckets))
-        self._pad_id = pad_id
-        self._process_index = process_index
-        self._process_count = process_count
-        local_rows(np.zeros(batch_size), process_index, process_count)  # validate early
-        _bucket_for(self._lengths, self._buckets)  # fail now, not after hours of training
-        self._epoch = 0
-        self._batch_in_epoch = 0
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        if num_examples < batch_size:
+            raise ValueError(f"{num_examples} examples are fewer than one batch of {batch_size}")
+        self._n, self._batch_size, self._seed = num_examples, batch_size, seed
+        self._epoch, self._batch_in_epoch = 0, 0
         self._permutation: np.ndarray | None = None
 
     @property
     def steps_per_epoch(self) -> int:
         """Number of full global batches per epoch."""
-        return len(self._encoded) // self._batch_size
+        return self._n // self._batch_size
 
     def state(self) -> dict[str, int]:
         """The position of the next batch, as JSON-serialisable plain ints."""
@@ -193,22 +164,75 @@ class TrainBatches:
             self._permutation = None
         self._epoch, self._batch_in_epoch = epoch, batch_in_epoch
 
+    def next_rows(self) -> np.ndarray:
+        """Example indices of the next global batch."""
+        if self._permutation is None:
+            rng = np.random.default_rng([self._seed, self._epoch])
+            self._permutation = rng.permutation(self._n)
+        start = self._batch_in_epoch * self._batch_size
+        rows = self._permutation[start : start + self._batch_size]
+        self._batch_in_epoch += 1
+        if self._batch_in_epoch == self.steps_per_epoch:
+            self._epoch, self._batch_in_epoch, self._permutation = self._epoch + 1, 0, None
+        return rows
+
+
+def check_process_split(batch_size: int, process_index: int, process_count: int) -> None:
+    """Every process takes an equal, contiguous slice of each global batch."""
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(
+            f"batch_size {batch_size} must be positive and divisible by process_count "
+            f"{process_count}, since every process takes an equal slice of each global batch"
+        )
+    local_rows(np.zeros(batch_size), process_index, process_count)
+
+
+class TrainBatches:
+    """Infinite, resumable iterator over shuffled, bucketed training batches.
+
+    The order of global batches is an `EpochOrder`. Each global batch is padded to the
+    smallest bucket holding its longest example, and this process yields its contiguous
+    `batch_size // process_count` rows of it. `state()` / `restore()` save and resume the
+    position exactly.
+    """
+
+    def __init__(
+        self,
+        encoded: Encoded,
+        batch_size: int,
+        seed: int,
+        buckets: Sequence[int],
+        pad_id: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        check_process_split(batch_size, process_index, process_count)
+        self.order = EpochOrder(len(encoded), batch_size, seed)
+        self._encoded = encoded
+        self._lengths = encoded.lengths
+        self._buckets = tuple(sorted(buckets))
+        self._pad_id = pad_id
+        self._process = (process_index, process_count)
+        _bucket_for(self._lengths, self._buckets)  # fail now, not after hours of training
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.order.steps_per_epoch
+
+    def state(self) -> dict[str, int]:
+        return self.order.state()
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.order.restore(state)
+
     def __iter__(self) -> TrainBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._permutation is None:
-            rng = np.random.default_rng([self._seed, self._epoch])
-            self._permutation = rng.permutation(len(self._encoded))
-        start = self._batch_in_epoch * self._batch_size
-        global_rows = self._permutation[start : start + self._batch_size]
+        global_rows = self.order.next_rows()
         length = _bucket_for(self._lengths[global_rows], self._buckets)
-        rows = local_rows(global_rows, self._process_index, self._process_count)
-        batch = collate(self._encoded, rows, length, self._pad_id)
-        self._batch_in_epoch += 1
-        if self._batch_in_epoch == self.steps_per_epoch:
-            self._epoch, self._batch_in_epoch, self._permutation = self._epoch + 1, 0, None
-        return batch
+        rows = local_rows(global_rows, *self._process)
+        return collate(self._encoded, rows, length, self._pad_id)
 
 
 def eval_batches(

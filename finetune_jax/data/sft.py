@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from finetune_jax.data.chat_sources import Conversation, load_records  # noqa: F401 (re-export)
-from finetune_jax.data.pipeline import PADDING_ROW, local_rows
+from finetune_jax.data.pipeline import PADDING_ROW, EpochOrder, check_process_split, local_rows
 
 ROW_FIELDS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "attention_mask")
 
@@ -219,57 +219,26 @@ class SFTBatches:
         process_index: int = 0,
         process_count: int = 1,
     ):
-        self._num_rows = len(rows["input_ids"])
-        if batch_size <= 0 or batch_size % process_count:
-            raise ValueError(
-                f"batch_size {batch_size} must be positive and divisible by process_count "
-                f"{process_count}, since every process takes an equal slice of each global batch"
-            )
-        if self._num_rows < batch_size:
-            raise ValueError(f"{self._num_rows} rows are fewer than one batch of {batch_size}")
-        local_rows(np.zeros(batch_size), process_index, process_count)  # validate early
+        check_process_split(batch_size, process_index, process_count)
+        self.order = EpochOrder(len(rows["input_ids"]), batch_size, seed)
         self._rows = rows
-        self._batch_size = batch_size
-        self._seed = seed
         self._process = (process_index, process_count)
-        self._epoch = 0
-        self._batch_in_epoch = 0
-        self._permutation: np.ndarray | None = None
 
     @property
     def steps_per_epoch(self) -> int:
-        """Number of full global batches per epoch."""
-        return self._num_rows // self._batch_size
+        return self.order.steps_per_epoch
 
     def state(self) -> dict[str, int]:
-        """The position of the next batch, as JSON-serialisable plain ints."""
-        return {"epoch": int(self._epoch), "batch_in_epoch": int(self._batch_in_epoch)}
+        return self.order.state()
 
     def restore(self, state: dict[str, int]) -> None:
-        """Moves to a position saved by `state()`; the next batch is the one that followed."""
-        epoch, batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        if epoch < 0 or not 0 <= batch_in_epoch < self.steps_per_epoch:
-            raise ValueError(
-                f"invalid iterator state {state} (steps_per_epoch={self.steps_per_epoch})"
-            )
-        if epoch != self._epoch:
-            self._permutation = None
-        self._epoch, self._batch_in_epoch = epoch, batch_in_epoch
+        self.order.restore(state)
 
     def __iter__(self) -> SFTBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._permutation is None:
-            rng = np.random.default_rng([self._seed, self._epoch])
-            self._permutation = rng.permutation(self._num_rows)
-        start = self._batch_in_epoch * self._batch_size
-        global_rows = self._permutation[start : start + self._batch_size]
-        batch = _take(self._rows, local_rows(global_rows, *self._process))
-        self._batch_in_epoch += 1
-        if self._batch_in_epoch == self.steps_per_epoch:
-            self._epoch, self._batch_in_epoch, self._permutation = self._epoch + 1, 0, None
-        return batch
+        return _take(self._rows, local_rows(self.order.next_rows(), *self._process))
 
 
 def eval_batches(
