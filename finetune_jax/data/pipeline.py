@@ -187,7 +187,29 @@ def check_process_split(batch_size: int, process_index: int, process_count: int)
     local_rows(np.zeros(batch_size), process_index, process_count)
 
 
-class TrainBatches:
+class OrderedBatches:
+    """Base of the training iterators: position, resume and epoch length come from
+    `self.order` (an EpochOrder); subclasses turn its global rows into a batch in __next__."""
+
+    order: EpochOrder
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.order.steps_per_epoch
+
+    def state(self) -> dict[str, int]:
+        """The position of the next batch, as JSON-serialisable plain ints."""
+        return self.order.state()
+
+    def restore(self, state: dict[str, int]) -> None:
+        """Moves to a position saved by `state()`; the next batch is the one that followed."""
+        self.order.restore(state)
+
+    def __iter__(self):
+        return self
+
+
+class TrainBatches(OrderedBatches):
     """Infinite, resumable iterator over shuffled, bucketed training batches.
 
     The order of global batches is an `EpochOrder`. Each global batch is padded to the
@@ -214,19 +236,6 @@ class TrainBatches:
         self._pad_id = pad_id
         self._process = (process_index, process_count)
         _bucket_for(self._lengths, self._buckets)  # fail now, not after hours of training
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.order.steps_per_epoch
-
-    def state(self) -> dict[str, int]:
-        return self.order.state()
-
-    def restore(self, state: dict[str, int]) -> None:
-        self.order.restore(state)
-
-    def __iter__(self) -> TrainBatches:
-        return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         global_rows = self.order.next_rows()

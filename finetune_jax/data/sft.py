@@ -25,7 +25,13 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from finetune_jax.data.chat_sources import Conversation, load_records  # noqa: F401 (re-export)
-from finetune_jax.data.pipeline import PADDING_ROW, EpochOrder, check_process_split, local_rows
+from finetune_jax.data.pipeline import (
+    PADDING_ROW,
+    EpochOrder,
+    OrderedBatches,
+    check_process_split,
+    local_rows,
+)
 
 ROW_FIELDS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "attention_mask")
 
@@ -202,7 +208,7 @@ def _take(rows: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndar
     return batch
 
 
-class SFTBatches:
+class SFTBatches(OrderedBatches):
     """Infinite, resumable iterator over shuffled batches of packed rows.
 
     Epoch e visits `np.random.default_rng([seed, e]).permutation(num_rows)` in `batch_size`
@@ -223,19 +229,6 @@ class SFTBatches:
         self.order = EpochOrder(len(rows["input_ids"]), batch_size, seed)
         self._rows = rows
         self._process = (process_index, process_count)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.order.steps_per_epoch
-
-    def state(self) -> dict[str, int]:
-        return self.order.state()
-
-    def restore(self, state: dict[str, int]) -> None:
-        self.order.restore(state)
-
-    def __iter__(self) -> SFTBatches:
-        return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         return _take(self._rows, local_rows(self.order.next_rows(), *self._process))
