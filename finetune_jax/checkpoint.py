@@ -97,6 +97,22 @@ def _save_errors(manager: ocp.CheckpointManager, step: int | None):
         ) from e
 
 
+def pick_step(manager, which: str) -> int:
+    """The checkpoint step for 'best' / 'latest' / an explicit number, with clear errors."""
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no finished checkpoint in {manager.directory}; train first")
+    if which == "latest":
+        return max(steps)
+    if which == "best":
+        return manager.best_step() if manager.best_step() is not None else max(steps)
+    if not which.isdigit() or int(which) not in steps:
+        raise ValueError(
+            f"--checkpoint={which!r}: use best, latest or one of the steps {sorted(steps)}"
+        )
+    return int(which)
+
+
 def restore_latest(
     manager: ocp.CheckpointManager, abstract_state: Any
 ) -> tuple[Any, dict[str, Any]] | None:

@@ -30,7 +30,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.dir = ""  # local dir with the task's files; "" = load from the HF hub
     c.data.max_length = 64
     c.data.buckets = (16, 32, 64)  # padded lengths: bounds the number of compiled shapes
-    c.data.eval_split = "validation"
+    c.data.eval_split = "validation"  # evaluated every train.eval_every steps; picks "best"
+    # Selection set: this many train rows are held out (fixed by split_seed, not by seed) and
+    # evaluated as split "holdout"; set eval_split="holdout" to select on them.
+    c.data.holdout_rows = 0
+    c.data.max_train_rows = 0  # train on a random subset of this many rows; 0 = all
+    c.data.max_eval_rows = 0  # evaluate a random subset of this many rows; 0 = all
+    c.data.split_seed = 0  # draws holdout and subsets; the same for every seed of a sweep
+    c.data.packing = True  # chat tasks: several examples per max_length row
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4
@@ -84,6 +91,18 @@ def base_config() -> ml_collections.ConfigDict:
         "halt"  # halt: stop with an error naming step and param | skip: drop the update
     )
     c.train.progress = True
+    # After the last step, evaluate the best checkpoint (by train.metric on data.eval_split)
+    # on this split, e.g. "validation" when selecting on "holdout"; "" = skip.
+    c.train.final_split = ""
+
+    c.generate = ml_collections.ConfigDict()
+    # Sample generations written by the eval script for causal-LM tasks.
+    c.generate.num_samples = 16  # prompts of the eval split to generate for; 0 = none
+    c.generate.max_new_tokens = 256
+    c.generate.temperature = 0.0  # 0 = greedy
+    c.generate.top_k = 0  # sample among the k most likely tokens; 0 = all
+    c.generate.batch_size = 8
+    c.generate.seed = 0
 
     c.mesh = ml_collections.ConfigDict()
     # Mesh axes over all devices of all processes; one size may be -1 (= the rest).

@@ -1,7 +1,9 @@
 """Evaluate a trained run: `python -m finetune_jax.eval --config=... --workdir=... --split=validation`.
 
-Restores the best checkpoint (by the run's metric) or the latest or a given step, evaluates
-on the requested split and writes `<workdir>/eval_<split>_step<step>.json`.
+Restores the best checkpoint (by the run's metric), the latest, a given step or the untuned
+pretrained model (`--checkpoint=pretrained`), evaluates on the requested split and writes
+`<workdir>/eval_<split>_step<step>.json`. For causal-LM tasks it also reports perplexity and
+writes sample generations (`generations_<split>_step<step>.jsonl`), with GSM8K exact match.
 """
 
 from __future__ import annotations
@@ -15,51 +17,52 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from finetune_jax import checkpoint, distributed, experiment
+from finetune_jax import config as config_lib
+from finetune_jax import distributed, experiment, lm_eval
 from finetune_jax.cli import quiet_libraries, run_main
-from finetune_jax.evaluation import evaluate, metric_mode
-
-
-def pick_step(manager, which: str) -> int:
-    """The checkpoint step for 'best' / 'latest' / an explicit number, with clear errors."""
-    steps = manager.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"no finished checkpoint in {manager.directory}; train first")
-    if which == "latest":
-        return max(steps)
-    if which == "best":
-        return manager.best_step() if manager.best_step() is not None else max(steps)
-    if not which.isdigit() or int(which) not in steps:
-        raise ValueError(
-            f"--checkpoint={which!r}: use best, latest or one of the steps {sorted(steps)}"
-        )
-    return int(which)
+from finetune_jax.evaluation import evaluate
 
 
 def run_eval(
     config: ml_collections.ConfigDict, workdir: str, split: str, which: str = "best"
 ) -> dict[str, Any]:
-    """Evaluate one checkpoint of `workdir` on `split`; returns and writes the metrics."""
+    """Evaluate one checkpoint of `workdir` on `split`; returns and writes the metrics.
+
+    `which`: "best", "latest", a step number, or "pretrained" (the untuned model, no
+    checkpoint needed: the baseline a fine-tune is compared against). For causal-LM tasks
+    also writes `generations_<split>_<which>.jsonl` (prompt, reference, output) for the first
+    `generate.num_samples` records, and reports their exact match where the task scores one.
+    """
     exp = experiment.build(config)
-    metric = exp.metric
-    manager = checkpoint.make_manager(
-        workdir,
-        config.train.keep_checkpoints,
-        metric,
-        metric_mode(metric),
-        async_save=False,
-        read_only=True,
-    )
-    step = pick_step(manager, which)
-    state, _ = checkpoint.restore(manager, step, exp.abstract_state())
-    encoded = experiment.encode_split(exp, split)
-    results = evaluate(
-        exp.eval_step, state.params, experiment.eval_batches(exp, encoded), exp.task, exp.put_batch
-    )
+    if which == "pretrained":
+        config_lib.ensure_writable_workdir(workdir)
+        step, params = 0, exp.initial_state().params
+    else:
+        step, params = exp.restore_params(workdir, which)
+    data = experiment.encode_split(exp, split)
+    batches = experiment.eval_batches(exp, data)
+    results = evaluate(exp.eval_step, params, batches, exp.task, exp.put_batch)
+    tag = "pretrained" if which == "pretrained" else f"step{step}"
     results = {"split": split, "step": step, "task": exp.task.name, **results}
+    samples = []
+    if exp.task.kind == "causal_lm" and config.generate.num_samples > 0:
+        conversations = data.conversations[: config.generate.num_samples]
+        samples = lm_eval.generate_samples(
+            exp.module,
+            params,
+            exp.tokenizer,
+            exp.hf_config,
+            conversations,
+            config.generate,
+            exp.task.answer_marker,
+        )
+        results.update(lm_eval.summarize(samples))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"eval_{split}_step{step}.json"), "w") as f:
+        with open(os.path.join(workdir, f"eval_{split}_{tag}.json"), "w") as f:
             json.dump(results, f, indent=2)
+        if samples:
+            with open(os.path.join(workdir, f"generations_{split}_{tag}.jsonl"), "w") as f:
+                f.writelines(json.dumps(s) + "\n" for s in samples)
     return results
 
 
@@ -69,9 +72,11 @@ def main() -> None:
     )
     workdir = flags.DEFINE_string("workdir", None, "Workdir of the training run.")
     split = flags.DEFINE_string(
-        "split", "validation", "Split to evaluate (validation, test, train)."
+        "split", "validation", "Split to evaluate (validation, test, train, holdout)."
     )
-    which = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+    which = flags.DEFINE_string(
+        "checkpoint", "best", "'best', 'latest', a step number, or 'pretrained' (untuned)."
+    )
     cluster = distributed.define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
 

@@ -32,7 +32,10 @@ def evaluate(
         labels.append(np.asarray(out["labels"])[keep])
     if weight_sum == 0:
         raise ValueError("evaluation ran over no examples")
+    # "examples" counts weighted units: rows for classification, trained tokens for an LM.
     result = {"loss": loss_sum / weight_sum, "examples": int(weight_sum)}
+    if task.kind == "causal_lm":
+        result["perplexity"] = math.exp(min(result["loss"], 700.0))  # no overflow to inf
     result.update(
         metrics_lib.compute_metrics(task, np.concatenate(predictions), np.concatenate(labels))
     )

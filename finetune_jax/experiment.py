@@ -15,11 +15,11 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-import transformers
 
-from finetune_jax import checkpoint, optim, peft, sharding, steps, weights
+from finetune_jax import checkpoint, optim, peft, sharding, steps, task_data, weights
 from finetune_jax import rules as rules_lib
-from finetune_jax.data import pipeline, sources, tasks
+from finetune_jax.data import tasks
+from finetune_jax.evaluation import metric_mode
 from finetune_jax.losses import loss_for
 from finetune_jax.models import get_model_module
 from finetune_jax.state import TrainState, create_train_state
@@ -30,9 +30,12 @@ class Experiment:
     """Everything a train or eval loop needs, built once from the config."""
 
     config: ml_collections.ConfigDict
-    task: tasks.Task
+    task: tasks.Task | tasks.ChatTask
+    data: task_data.ClassificationData | task_data.ChatData
     tokenizer: Any
-    model_dir: str
+    model_ref: str  # the resolved model: an HF directory or a GGUF file
+    hf_config: dict[str, Any]  # the pretrained model's HF config (export starts from it)
+    model_config: Any  # BertConfig / LlamaConfig
     module: Any  # the flax module
     params: Any  # pretrained params (host), unboxed
     groups: optim.ParamGroups
@@ -67,6 +70,20 @@ class Experiment:
             create_train_state(self.params, self.tx, self.config.seed), self.state_sharding
         )
 
+    def restore_params(self, workdir: str, which: str = "best") -> tuple[int, Any]:
+        """(step, params) of a finished checkpoint of `workdir`: 'best' (by the run's
+        metric), 'latest' or a step number; the manager is opened read-only."""
+        manager = checkpoint.make_manager(
+            workdir,
+            self.config.train.keep_checkpoints,
+            self.metric,
+            metric_mode(self.metric),
+            async_save=False,
+            read_only=True,
+        )
+        step = checkpoint.pick_step(manager, which)
+        return step, checkpoint.restore(manager, step, self.abstract_state())[0].params
+
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state, for restoring without materialising it."""
         shapes = jax.eval_shape(lambda: create_train_state(self.params, self.tx, self.config.seed))
@@ -99,26 +116,20 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
     """
     lora = lora_config(config)  # fail before any loading
     task = tasks.get_task(config.data.task)
-    model_dir = str(weights.resolve_model_dir(config.model.name))
-    hf_config = weights.read_hf_config(model_dir)
+    model_ref = _resolve_model(config.model.name)
+    hf_config = weights.read_config(model_ref)
     model_lib = get_model_module(hf_config.get("model_type", ""))
-    overrides = {}
-    if config.model.dropout >= 0:
-        overrides = {
-            "hidden_dropout_prob": config.model.dropout,
-            "attention_probs_dropout_prob": config.model.dropout,
-        }
     model_config, module, params = model_lib.load_pretrained(
-        model_dir,
-        num_labels=task.num_labels,
+        model_ref,
         dtype=config.model.dtype,
         seed=config.seed,
         remat=config.model.remat,
         lora=lora,
-        **overrides,
+        **_task_overrides(config, task),
     )
     params = jax.tree.map(np.asarray, params)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = weights.load_tokenizer(model_ref)
+    data = task_data.make_task_data(config, task, tokenizer)
 
     groups = optim.param_groups(config.optim, params)
     tx, lr_fn = optim.make_optimizer(config.optim, groups, config.train.max_steps)
@@ -132,7 +143,7 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
     batch_sharding = sharding.batch_sharding(mesh, rules)
     sharding.check_batch_size(config.train.batch_size, config.train.microbatches, batch_sharding)
 
-    loss_fn = loss_for(task.num_labels)
+    loss_fn = loss_for(task)
     train_fn = functools.partial(
         steps.train_step,
         apply_fn=module.apply,
@@ -163,8 +174,11 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
     return Experiment(
         config,
         task,
+        data,
         tokenizer,
-        model_dir,
+        model_ref,
+        hf_config,
+        model_config,
         module,
         params,
         groups,
@@ -178,36 +192,39 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
     )
 
 
-def encode_split(exp: Experiment, split: str) -> pipeline.Encoded:
-    """Load and tokenize one split of the configured task."""
-    examples = sources.load_split(exp.task, exp.config.data.dir or None, split)
-    return pipeline.tokenize(examples, exp.tokenizer, exp.config.data.max_length)
+def _resolve_model(name: str) -> str:
+    """A GGUF file or an HF directory for `model.name` (path, packaged alias or hub id)."""
+    if weights.is_gguf(name):
+        return str(weights.resolve_gguf(name))
+    return str(weights.resolve_model_dir(name))
 
 
-def train_batches(exp: Experiment) -> pipeline.TrainBatches:
-    """The resumable, seeded, bucketed training iterator for this process."""
-    config = exp.config
-    buckets = pipeline.bucket_lengths(config.data.max_length, tuple(config.data.buckets))
-    return pipeline.TrainBatches(
-        encode_split(exp, "train"),
-        batch_size=config.train.batch_size,
-        seed=config.seed,
-        buckets=buckets,
-        pad_id=exp.tokenizer.pad_token_id,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+def _task_overrides(config: ml_collections.ConfigDict, task) -> dict[str, Any]:
+    """Model-config overrides the task implies: a classifier's width and dropout."""
+    if task.kind == "causal_lm":
+        if config.model.dropout >= 0:
+            raise ValueError(
+                "model.dropout is for encoder classifiers; causal LMs here train without "
+                "dropout (LoRA has its own: peft.dropout)"
+            )
+        return {}
+    overrides: dict[str, Any] = {"num_labels": task.num_labels}
+    if config.model.dropout >= 0:
+        overrides["hidden_dropout_prob"] = config.model.dropout
+        overrides["attention_probs_dropout_prob"] = config.model.dropout
+    return overrides
 
 
-def eval_batches(exp: Experiment, encoded: pipeline.Encoded):
+def encode_split(exp: Experiment, split: str):
+    """Load and prepare one split of the configured task (see `task_data`)."""
+    return exp.data.load(split)
+
+
+def train_batches(exp: Experiment):
+    """The resumable, seeded training iterator for this process."""
+    return exp.data.train_batches()
+
+
+def eval_batches(exp: Experiment, encoded):
     """Fixed-order eval batches (last one padded with weight-0 rows)."""
-    config = exp.config
-    buckets = pipeline.bucket_lengths(config.data.max_length, tuple(config.data.buckets))
-    return pipeline.eval_batches(
-        encoded,
-        config.train.batch_size,
-        buckets,
-        exp.tokenizer.pad_token_id,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    return exp.data.eval_batches(encoded)

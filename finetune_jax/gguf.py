@@ -117,12 +117,8 @@ def _hf_config(reader: gguf.GGUFReader, arch: str, tensor_names: set[str]) -> di
     return config
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(HF config dict, {HF name: float32 numpy array in HF layout}) of a GGUF file.
-
-    Raises FileNotFoundError for a missing file and ValueError for an unsupported
-    architecture, quantisation type or tensor.
-    """
+def _open(path: str | os.PathLike) -> tuple[gguf.GGUFReader, str, dict[str, Any]]:
+    """(reader, architecture, HF config dict) of a GGUF file; tensors are not read yet."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
@@ -142,6 +138,21 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
         config = _hf_config(reader, arch, tensor_names)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
+    return reader, arch, config
+
+
+def read_gguf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The HF config dict of a GGUF file, without dequantising its tensors."""
+    return _open(path)[2]
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(HF config dict, {HF name: float32 numpy array in HF layout}) of a GGUF file.
+
+    Raises FileNotFoundError for a missing file and ValueError for an unsupported
+    architecture, quantisation type or tensor.
+    """
+    reader, arch, config = _open(path)
     heads = {
         "attn_q": config["num_attention_heads"],
         "attn_k": config["num_key_value_heads"],

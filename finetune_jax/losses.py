@@ -23,9 +23,11 @@ def regression_loss(
     return jnp.sum(jnp.square(predictions - labels) * weights), predictions
 
 
-def loss_for(num_labels: int):
+def loss_for(task):
     """Pick the loss at setup time, so the jitted step holds no branch on the task."""
-    return regression_loss if num_labels == 1 else classification_loss
+    if task.kind == "causal_lm":
+        return next_token_loss
+    return regression_loss if task.num_labels == 1 else classification_loss
 
 
 def causal_lm_loss(
@@ -41,3 +43,14 @@ def causal_lm_loss(
     mask = loss_mask.astype(jnp.float32)
     # where, not a product: a non-finite logit on a padding position must not poison the sum.
     return jnp.sum(jnp.where(mask > 0, losses * mask, 0.0)), jnp.sum(mask)
+
+
+def next_token_loss(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked next-token cross-entropy, argmax next tokens [B, T]).
+
+    The steps' (logits, labels, weights) form of `causal_lm_loss`: labels are the shifted
+    targets and weights the loss mask, so the steps divide by the number of trained tokens.
+    """
+    return causal_lm_loss(logits, labels, weights)[0], jnp.argmax(logits, axis=-1)

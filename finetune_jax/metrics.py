@@ -62,6 +62,7 @@ def spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": accuracy,
+    "token_accuracy": accuracy,  # next-token argmax vs target, over trained tokens
     "f1": f1,
     "matthews_corrcoef": matthews_corrcoef,
     "pearson": pearson,

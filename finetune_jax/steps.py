@@ -14,7 +14,7 @@ import optax
 from finetune_jax.state import TrainState
 
 Batch = dict[str, jax.Array]
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "segment_ids", "positions")
 
 
 def _forward(apply_fn: Callable, params: Any, batch: Batch, rng: jax.Array | None) -> jax.Array:

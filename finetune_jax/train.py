@@ -15,11 +15,11 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from finetune_jax import checkpoint, distributed, experiment, faults, optim
+from finetune_jax import checkpoint, distributed, experiment, faults, manifest, optim
 from finetune_jax import config as config_lib
 from finetune_jax.cli import quiet_libraries, run_main
 from finetune_jax.evaluation import EarlyStopping, evaluate, metric_mode
-from finetune_jax.train_log import TrainLog, say
+from finetune_jax.train_log import TrainLog, format_metrics, peak_memory, say
 
 
 def train(
@@ -29,6 +29,7 @@ def train(
     config_lib.ensure_writable_workdir(workdir)
     exp = experiment.build(config)
     config_lib.write_config(config, workdir)
+    manifest.write_manifest(config, workdir, exp.mesh)
     say(
         f"parameter groups (optim.preset={config.optim.preset!r}):\n"
         + optim.group_table(exp.groups, exp.params)
@@ -91,12 +92,19 @@ def train(
                     f"{stopper.best_step})"
                 )
                 break
+        final = None
+        if config.train.final_split and stopped_by in (None, "early stopping"):
+            log.flush()
+            final = _final_eval(exp, manager, state, stopper, config.train.final_split)
+            log.record(int(state.step), "final", final)
     finally:
         guard.close()
         checkpoint.wait(manager)  # earlier saves complete even when a step failed
         log.close()
     summary = _summary(exp, state, stopper, log, time.perf_counter() - t_wall)
     summary["stopped_by"] = stopped_by
+    if final is not None:
+        summary["final"] = final
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -122,6 +130,24 @@ def _resume_or_init(exp, manager, batches, workdir) -> tuple[Any, EarlyStopping]
     return state, stopper
 
 
+def _final_eval(exp, manager, state, stopper, split: str) -> dict[str, Any]:
+    """The best checkpoint's metrics on `split` (e.g. dev, after selecting on a holdout)."""
+    checkpoint.wait(manager)
+    # The run's best step (first of equal scores), as the summary reports it; the manager's
+    # own pick only if that checkpoint is gone.
+    step = stopper.best_step
+    if step not in manager.all_steps():
+        step = checkpoint.pick_step(manager, "best")
+    params = state.params
+    if step != int(state.step):
+        params = checkpoint.restore(manager, step, exp.abstract_state())[0].params
+    data = experiment.encode_split(exp, split)
+    batches = experiment.eval_batches(exp, data)
+    results = evaluate(exp.eval_step, params, batches, exp.task, exp.put_batch)
+    say(f"final eval of step {step} on {split}: " + format_metrics(results))
+    return {"split": split, "step": step, **results}
+
+
 def _summary(exp, state, stopper, log, wall_time) -> dict[str, Any]:
     seconds_per_step = log.steady_seconds_per_step()
     return {
@@ -135,6 +161,7 @@ def _summary(exp, state, stopper, log, wall_time) -> dict[str, Any]:
         "best_step": stopper.best_step,
         "trainable_params": optim.param_counts(exp.groups, exp.params)[0],
         "optimizer_state_bytes": optim.tree_bytes(state.opt_state),
+        **peak_memory(),
     }
 
 

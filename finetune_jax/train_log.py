@@ -27,6 +27,16 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     )
 
 
+def peak_memory() -> dict[str, int | None]:
+    """Peak resident memory of this process and peak bytes on its first device (None where
+    the backend does not report it, e.g. XLA:CPU)."""
+    import resource  # noqa: PLC0415 (POSIX only)
+
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return {"peak_host_rss_bytes": host, "peak_device_bytes": stats.get("peak_bytes_in_use")}
+
+
 class TrainLog:
     """Collects per-step device metrics and writes their means every `log_every` steps."""
 
@@ -84,6 +94,10 @@ class TrainLog:
         self.bar.log(
             f"step {step}: eval {format_metrics(results)}" + (" (best)" if improved else "")
         )
+
+    def record(self, step: int, kind: str, results: dict[str, Any]) -> None:
+        """Write a non-periodic record (e.g. kind "final") to the metric files."""
+        self.writer.write(step, kind, {k: v for k, v in results.items() if k != "split"})
 
     def message(self, text: str) -> None:
         self.bar.log(text)

@@ -187,3 +187,22 @@ def read_checkpoint(
         return gguf.read_gguf(resolve_gguf(name_or_path))
     model_dir = resolve_model_dir(str(name_or_path))
     return read_hf_config(model_dir), read_safetensors(model_dir)
+
+
+def read_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """The HF config dict of a GGUF file / alias or an HF directory / name (no tensors read)."""
+    if is_gguf(str(name_or_path)):
+        from finetune_jax import gguf  # local import: the gguf package is only needed here
+
+        return gguf.read_gguf_config(resolve_gguf(name_or_path))
+    return read_hf_config(resolve_model_dir(str(name_or_path)))
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The HF tokenizer of a model directory / name, or the one built from a GGUF file."""
+    import transformers  # local import: heavy, and only tokenizing callers need it
+
+    if is_gguf(str(name_or_path)):
+        path = resolve_gguf(name_or_path)
+        return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return transformers.AutoTokenizer.from_pretrained(resolve_model_dir(str(name_or_path)))

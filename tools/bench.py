@@ -3,12 +3,16 @@
   python tools/bench.py --config=configs/glue/sst2_minilm.py --steps=30 \\
       --config.data.dir=../shared/data/glue/sst2 [--peak_gflops=300] [--json=out.json] \\
       [--torch_peer=../shared/tools/peer_torch_glue.py]
+  python tools/bench.py --config=configs/sft/smollm2_gsm8k_lora.py --steps=5 --warmup=2 \
+      --versus=optim.preset=full,peft.rank=0
 
 Runs real batches from the config's data pipeline through the jitted train step. The first
 `--warmup` steps (compilation of every bucket shape) are timed separately; the table reports
 the median and mean of the rest. FLOPs come from XLA's cost analysis of each compiled shape.
 `--torch_peer` runs the transformers+torch reference right afterwards on the same data, batch
 size and max length, and reports the step-time ratio (one sitting, one machine state).
+`--versus` benchmarks the same config with other overrides right afterwards (e.g. LoRA vs
+full fine-tuning) and reports the ratios of step time, FLOPs and optimizer-state bytes.
 """
 
 from __future__ import annotations
@@ -117,6 +121,26 @@ def torch_peer(script: str, config, steps: int) -> dict:
     }
 
 
+def with_overrides(config, overrides: str):
+    """A copy of `config` with "a.b=value,c.d=value" applied (values parsed as Python
+    literals where they parse, else kept as strings)."""
+    import ast
+
+    config = config.copy_and_resolve_references()
+    for item in filter(None, overrides.split(",")):
+        key, _, raw = item.partition("=")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        *sections, name = key.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[name] = type(node[name])(value) if isinstance(node[name], float) else value
+    return config
+
+
 def main() -> None:
     config = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
     steps = flags.DEFINE_integer("steps", 30, "Timed steps after warmup.")
@@ -125,6 +149,9 @@ def main() -> None:
     out = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
     peer = flags.DEFINE_string(
         "torch_peer", "", "Path of peer_torch_glue.py: run it right after, same batch and length."
+    )
+    versus = flags.DEFINE_string(
+        "versus", "", "Overrides 'a.b=v,c.d=w': benchmark that variant right after and compare."
     )
     flags.mark_flags_as_required(["config"])
 
@@ -139,6 +166,12 @@ def main() -> None:
             result["speed_ratio_torch_step_over_ours"] = (
                 result["torch_step_s"] / result["step_s_mean"]
             )
+        if versus.value:
+            other = bench(with_overrides(config.value, versus.value), steps.value, warmup.value)
+            result.update({f"versus_{k}": v for k, v in other.items()})
+            # < 1: this config's step is cheaper than the variant's.
+            for key in ("step_s_median", "gflop_per_step", "optimizer_state_bytes"):
+                result[f"ratio_{key}_vs"] = result[key] / other[key]
         for key, value in result.items():
             print(f"{key:<34}{value:,.4g}" if isinstance(value, float) else f"{key:<34}{value}")
         if out.value:

@@ -39,6 +39,16 @@ class Examples:
         return len(self.text_a)
 
 
+def take(examples: Examples, rows: np.ndarray) -> Examples:
+    """The examples at `rows`, in that order."""
+    return Examples(
+        [examples.text_a[i] for i in rows],
+        None if examples.text_b is None else [examples.text_b[i] for i in rows],
+        examples.labels[rows],
+        examples.source,
+    )
+
+
 def load_split(task: Task, data_dir: str | os.PathLike | None, split: str) -> Examples:
     """Loads `split` ("train", "validation" or "test") of `task`.
 

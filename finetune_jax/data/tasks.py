@@ -68,6 +68,8 @@ class Task:
         if unknown:
             raise ValueError(f"task {self.name}: unknown split names {sorted(unknown)}")
 
+    kind = "classification"  # vs ChatTask.kind; picks the data pipeline, loss and eval
+
     @property
     def is_regression(self) -> bool:
         """True when the label is a float score rather than a class id."""
@@ -187,11 +189,40 @@ TASKS: dict[str, Task] = {
 }
 
 
-def get_task(name: str) -> Task:
+@dataclasses.dataclass(frozen=True)
+class ChatTask:
+    """Supervised fine-tuning of a causal LM on chat records (see `data/chat_sources.py`).
+
+    Attributes:
+      name: registry key.
+      format: record format for `chat_sources.load_records` ("auto" detects it).
+      answer_marker: for GSM8K-style answers, the marker before the final answer
+        ("#### 42"); the eval script then scores generations by exact match of that answer.
+    """
+
+    name: str
+    format: str
+    answer_marker: str | None = None
+    kind = "causal_lm"
+    metrics = ("token_accuracy",)
+    main_metric = "loss"  # held-out loss per trained token; lower is better
+    num_labels = None  # a causal LM has no class head
+
+
+CHAT_TASKS: dict[str, ChatTask] = {
+    "chat": ChatTask(name="chat", format="auto"),
+    "gsm8k": ChatTask(name="gsm8k", format="gsm8k", answer_marker="####"),
+    "alpaca": ChatTask(name="alpaca", format="alpaca"),
+    "messages": ChatTask(name="messages", format="messages"),
+}
+
+
+def get_task(name: str) -> Task | ChatTask:
     """Returns the registered task `name`; raises ValueError naming the known tasks."""
+    if name in CHAT_TASKS:
+        return CHAT_TASKS[name]
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}"
-        ) from None
+        known = ", ".join(sorted([*TASKS, *CHAT_TASKS]))
+        raise ValueError(f"unknown task {name!r}; known tasks: {known}") from None

@@ -10,6 +10,10 @@ by activation constraints: `batch`, `length`, `activation_embed`.
 
 Parity with transformers' LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM is checked
 in tests/test_llama.py.
+
+Generation uses an optional, purely functional KV cache (`init_cache`; the `cache` and
+`cache_index` arguments of `LlamaForCausalLM`): a call writes its chunk's keys and values at
+slots `cache_index ...` and returns the new cache beside the logits (see generate.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from finetune_jax import peft, weights
 from finetune_jax.models import layers
@@ -221,12 +226,32 @@ class LlamaAttention(nn.Module):
         k_BTKH = layers.apply_rope(self.k_proj(x_BTD, deterministic), cos_BTH, sin_BTH)
         return q_BTNH, k_BTKH, self.v_proj(x_BTD, deterministic)
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_B1TT=None, deterministic=True):
+    def __call__(
+        self,
+        x_BTD,
+        cos_BTH,
+        sin_BTH,
+        mask_B1TT=None,
+        deterministic=True,
+        cache=None,
+        cache_index=None,
+    ):
+        """Without `cache`: self-attention over the T tokens, returns [B, T, D].
+
+        With `cache` ({"k", "v"} [B, S, K, H]): writes this chunk's k, v at slots
+        `cache_index ... cache_index + T - 1`, attends to all S slots under `mask_B1TT`
+        (then [B|1, 1, T, S], carrying causality itself) and returns (out, new cache).
+        """
         q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, cos_BTH, sin_BTH, deterministic)
-        out_BTNH = attend(
-            q_BTNH, k_BTKH, v_BTKH, mask_B1TT, implementation=self.config.attention_impl
-        )
-        return self.o_proj(out_BTNH, deterministic)
+        impl = self.config.attention_impl
+        if cache is None:
+            out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, mask_B1TT, implementation=impl)
+            return self.o_proj(out_BTNH, deterministic)
+        start = (0, cache_index, 0, 0)
+        k_BSKH = lax.dynamic_update_slice(cache["k"], k_BTKH.astype(cache["k"].dtype), start)
+        v_BSKH = lax.dynamic_update_slice(cache["v"], v_BTKH.astype(cache["v"].dtype), start)
+        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TT, is_causal=False, implementation=impl)
+        return self.o_proj(out_BTNH, deterministic), {"k": k_BSKH, "v": v_BSKH}
 
 
 class LlamaMLP(nn.Module):
@@ -260,15 +285,29 @@ class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_B1TT=None, deterministic=True):
+    def __call__(
+        self,
+        x_BTD,
+        cos_BTH,
+        sin_BTH,
+        mask_B1TT=None,
+        deterministic=True,
+        cache=None,
+        cache_index=None,
+    ):
+        """Returns x [B, T, D]; with `cache`, (x, new layer cache) (see LlamaAttention)."""
         cfg = self.config
         norm = functools.partial(layers.RMSNorm, epsilon=cfg.rms_norm_eps, dtype=cfg.dtype)
         h_BTD = norm(name="input_layernorm")(x_BTD)
         attention = LlamaAttention(cfg, name="self_attn")
-        x_BTD = x_BTD + attention(h_BTD, cos_BTH, sin_BTH, mask_B1TT, deterministic)
+        attended = attention(h_BTD, cos_BTH, sin_BTH, mask_B1TT, deterministic, cache, cache_index)
+        if cache is not None:
+            attended, cache = attended
+        x_BTD = x_BTD + attended
         h_BTD = norm(name="post_attention_layernorm")(x_BTD)
         x_BTD = x_BTD + LlamaMLP(cfg, name="mlp")(h_BTD, deterministic)
-        return nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
+        x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
+        return x_BTD if cache is None else (x_BTD, cache)
 
 
 class LlamaModel(nn.Module):
@@ -291,11 +330,26 @@ class LlamaModel(nn.Module):
         self.norm = layers.RMSNorm(epsilon=cfg.rms_norm_eps, dtype=cfg.dtype)
 
     def __call__(
-        self, input_ids, attention_mask=None, segment_ids=None, positions=None, deterministic=True
+        self,
+        input_ids,
+        attention_mask=None,
+        segment_ids=None,
+        positions=None,
+        deterministic=True,
+        cache=None,
+        cache_index=None,
     ):
+        """Last hidden state [B, T, D]; with `cache`, (hidden state, new cache).
+
+        See LlamaForCausalLM for the arguments.
+        """
         cfg = self.config
+        length = input_ids.shape[1]
+        if cache is not None and cache_index is None:
+            cache_index = 0
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+            start = 0 if cache is None else cache_index
+            positions = jnp.broadcast_to(start + jnp.arange(length), input_ids.shape)
         inv_freq_K = layers.rope_inverse_frequencies(
             cfg.head_dim,
             cfg.rope_theta,
@@ -305,18 +359,75 @@ class LlamaModel(nn.Module):
         )
         cos_BTH, sin_BTH = layers.rope_cos_sin(positions, inv_freq_K, cfg.dtype)
         windows = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
-        masks = {  # one mask per distinct window, None meaning causality alone
-            w: layers.attention_mask(attention_mask, segment_ids, input_ids.shape[1], w)
-            for w in set(windows)
-        }
+        if cache is None:
+            masks = {  # one mask per distinct window, None meaning causality alone
+                w: layers.attention_mask(attention_mask, segment_ids, length, w)
+                for w in set(windows)
+            }
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+            slots = cache[0]["k"].shape[1]
+            masks = {
+                w: cache_attention_mask(attention_mask, cache_index, length, slots, w)
+                for w in set(windows)
+            }
         x_BTD = nn.with_logical_constraint(self.embed_tokens(input_ids), ACTIVATION_AXES)
-        for layer, window in zip(self.layers, windows):
-            x_BTD = layer(x_BTD, cos_BTH, sin_BTH, masks[window], deterministic)
-        return self.norm(x_BTD)
+        new_cache = []
+        for i, (layer, window) in enumerate(zip(self.layers, windows)):
+            if cache is None:
+                x_BTD = layer(x_BTD, cos_BTH, sin_BTH, masks[window], deterministic)
+            else:
+                x_BTD, layer_cache = layer(
+                    x_BTD, cos_BTH, sin_BTH, masks[window], deterministic, cache[i], cache_index
+                )
+                new_cache.append(layer_cache)
+        x_BTD = self.norm(x_BTD)
+        return x_BTD if cache is None else (x_BTD, tuple(new_cache))
 
     def attend_embedding(self, x_BTD):
         """Tied output head: logits = x @ embedding.T, float32."""
         return _logits(x_BTD, self.embed_tokens.embedding.T, self.config.dtype)
+
+
+def cache_attention_mask(
+    attention_mask_BS: jax.Array | None,
+    cache_index: jax.Array | int,
+    length: int,
+    slots: int,
+    window: int | None = None,
+) -> jax.Array:
+    """Boolean mask [B|1, 1, T, S] (True = may attend) of T queries at slots
+    `cache_index ...` over S cache slots: key slot <= query slot, slot distance < `window`,
+    and keys valid in `attention_mask_BS` (None: all valid).
+
+    A query still sees its own slot when that slot is invalid (a padding token): no row is
+    then fully masked, since a fused kernel may return NaN for one, and a NaN v written
+    into the cache would reach real rows as 0 * NaN.
+    """
+    query_T1 = (cache_index + jnp.arange(length))[:, None]
+    key_1S = jnp.arange(slots)[None, :]
+    mask_TS = key_1S <= query_T1
+    if window is not None:
+        mask_TS &= query_T1 - key_1S < window
+    if attention_mask_BS is None:
+        return mask_TS[None, None]
+    if attention_mask_BS.shape[-1] != slots:
+        raise ValueError(
+            f"With a KV cache attention_mask marks the valid cache slots: shape [B, {slots}] "
+            f"expected, got {attention_mask_BS.shape}"
+        )
+    valid_B1TS = attention_mask_BS.astype(bool)[:, None, None, :] | (key_1S == query_T1)
+    return mask_TS[None, None] & valid_B1TS
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int) -> tuple[dict[str, jax.Array], ...]:
+    """An empty KV cache: per layer {"k", "v"} zeros [batch, length, K, H], compute dtype."""
+    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    return tuple(
+        {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
+        for _ in range(config.num_hidden_layers)
+    )
 
 
 def _logits(x_BTD, kernel_DV, dtype):
@@ -360,19 +471,43 @@ class LlamaForCausalLM(nn.Module):
     the query's own segment (packing); positions [B, T] default to 0..T-1 (pass per-segment
     positions when packing). These architectures train without dropout; `deterministic`
     only switches LoRA dropout (`LoraConfig.dropout`), if any.
+
+    KV cache (generation): with `cache` from `init_cache` (S slots), the T tokens are written
+    at slots `cache_index ... cache_index + T - 1` (int, may be traced; the caller keeps it
+    within S, as `lax.dynamic_update_slice` would clamp it) and attend to every slot at or
+    before their own (`cache_attention_mask`); `attention_mask` is then [B, S], the validity
+    of the cache slots (0 for left padding), and positions [B, T] default to the slot indices
+    (left-padded prompts pass cumsum(mask) - 1). Returns (logits, new cache); packing is not
+    supported. `last_logits_only` returns the last position's logits [B, 1, V]: a prefill
+    needs no more, and [B, T, V] float32 is large for big vocabularies.
     """
 
     config: LlamaConfig
 
     @nn.compact
     def __call__(
-        self, input_ids, attention_mask=None, segment_ids=None, positions=None, deterministic=True
+        self,
+        input_ids,
+        attention_mask=None,
+        segment_ids=None,
+        positions=None,
+        deterministic=True,
+        cache=None,
+        cache_index=None,
+        last_logits_only=False,
     ):
         model = LlamaModel(self.config, name="model")
-        x_BTD = model(input_ids, attention_mask, segment_ids, positions, deterministic)
+        out = model(
+            input_ids, attention_mask, segment_ids, positions, deterministic, cache, cache_index
+        )
+        x_BTD, new_cache = (out, None) if cache is None else out
+        if last_logits_only:
+            x_BTD = x_BTD[:, -1:]
         if self.config.tie_word_embeddings:
-            return model.attend_embedding(x_BTD)
-        return LMHead(self.config, name="lm_head")(x_BTD, deterministic)
+            logits_BTV = model.attend_embedding(x_BTD)
+        else:
+            logits_BTV = LMHead(self.config, name="lm_head")(x_BTD, deterministic)
+        return logits_BTV if cache is None else (logits_BTV, new_cache)
 
 
 # ----------------------------------------------------------------------------- HF weights

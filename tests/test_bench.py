@@ -1,0 +1,36 @@
+"""tools/bench.py: the --versus comparison of two variants of one config."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from tests.helpers import REPO, tiny_config
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", REPO / "tools" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_with_overrides_parses_values_and_keeps_the_original(bench, tiny_bert_dir, sst2_slice):
+    config = tiny_config(tiny_bert_dir, sst2_slice)
+    other = bench.with_overrides(config, "optim.preset=linear_probe,optim.lr=1,peft.rank=8")
+    assert (other.optim.preset, other.optim.lr, other.peft.rank) == ("linear_probe", 1.0, 8)
+    assert isinstance(other.optim.lr, float)
+    assert (config.optim.preset, config.peft.rank) == ("full", 0)
+    with pytest.raises(KeyError, match='Did you mean "lr"'):
+        bench.with_overrides(config, "optim.lrr=1e-3")
+
+
+def test_frozen_backbone_benches_cheaper_than_full(bench, tiny_bert_dir, sst2_slice):
+    config = tiny_config(tiny_bert_dir, sst2_slice)
+    probe = bench.bench(bench.with_overrides(config, "optim.preset=linear_probe"), 2, 1)
+    full = bench.bench(config, 2, 1)
+    assert probe["gflop_per_step"] < full["gflop_per_step"]
+    assert probe["optimizer_state_bytes"] < full["optimizer_state_bytes"]
+    assert probe["trainable_params"] < full["trainable_params"]

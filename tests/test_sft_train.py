@@ -1,0 +1,134 @@
+"""The causal-LM SFT path end to end on a tiny Llama with SmolLM2's chat tokenizer: config ->
+train (LoRA) -> held-out loss / perplexity -> checkpoint; and the held-out selection split
+with a final evaluation on another split."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from configs.sft.smollm2_gsm8k_lora import get_config as sft_config
+from finetune_jax import lm_eval
+from finetune_jax import rules as rules_lib
+from finetune_jax import train as train_lib
+from finetune_jax.data import selection
+from finetune_jax.eval import run_eval
+from tests.helpers import SHARED_DATA, run_steps, tiny_config
+
+
+def tiny_sft_config(model_dir, **overrides):
+    """The GSM8K LoRA config on the tiny model: 48 train / 8 test conversations, 4 steps."""
+    config = sft_config()
+    config.model.name = str(model_dir)
+    config.data.dir = str(SHARED_DATA / "gsm8k")
+    config.data.max_train_rows = 48
+    config.data.max_eval_rows = 8
+    config.data.max_length = 256
+    config.optim.lr = 1e-2
+    config.train.max_steps = 4
+    config.train.eval_every = 2
+    config.train.checkpoint_every = 2
+    config.train.log_every = 1
+    config.train.progress = False
+    config.generate.num_samples = 2
+    config.generate.max_new_tokens = 8
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+def _flat(params):
+    return dict(zip(rules_lib.param_paths(params), jax.tree.leaves(params)))
+
+
+def test_lora_sft_trains_only_the_adapters(tiny_chat_llama_dir):
+    exp, state, losses = run_steps(tiny_sft_config(tiny_chat_llama_dir), 3)
+    before, after = _flat(exp.params), _flat(jax.device_get(state.params))
+    lora = [p for p in before if "/lora_" in p]
+    assert lora and all("self_attn" in p or "mlp" in p for p in lora)
+    for path, value in before.items():
+        moved = not np.array_equal(value, after[path])
+        assert moved == (path.endswith("lora_b") or path.endswith("lora_a")), path
+    assert all(math.isfinite(x) for x in losses)
+
+
+def test_sft_run_reports_heldout_loss_and_perplexity(tiny_chat_llama_dir, tmp_path):
+    config = tiny_sft_config(tiny_chat_llama_dir)
+    summary = train_lib.train(config, str(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    for record in evals:
+        assert record["perplexity"] == pytest.approx(math.exp(record["loss"]), rel=1e-9)
+        assert 0.0 <= record["token_accuracy"] <= 1.0
+        assert record["examples"] > 8  # trained (assistant) tokens, not conversations
+    assert summary["metric"] == "loss" and summary["best"] == min(r["loss"] for r in evals)
+    # The lr is high for a tiny random model: training on GSM8K must lower GSM8K test loss.
+    untuned = run_eval(config, str(tmp_path), "test", which="pretrained")
+    assert summary["best"] < untuned["loss"]
+    tuned = run_eval(config, str(tmp_path), "test", which="best")
+    assert tuned["loss"] == pytest.approx(summary["best"], rel=1e-6)
+    lines = (tmp_path / f"generations_test_step{tuned['step']}.jsonl").read_text().splitlines()
+    samples = [json.loads(line) for line in lines]
+    assert len(samples) == config.generate.num_samples == tuned["generations"]
+    for sample in samples:
+        assert sample["prompt"].rstrip().endswith("assistant")  # ChatML generation prompt
+        assert sample["answer"] == lm_eval.final_answer(sample["reference"])
+        assert sample["answer"] is not None and sample["answer"] in sample["reference"]
+        assert 1 <= sample["output_tokens"] <= config.generate.max_new_tokens
+    assert tuned["exact_match"] == np.mean([s["correct"] for s in samples])
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so 3 + 4 = 7\n#### 7", "7"),
+        ("#### 1,234.", "1234"),
+        ("#### $-5.50 dollars", "-5.50"),
+        ("#### 12.0", "12"),
+        ("first #### 3 then corrected #### 4", "4"),
+        ("the answer is 7", None),
+        ("#### none", None),
+    ],
+)
+def test_final_answer_extraction(text, expected):
+    assert lm_eval.final_answer(text) == expected
+
+
+def test_holdout_rows_are_disjoint_fixed_and_capped():
+    train = selection.split_rows(100, "train", 20, 0, split_seed=0)
+    held = selection.split_rows(100, "holdout", 20, 0, split_seed=0)
+    assert len(held) == 20 and len(train) == 80
+    assert set(train).isdisjoint(held) and set(train) | set(held) == set(range(100))
+    assert np.array_equal(held, selection.split_rows(100, "holdout", 20, 0, split_seed=0))
+    assert not np.array_equal(held, selection.split_rows(100, "holdout", 20, 0, split_seed=1))
+    capped = selection.split_rows(100, "train", 20, 30, split_seed=0)
+    assert len(capped) == 30 and set(capped) <= set(train)
+    assert selection.split_rows(100, "validation", 20, 0, split_seed=0) is None
+    assert len(selection.split_rows(100, "validation", 0, 10, split_seed=0)) == 10
+    with pytest.raises(ValueError, match="holdout_rows"):
+        selection.split_rows(100, "holdout", 0, 0, split_seed=0)
+    with pytest.raises(ValueError, match="leaves no training rows"):
+        selection.split_rows(100, "train", 100, 0, split_seed=0)
+
+
+def test_selection_on_holdout_then_final_eval_of_best_checkpoint(
+    tiny_bert_dir, sst2_slice, tmp_path
+):
+    config = tiny_config(tiny_bert_dir, sst2_slice, final_split="validation")
+    config.data.holdout_rows = 50
+    config.data.eval_split = "holdout"
+    summary = train_lib.train(config, str(tmp_path))
+    final = summary["final"]
+    assert final["split"] == "validation" and final["step"] == summary["best_step"]
+    assert final["examples"] == 40  # the whole dev slice
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["examples"] for r in records if r["kind"] == "eval"} == {50}
+    assert [r["accuracy"] for r in records if r["kind"] == "final"] == [final["accuracy"]]
+    again = run_eval(config, str(tmp_path), "validation", which=str(final["step"]))
+    assert again["accuracy"] == final["accuracy"] and again["step"] == final["step"]
