@@ -128,8 +128,8 @@ def test_train_args_parse_back_to_the_same_config(tmp_path):
     assert holder.value.to_dict() == sweep.build_config(r).to_dict()
     assert values.workdir == r.workdir
     command = run.launch_command(r, "slurm", ["--nodes=1", "--gpus_per_node=1"])
-    assert command.startswith("python tools/launch_slurm.py --job_name=peft_glue-quick.cola.lora")
-    assert " -- --config=configs/glue/minilm.py:cola " in command
+    assert command.startswith("python tools/launch_slurm.py --job_name=peft_glue-quick.stsb.lora")
+    assert " -- --config=configs/glue/minilm.py:stsb " in command
 
 
 def finished_summary(max_steps, **extra):
