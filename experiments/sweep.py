@@ -25,6 +25,8 @@ from typing import Any
 
 import ml_collections
 
+from finetune_jax import config as config_lib
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 RUNS_ROOT = EXPERIMENTS / "runs"
@@ -201,35 +203,11 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
-def apply_overrides(
-    config: ml_collections.ConfigDict, overrides: Mapping[str, Any], source: str
-) -> ml_collections.ConfigDict:
-    """Set dotted keys (`optim.lr`) in a locked config; an unknown key names the sweep file."""
-    for key, value in overrides.items():
-        *sections, leaf = key.split(".")
-        node = config
-        for i, part in enumerate(sections):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise KeyError(
-                    f"unknown config key {key!r} in sweep {source}: "
-                    f"{'.'.join(sections[: i + 1])!r} is not a config section"
-                )
-            node = node[part]
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            raise KeyError(
-                f"unknown config key {key!r} in sweep {source}; keys there: {', '.join(known)}"
-            )
-        try:
-            node[leaf] = tuple(value) if isinstance(value, list) else value
-        except TypeError as e:
-            raise TypeError(f"config key {key!r} in sweep {source}: {e}") from None
-    return config
-
-
 def build_config(run: Run) -> ml_collections.ConfigDict:
     """The run's resolved config: its config file with the sweep's overrides applied."""
-    return apply_overrides(load_config_file(run.config), run.overrides, run.source)
+    return config_lib.apply_overrides(
+        load_config_file(run.config), run.overrides, f"sweep {run.source}"
+    )
 
 
 def flag_value(value: Any) -> str:

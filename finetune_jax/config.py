@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -131,6 +133,36 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.lock()
     return c
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Mapping[str, Any], source: str
+) -> ml_collections.ConfigDict:
+    """Sets dotted keys (`optim.lr`) in a locked config, in place; returns it.
+
+    An unknown key or section, or a value of the wrong type, is an error naming the key and
+    `source` (where the override was written, e.g. "sweep experiments/x/sweep.py").
+    """
+    for key, value in overrides.items():
+        *sections, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(sections):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise KeyError(
+                    f"unknown config key {key!r} in {source}: "
+                    f"{'.'.join(sections[: i + 1])!r} is not a config section"
+                )
+            node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise KeyError(
+                f"unknown config key {key!r} in {source}; keys there: {', '.join(known)}"
+            )
+        try:
+            node[leaf] = tuple(value) if isinstance(value, list) else value
+        except TypeError as e:
+            raise TypeError(f"config key {key!r} in {source}: {e}") from None
+    return config
 
 
 def ensure_writable_workdir(workdir: str) -> None:

@@ -36,7 +36,7 @@ def run_eval(
     exp = experiment.build(config)
     if which == "pretrained":
         config_lib.ensure_writable_workdir(workdir)
-        step, params = 0, exp.initial_state().params
+        step, params = 0, exp.pretrained_params()
     else:
         step, params = exp.restore_params(workdir, which)
     data = experiment.encode_split(exp, split)

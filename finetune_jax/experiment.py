@@ -70,6 +70,10 @@ class Experiment:
             create_train_state(self.params, self.tx, self.config.seed), self.state_sharding
         )
 
+    def pretrained_params(self) -> Any:
+        """The pretrained params placed on the mesh (no optimizer state built for them)."""
+        return jax.device_put(self.params, self.state_sharding.params)
+
     def restore_params(self, workdir: str, which: str = "best") -> tuple[int, Any]:
         """(step, params) of a finished checkpoint of `workdir`: 'best' (by the run's
         metric), 'latest' or a step number; the manager is opened read-only."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import ml_collections
 
-from finetune_jax.data.sft import Conversation
+from finetune_jax.data.sft import Conversation, pad_token_id
 from finetune_jax.generate import Generator, SamplingConfig
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -69,7 +69,7 @@ def generate_samples(
         top_k=settings.top_k,
         seed=settings.seed,
     )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     longest = max(len(t) for t in token_ids)
     buckets = sorted({64, 128, 256, 512, 1024, -(-longest // 64) * 64})
     generator = Generator(module, eos_ids(tokenizer, hf_config), pad, sampling, buckets)

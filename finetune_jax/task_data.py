@@ -109,11 +109,6 @@ class ChatData:
                 "directory holding {split}.jsonl (or .json) or to one such file"
             )
 
-    @property
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return self.tokenizer.eos_token_id if pad is None else pad
-
     def conversations(self, split: str) -> list[sft.Conversation]:
         """The records of `split` ("train", "test", "validation" or "holdout") in file order."""
         records = sft.load_records(
@@ -127,7 +122,12 @@ class ChatData:
         conversations = self.conversations(split)
         length = self.config.data.max_length
         examples = sft.encode_conversations(conversations, self.tokenizer, length)
-        rows = sft.pack(examples, length, packed=self.config.data.packing, pad_id=self.pad_id)
+        rows = sft.pack(
+            examples,
+            length,
+            packed=self.config.data.packing,
+            pad_id=sft.pad_token_id(self.tokenizer),
+        )
         return ChatSplit(conversations, rows)
 
     def train_batches(self) -> _StepBatches:

@@ -16,18 +16,10 @@ import transformers
 
 from finetune_jax.generate import Generator, SamplingConfig
 from finetune_jax.models import llama
+from tests import test_llama
 
 # TINY of test_llama with a wider init, so next-token logits are far from ties.
-TINY = llama.LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    initializer_range=0.1,
-)
+TINY = dataclasses.replace(test_llama.TINY, initializer_range=0.1)
 # Mistral-style: GQA, a 3-token window on layer 0, full attention on layer 1, remat on.
 SLIDING = dataclasses.replace(
     TINY,

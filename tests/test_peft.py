@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from finetune_jax import experiment, optim, peft
 from finetune_jax.config import base_config
 from finetune_jax.models import bert, llama
+from tests import test_llama
 from tests.helpers import run_steps, tiny_config
 
 TINY_BERT = bert.BertConfig(
@@ -32,15 +33,7 @@ TINY_BERT = bert.BertConfig(
     intermediate_size=32,
     max_position_embeddings=32,
 )
-TINY_LLAMA = llama.LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+TINY_LLAMA = test_llama.TINY
 # Every DenseND kernel: split-head q/k/v, the 3-D attention / o_proj kernels, the MLP, and
 # (Llama) the untied lm_head, so each kernel shape and the shared-scope modules are covered.
 ALL_BERT = peft.LoraConfig(rank=4, alpha=8.0, targets=r"bert/encoder/.*/kernel")

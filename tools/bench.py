@@ -30,6 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from finetune_jax import config as config_lib  # noqa: E402
 from finetune_jax import experiment, optim  # noqa: E402
 from finetune_jax.cli import quiet_libraries  # noqa: E402
 
@@ -126,19 +127,14 @@ def with_overrides(config, overrides: str):
     literals where they parse, else kept as strings)."""
     import ast
 
-    config = config.copy_and_resolve_references()
+    parsed = {}
     for item in filter(None, overrides.split(",")):
         key, _, raw = item.partition("=")
         try:
-            value = ast.literal_eval(raw)
+            parsed[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            value = raw
-        *sections, name = key.split(".")
-        node = config
-        for section in sections:
-            node = node[section]
-        node[name] = type(node[name])(value) if isinstance(node[name], float) else value
-    return config
+            parsed[key] = raw
+    return config_lib.apply_overrides(config.copy_and_resolve_references(), parsed, "--versus")
 
 
 def main() -> None:

@@ -38,6 +38,12 @@ ROW_FIELDS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "
 Example = tuple[np.ndarray, np.ndarray]  # (input_ids int32 [n], trained bool [n])
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads rows and finished generations: the tokenizer's pad, else its eos."""
+    pad = tokenizer.pad_token_id
+    return tokenizer.eos_token_id if pad is None else pad
+
+
 class TemplateError(ValueError):
     """A chat template whose renderings cannot locate the assistant tokens."""
 
