@@ -26,6 +26,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.remat = "none"  # none | full | dots_saveable: recompute activations in backward
     c.model.dropout = -1.0  # <0: keep the pretrained config's dropout
+    # The new head's bias: "zeros" (as HF) or "prior", the train labels' prior — their mean
+    # for regression, log class frequencies for classification — so the first steps learn
+    # the task instead of the label offset (STS-B's scores average 2.7, not 0).
+    c.model.head_bias_init = "zeros"
 
     c.data = ml_collections.ConfigDict()
     c.data.task = "sst2"

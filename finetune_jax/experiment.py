@@ -21,7 +21,7 @@ from finetune_jax import rules as rules_lib
 from finetune_jax.data import tasks
 from finetune_jax.evaluation import metric_mode
 from finetune_jax.losses import loss_for
-from finetune_jax.models import get_model_module
+from finetune_jax.models import get_model_module, layers
 from finetune_jax.state import TrainState, create_train_state
 
 
@@ -119,6 +119,7 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
     `devices` (default: all devices of all processes) is what `config.mesh` is laid over.
     """
     lora = lora_config(config)  # fail before any loading
+    _check_head_bias_init(config)
     task = tasks.get_task(config.data.task)
     model_ref = _resolve_model(config.model.name)
     hf_config = weights.read_config(model_ref)
@@ -134,6 +135,8 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
     params = jax.tree.map(np.asarray, params)
     tokenizer = weights.load_tokenizer(model_ref)
     data = task_data.make_task_data(config, task, tokenizer)
+    if config.model.head_bias_init == "prior":
+        params = with_prior_head_bias(params, model_lib, data)
 
     groups = optim.param_groups(config.optim, params)
     tx, lr_fn = optim.make_optimizer(config.optim, groups, config.train.max_steps)
@@ -194,6 +197,33 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
         train_step,
         eval_step,
     )
+
+
+HEAD_BIAS_INITS = ("zeros", "prior")
+
+
+def _check_head_bias_init(config: ml_collections.ConfigDict) -> None:
+    choice = config.model.head_bias_init
+    if choice not in HEAD_BIAS_INITS:
+        raise ValueError(f"model.head_bias_init={choice!r}: expected one of {HEAD_BIAS_INITS}")
+    if choice == "prior" and tasks.get_task(config.data.task).kind == "causal_lm":
+        raise ValueError(
+            f"model.head_bias_init='prior' sets a new classification head's bias; "
+            f"data.task={config.data.task!r} trains the pretrained LM head: use 'zeros'"
+        )
+
+
+def with_prior_head_bias(params: dict[str, Any], model_lib, data) -> dict[str, Any]:
+    """`params` with the new head's bias set to the train labels' prior (see config.py)."""
+    prior = data.label_prior()
+    bias = layers.get_path(params, model_lib.HEAD_BIAS)
+    if bias.shape != prior.shape:
+        raise ValueError(
+            f"model.head_bias_init='prior': param {model_lib.HEAD_BIAS!r} has shape "
+            f"{bias.shape} but task {data.task.name!r} has {prior.shape[0]} label(s)"
+        )
+    layers.set_path(params, model_lib.HEAD_BIAS, prior.astype(bias.dtype))
+    return params
 
 
 def _resolve_model(name: str) -> str:

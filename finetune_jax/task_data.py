@@ -39,15 +39,26 @@ class ClassificationData:
         self.config, self.task, self.tokenizer = config, task, tokenizer
         self.buckets = pipeline.bucket_lengths(config.data.max_length, tuple(config.data.buckets))
 
-    def load(self, split: str) -> pipeline.Encoded:
-        """Load and tokenize `split` ("train", "validation", "test" or "holdout")."""
+    def examples(self, split: str) -> sources.Examples:
+        """The untokenized rows of `split` ("train", "validation", "test" or "holdout")."""
         examples = sources.load_split(
             self.task, self.config.data.dir or None, selection.file_split(split)
         )
         rows = _rows(self.config, split, len(examples))
-        if rows is not None:
-            examples = sources.take(examples, rows)
-        return pipeline.tokenize(examples, self.tokenizer, self.config.data.max_length)
+        return examples if rows is None else sources.take(examples, rows)
+
+    def load(self, split: str) -> pipeline.Encoded:
+        """Load and tokenize `split`."""
+        return pipeline.tokenize(self.examples(split), self.tokenizer, self.config.data.max_length)
+
+    def label_prior(self) -> np.ndarray:
+        """The train labels' prior as head biases [num_labels]: the mean score for
+        regression, log class frequencies (add-one smoothed) for classification."""
+        labels = np.asarray(self.examples("train").labels)
+        if self.task.is_regression:
+            return np.asarray([labels.mean()], np.float32)
+        counts = np.bincount(labels, minlength=self.task.num_labels) + 1.0
+        return np.log(counts / counts.sum()).astype(np.float32)
 
     def train_batches(self) -> pipeline.TrainBatches:
         """The resumable, seeded, bucketed training iterator for this process."""

@@ -134,3 +134,48 @@ def test_cli_model_dir_without_weights_is_a_clear_error(tiny_bert_dir, tmp_path)
     assert result.returncode == 2, result.stderr
     assert str(model_dir) in result.stderr and "safetensors" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _tsv_column(path: Path, column: str, rows: int | None = None) -> np.ndarray:
+    lines = path.read_text().splitlines()
+    index = lines[0].split("\t").index(column)
+    return np.asarray([float(line.split("\t")[index]) for line in lines[1:][:rows]])
+
+
+def test_prior_head_bias_is_the_train_label_prior(tiny_bert_dir, sst2_slice, tmp_path):
+    # Regression (STS-B): the mean train score, holdout rows excluded.
+    stsb = tmp_path / "stsb"
+    stsb.mkdir()
+    for name, rows in (("train.tsv", 60), ("dev.tsv", 10)):
+        lines = (SHARED_DATA / "glue" / "stsb" / name).read_text().splitlines(keepends=True)
+        (stsb / name).write_text("".join(lines[: rows + 1]))
+    config = tiny_config(tiny_bert_dir, stsb)
+    config.data.task, config.data.holdout_rows = "stsb", 12
+    assert experiment.build(config).params["classifier"]["bias"].tolist() == [0.0]  # default
+
+    config.model.head_bias_init = "prior"
+    exp = experiment.build(config)
+    scores = _tsv_column(stsb / "train.tsv", "score")
+    holdout = np.asarray(exp.data.examples("holdout").labels)
+    assert len(holdout) == 12
+    expected = (scores.sum() - holdout.sum()) / (len(scores) - len(holdout))
+    np.testing.assert_allclose(exp.params["classifier"]["bias"], [expected], rtol=1e-6)
+
+    # Classification (SST-2): softmax(bias) is the add-one smoothed class frequency.
+    config = tiny_config(tiny_bert_dir, sst2_slice)
+    config.model.head_bias_init = "prior"
+    bias = experiment.build(config).params["classifier"]["bias"]
+    labels = _tsv_column(sst2_slice / "train.tsv", "label").astype(int)
+    counts = np.bincount(labels, minlength=2) + 1.0
+    np.testing.assert_allclose(jax.nn.softmax(bias), counts / counts.sum(), rtol=1e-6)
+
+
+def test_head_bias_init_errors_name_the_key(tiny_bert_dir, sst2_slice):
+    config = tiny_config(tiny_bert_dir, sst2_slice)
+    config.model.head_bias_init = "mean"
+    with pytest.raises(ValueError, match=r"model.head_bias_init='mean': expected one of"):
+        experiment.build(config)
+    config.model.head_bias_init = "prior"
+    config.data.task = "gsm8k"
+    with pytest.raises(ValueError, match=r"data.task='gsm8k' trains the pretrained LM head"):
+        experiment.build(config)

@@ -54,6 +54,10 @@ PRESETS = {
 }
 
 COMMON = {
+    # Heads start at the train-label prior: with HF's zero bias a regression head spends its
+    # first ~50 steps learning STS-B's mean score (2.7); the same quick full-FT run reached
+    # dev Spearman 0.06 with a zero bias and 0.63 with the prior (seed 0, lr 2e-4).
+    "model.head_bias_init": "prior",
     "data.eval_split": "holdout",
     "train.final_split": "validation",
     "train.keep_checkpoints": 1,  # the last and the best: all a finished run needs

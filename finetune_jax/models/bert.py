@@ -28,6 +28,7 @@ ACTIVATION_AXES = ("batch", "length", "activation_embed")
 # and pooler, new or trained in the `lora` preset (our param-path prefixes).
 PEFT_TASK_TYPE = "SEQ_CLS"
 PEFT_MODULES_TO_SAVE = ("classifier", "bert/pooler")
+HEAD_BIAS = "classifier/bias"  # the new task head's bias (see model.head_bias_init)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,7 @@ ACTIVATION_AXES = ("batch", "length", "activation_embed")
 SLIDING = "sliding_attention"
 PEFT_TASK_TYPE = "CAUSAL_LM"  # HF PEFT task type of exported adapters
 PEFT_MODULES_TO_SAVE = ()  # no new head: nothing but the LoRA params to export
+HEAD_BIAS = None  # the LM head is pretrained and has no bias
 
 
 @dataclasses.dataclass(frozen=True)
