@@ -26,7 +26,7 @@ import numpy as np
 
 from experiments import plots
 from experiments import sweep as sweep_lib
-from experiments.run import read_json
+from experiments.run import config_conflicts, is_finished, read_json
 from finetune_jax.evaluation import metric_mode
 from finetune_jax.manifest import read_manifest
 
@@ -57,23 +57,33 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
         return []
     records = {}
     for line in path.read_text().splitlines():
-        if line.strip():
+        try:
             record = json.loads(line)
-            records[(record["kind"], record["step"])] = record
+        except json.JSONDecodeError:  # blank, or cut short by a killed run: skip the line
+            continue
+        records[(record["kind"], record["step"])] = record
     return sorted(records.values(), key=lambda r: (r["step"], r["kind"]))
 
 
 def collect(runs: Sequence[sweep_lib.Run]) -> list[dict[str, Any]]:
-    """One dict per run: the run, its summary (None until finished), metrics and manifest."""
-    return [
-        {
-            "run": run,
-            "summary": read_json(Path(run.workdir) / "summary.json"),
-            "metrics": read_metrics(run.workdir),
-            "manifest": read_manifest(run.workdir),
-        }
-        for run in runs
-    ]
+    """One dict per run: the run, its summary (None until it ran), metrics, manifest,
+    whether it finished, and the config keys it ran with that the sweep no longer has
+    (`stale`: such a run is left out of the table)."""
+    results = []
+    for run in runs:
+        config = sweep_lib.build_config(run)
+        summary = read_json(Path(run.workdir) / "summary.json")
+        results.append(
+            {
+                "run": run,
+                "summary": summary,
+                "metrics": read_metrics(run.workdir),
+                "manifest": read_manifest(run.workdir),
+                "finished": is_finished(summary, config),
+                "stale": config_conflicts(run.workdir, config),
+            }
+        )
+    return results
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -89,10 +99,6 @@ def _final_value(summary: dict[str, Any]) -> float | None:
     return final.get(summary["metric"])
 
 
-def _is_done(summary: dict[str, Any] | None) -> bool:
-    return summary is not None and summary.get("best") is not None
-
-
 def grid_points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (task, setting, point): the seeds' selection and final metrics, mean and std."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -101,7 +107,11 @@ def grid_points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[(run.task, run.setting, run.point_name)].append(result)
     points = []
     for (task, setting, point), members in groups.items():
-        done = [m for m in members if _is_done(m["summary"])]
+        done = [
+            m
+            for m in members
+            if m["finished"] and not m["stale"] and m["summary"].get("best") is not None
+        ]
         selection = [m["summary"]["best"] for m in done]
         finals = [v for v in (_final_value(m["summary"]) for m in done) if v is not None]
         metric = done[0]["summary"]["metric"] if done else None
@@ -138,6 +148,11 @@ def select(points: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
     return chosen
 
 
+def _mean_known(values: Sequence[Any]) -> float:
+    known = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(known)) if known else math.nan
+
+
 def _max_known(values: Sequence[Any]) -> Any:
     known = [v for v in values if v is not None]
     return max(known) if known else None
@@ -162,8 +177,8 @@ def table_rows(selected: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str
                 "selection_std": point["selection"][1],
                 "seeds": len(summaries),
                 "trainable_params": summaries[0]["trainable_params"],
-                "seconds_per_step": float(
-                    np.mean([s["steady_seconds_per_step"] for s in summaries])
+                "seconds_per_step": _mean_known(
+                    [s.get("steady_seconds_per_step") for s in summaries]
                 ),
                 "optimizer_state_bytes": summaries[0]["optimizer_state_bytes"],
                 "peak_host_rss_bytes": _max_known(
@@ -243,6 +258,7 @@ def provenance(results: Sequence[dict[str, Any]], sweep_dir: Path) -> dict[str, 
         "runs_s": sum(e["elapsed_s"] for e in attempts),
         "timed_runs": len({e["run"] for e in attempts}),
         "train_wall_s": sum(m["summary"].get("wall_time_s", 0) for m in results if m["summary"]),
+        "stale": [m["run"].name for m in results if m["stale"]],
     }
 
 
@@ -321,12 +337,18 @@ def header_lines(
         f"training loops {info['train_wall_s'] / 60:.1f} min",
         f"- Runs finished: {total - missing} of {total}",
     ]
+    if info["stale"]:
+        lines.append(
+            f"- Left out, run under an older sweep definition: {', '.join(info['stale'])} "
+            "(rerun `experiments.run`, which refuses them, after deleting their workdirs)"
+        )
     if sweep.notes:
         lines.append(f"- Cut for speed: {sweep.notes}")
     if "in-process" in info["modes"]:
         lines.append(
-            "- Runs shared one process (`experiments.run` default), so peak host RSS is that "
-            "process's peak up to the end of each run; `--isolate` measures runs alone."
+            "- Runs shared one process (`experiments.run` default), so peak host RSS and peak "
+            "device memory are that process's peaks up to the end of each run; `--isolate` "
+            "measures runs alone."
         )
     return lines
 

@@ -51,17 +51,23 @@ def read_json(path: str | Path) -> Any:
         return None
 
 
+def is_finished(summary: dict[str, Any] | None, config) -> bool:
+    """Whether a run's summary is a finished run of `config`: it reached max_steps or
+    stopped early, and holds its final eval when the config asks for one (a run stopped
+    by a signal writes a summary too, but is not finished)."""
+    if summary is None:
+        return False
+    done = (
+        summary.get("final_step", 0) >= config.train.max_steps
+        or summary.get("stopped_by") == "early stopping"
+    )
+    return done and (not config.train.get("final_split") or "final" in summary)
+
+
 def run_status(workdir: str | Path, config) -> str:
-    """The run's state: finished (summary at max_steps or stopped early, with its final
-    eval when the config asks for one), partial (started, resumable) or new."""
-    summary = read_json(Path(workdir) / "summary.json")
-    if summary is not None:
-        done = (
-            summary.get("final_step", 0) >= config.train.max_steps
-            or summary.get("stopped_by") == "early stopping"
-        )
-        if done and (not config.train.get("final_split") or "final" in summary):
-            return "finished"
+    """The run's state: finished (see `is_finished`), partial (started, resumable) or new."""
+    if is_finished(read_json(Path(workdir) / "summary.json"), config):
+        return "finished"
     return "partial" if (Path(workdir) / "config.json").exists() else "new"
 
 
@@ -165,12 +171,13 @@ def execute(
     failed = []
     for k, (run, config) in enumerate(zip(runs, configs), 1):
         head = f"[{k}/{len(runs)}] {run.name}"
-        status = run_status(run.workdir, config)
-        if status == "finished":
+        workdir = Path(run.workdir)
+        # Checked before skipping: a finished run of an edited sweep is stale, not done.
+        conflicts = config_conflicts(workdir, config)
+        status = run_status(workdir, config)
+        if status == "finished" and not conflicts:
             say(f"{head}: finished, skipped")
             continue
-        workdir = Path(run.workdir)
-        conflicts = config_conflicts(workdir, config)
         t0 = time.perf_counter()
         try:
             if conflicts:

@@ -85,6 +85,13 @@ def wait(manager: ocp.CheckpointManager) -> None:
         manager.wait_until_finished()
 
 
+def close(manager: ocp.CheckpointManager) -> None:
+    """Release the manager's threads and handles (a sweep opens hundreds in one process).
+    Cleanup only: call `wait` first, which reports save errors; nothing here raises."""
+    with contextlib.suppress(Exception):
+        manager.close()
+
+
 @contextlib.contextmanager
 def _save_errors(manager: ocp.CheckpointManager, step: int | None):
     try:

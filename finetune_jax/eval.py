@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -44,6 +45,14 @@ def run_eval(
     results = evaluate(exp.eval_step, params, batches, exp.task, exp.put_batch)
     tag = "pretrained" if which == "pretrained" else f"step{step}"
     results = {"split": split, "step": step, "task": exp.task.name, **results}
+    if which == "best":
+        results["selected_on"] = config.data.eval_split
+        if split == config.data.eval_split and jax.process_index() == 0:
+            print(
+                f"note: the best checkpoint was selected on {split!r}; numbers on the split "
+                "a choice was made on are optimistic (report a split nothing was chosen on)",
+                file=sys.stderr,
+            )
     samples = []
     if exp.task.kind == "causal_lm" and config.generate.num_samples > 0:
         conversations = data.conversations[: config.generate.num_samples]

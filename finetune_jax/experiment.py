@@ -85,8 +85,11 @@ class Experiment:
             async_save=False,
             read_only=True,
         )
-        step = checkpoint.pick_step(manager, which)
-        return step, checkpoint.restore(manager, step, self.abstract_state())[0].params
+        try:
+            step = checkpoint.pick_step(manager, which)
+            return step, checkpoint.restore(manager, step, self.abstract_state())[0].params
+        finally:
+            checkpoint.close(manager)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state, for restoring without materialising it."""

@@ -72,6 +72,11 @@ def write_hf_model(
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    # mkdtemp makes the directory owner-only (0700); give the export the mode a plain
+    # mkdir would, so serving accounts and colleagues can read it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         weights.write_safetensors(
             model_lib.to_hf(merged, exp.model_config), tmp, hf_config_for(exp)
@@ -96,9 +101,10 @@ def write_hf_model(
 def _write_generation_config(exp: experiment.Experiment, out_dir: str) -> None:
     """Token ids transformers' `generate` needs (a GGUF-derived config may lack them)."""
     tok = exp.tokenizer
-    config = {
-        "bos_token_id": exp.hf_config.get("bos_token_id", tok.bos_token_id),
-        "eos_token_id": exp.hf_config.get("eos_token_id", tok.eos_token_id),
+    hf = exp.hf_config
+    config = {  # a key present as null in the model config falls back to the tokenizer's
+        "bos_token_id": tok.bos_token_id if hf.get("bos_token_id") is None else hf["bos_token_id"],
+        "eos_token_id": tok.eos_token_id if hf.get("eos_token_id") is None else hf["eos_token_id"],
         "pad_token_id": tok.pad_token_id,
     }
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:

@@ -3,6 +3,7 @@ held-out prompts, and for GSM8K-style answers the exact match of the final answe
 
 from __future__ import annotations
 
+import decimal
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -22,8 +23,9 @@ def final_answer(text: str, marker: str = "####") -> str | None:
     match = _NUMBER.search(text.rsplit(marker, 1)[1])
     if match is None:
         return None
-    number = match.group().replace(",", "")
-    return number[:-2] if number.endswith(".0") else number
+    # Canonical decimal text, so "5.50", "5.5" and "5.500" compare equal (and "12.0", "12").
+    value = decimal.Decimal(match.group().replace(",", "")).normalize()
+    return format(value, "f")
 
 
 def split_prompt(conversation: Conversation) -> tuple[Conversation, str]:

@@ -9,6 +9,7 @@ inputs plus `labels` and `weights` (weight 0 = padding), so one train step serve
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -122,9 +123,17 @@ class ChatData:
 
     def conversations(self, split: str) -> list[sft.Conversation]:
         """The records of `split` ("train", "test", "validation" or "holdout") in file order."""
-        records = sft.load_records(
-            self.config.data.dir, self.task.format, split=selection.file_split(split)
-        )
+        file_split = selection.file_split(split)
+        if file_split != "train" and os.path.isfile(self.config.data.dir):
+            # One file is the train split; reading it as another split would evaluate (and
+            # select checkpoints) on the training data.
+            raise ValueError(
+                f"data.dir={self.config.data.dir!r} is a single file, which serves as the "
+                f"train split only, not {split!r}: point data.dir at a directory holding "
+                f"{file_split}.jsonl, or evaluate on a holdout (data.eval_split='holdout', "
+                "data.holdout_rows=N)"
+            )
+        records = sft.load_records(self.config.data.dir, self.task.format, split=file_split)
         rows = _rows(self.config, split, len(records))
         return records if rows is None else [records[i] for i in rows]
 

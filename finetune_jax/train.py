@@ -26,6 +26,13 @@ def train(
     config: ml_collections.ConfigDict, workdir: str, until_step: int | None = None
 ) -> dict[str, Any]:
     """Train (or resume) until `config.train.max_steps` (or `until_step`); returns a summary."""
+    if config.train.final_split and config.train.final_split == config.data.eval_split:
+        raise ValueError(
+            f"train.final_split={config.train.final_split!r} is also data.eval_split, the "
+            "split the best checkpoint is selected on: its final numbers would be optimistic. "
+            "Select on a holdout (data.eval_split='holdout', data.holdout_rows=N) or set "
+            "train.final_split=''"
+        )
     config_lib.ensure_writable_workdir(workdir)
     exp = experiment.build(config)
     config_lib.write_config(config, workdir)
@@ -99,8 +106,11 @@ def train(
             log.record(int(state.step), "final", final)
     finally:
         guard.close()
-        checkpoint.wait(manager)  # earlier saves complete even when a step failed
-        log.close()
+        try:
+            checkpoint.wait(manager)  # earlier saves complete even when a step failed
+        finally:
+            checkpoint.close(manager)
+            log.close()
     summary = _summary(exp, state, stopper, log, time.perf_counter() - t_wall)
     summary["stopped_by"] = stopped_by
     if final is not None:

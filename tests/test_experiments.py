@@ -200,13 +200,19 @@ def test_execute_skips_finished_resumes_partial_and_records_failures(tmp_path):
     assert called == [4]
 
 
-def test_resuming_under_another_config_is_refused(tmp_path):
+@pytest.mark.parametrize("finished", [False, True], ids=["partial", "finished"])
+def test_resuming_under_another_config_is_refused(tmp_path, finished):
+    # A finished run of an edited sweep is not skipped as done: its results are stale.
     runs = sweep.expand(demo_sweep(tasks={"sst2": {}}, seeds=(0,)), tmp_path)[:1]
     config = sweep.build_config(runs[0])
     Path(runs[0].workdir).mkdir(parents=True)
     old = config.to_dict()
     old["optim"]["lr"] = 0.5
     (Path(runs[0].workdir) / "config.json").write_text(json.dumps(old))
+    if finished:
+        summary = {"final_step": config.train.max_steps, "best": 0.9}
+        (Path(runs[0].workdir) / "summary.json").write_text(json.dumps(summary))
+        assert run.run_status(runs[0].workdir, config) == "finished"
     failed = run.execute(runs, [config], lambda *a: pytest.fail("trained"), tmp_path, say=print)
     assert failed == [runs[0].name]
     assert "optim.lr" in (Path(runs[0].workdir) / "error.txt").read_text()
@@ -338,6 +344,33 @@ def test_report_selects_by_holdout_mean_and_reports_dev_mean_and_sample_std(tmp_
     for name in ("sst2-loss", "sst2-metric-vs-params"):
         assert paths[name].read_bytes().startswith(b"\x89PNG")
         assert f"]({'demo'}/{name}.png)" in md
+
+
+def test_report_leaves_out_interrupted_and_stale_runs(tmp_path):
+    fake = demo_sweep(
+        tasks={"sst2": {}},
+        settings={"full": Setting({"optim.preset": "full"}, {"optim.lr": (1e-4,)})},
+        seeds=(0, 1, 2),
+    )
+    runs = sweep.expand(fake, tmp_path / "runs")
+    for r, best, final in zip(runs, (0.80, 0.95, 0.97), (0.85, 0.99, 0.98)):
+        write_fake_run(r, best, final)
+    # Seed 1 was stopped by SIGTERM at step 4 of 10 (its summary is written all the same);
+    # seed 2 finished under an lr the sweep no longer has.
+    interrupted = Path(runs[1].workdir) / "summary.json"
+    summary = json.loads(interrupted.read_text())
+    interrupted.write_text(json.dumps({**summary, "final_step": 4, "stopped_by": "SIGTERM"}))
+    old = sweep.build_config(runs[2]).to_dict()
+    old["optim"]["lr"] = 0.5
+    (Path(runs[2].workdir) / "config.json").write_text(json.dumps(old))
+
+    paths = report.write_report(fake, tmp_path / "runs", tmp_path / "results", "report cmd")
+
+    (row,) = csv.DictReader(open(paths["csv"]))
+    assert row["seeds"] == "1" and float(row["final_mean"]) == pytest.approx(0.85)
+    md = paths["md"].read_text()
+    assert "Runs finished: 1 of 3" in md
+    assert f"older sweep definition: {runs[2].name} " in md
 
 
 def test_mean_curve_averages_seeds_on_common_steps():

@@ -4,6 +4,7 @@ HF directories, load in plain transformers and compute what our models compute."
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -27,6 +28,9 @@ def test_exported_lora_llama_generates_like_ours(tiny_chat_llama_dir, tmp_path):
     train_lib.train(config, str(workdir))
     result = export(config, str(workdir), str(out))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir would, not mkdtemp's 0700
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == config.peft.rank and adapter["task_type"] == "CAUSAL_LM"
 

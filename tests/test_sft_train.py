@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from configs.sft.smollm2_gsm8k_lora import get_config as sft_config
-from finetune_jax import lm_eval
+from finetune_jax import lm_eval, task_data
 from finetune_jax import rules as rules_lib
 from finetune_jax import train as train_lib
-from finetune_jax.data import selection
+from finetune_jax.data import selection, tasks
 from finetune_jax.eval import run_eval
 from tests.helpers import SHARED_DATA, run_steps, tiny_config
 
@@ -68,11 +68,15 @@ def test_sft_run_reports_heldout_loss_and_perplexity(tiny_chat_llama_dir, tmp_pa
         assert 0.0 <= record["token_accuracy"] <= 1.0
         assert record["examples"] > 8  # trained (assistant) tokens, not conversations
     assert summary["metric"] == "loss" and summary["best"] == min(r["loss"] for r in evals)
+    # Selected on the train holdout, reported on test.
+    final = summary["final"]
+    assert final["split"] == "test" and final["step"] == summary["best_step"]
     # The lr is high for a tiny random model: training on GSM8K must lower GSM8K test loss.
     untuned = run_eval(config, str(tmp_path), "test", which="pretrained")
-    assert summary["best"] < untuned["loss"]
+    assert final["loss"] < untuned["loss"]
     tuned = run_eval(config, str(tmp_path), "test", which="best")
-    assert tuned["loss"] == pytest.approx(summary["best"], rel=1e-6)
+    assert tuned["loss"] == pytest.approx(final["loss"], rel=1e-6)
+    assert tuned["selected_on"] == "holdout"
     lines = (tmp_path / f"generations_test_step{tuned['step']}.jsonl").read_text().splitlines()
     samples = [json.loads(line) for line in lines]
     assert len(samples) == config.generate.num_samples == tuned["generations"]
@@ -84,12 +88,24 @@ def test_sft_run_reports_heldout_loss_and_perplexity(tiny_chat_llama_dir, tmp_pa
     assert tuned["exact_match"] == np.mean([s["correct"] for s in samples])
 
 
+def test_a_single_chat_file_is_the_train_split_only(tmp_path):
+    # Reading one file as every split would evaluate on the training data.
+    config = tiny_sft_config(tmp_path, **{"data.dir": str(SHARED_DATA / "gsm8k" / "train.jsonl")})
+    data = task_data.ChatData(config, tasks.get_task("gsm8k"), tokenizer=None)
+    assert len(data.conversations("train")) == 48
+    for split in ("test", "validation"):
+        with pytest.raises(ValueError, match=rf"single file.*not '{split}'"):
+            data.conversations(split)
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [
         ("so 3 + 4 = 7\n#### 7", "7"),
         ("#### 1,234.", "1234"),
-        ("#### $-5.50 dollars", "-5.50"),
+        ("#### $-5.50 dollars", "-5.5"),
+        ("#### 1,000", "1000"),
+        ("#### 3.250", "3.25"),
         ("#### 12.0", "12"),
         ("first #### 3 then corrected #### 4", "4"),
         ("the answer is 7", None),

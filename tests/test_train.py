@@ -179,3 +179,10 @@ def test_head_bias_init_errors_name_the_key(tiny_bert_dir, sst2_slice):
     config.data.task = "gsm8k"
     with pytest.raises(ValueError, match=r"data.task='gsm8k' trains the pretrained LM head"):
         experiment.build(config)
+
+
+def test_final_split_must_differ_from_the_selection_split(tiny_bert_dir, sst2_slice, tmp_path):
+    config = tiny_config(tiny_bert_dir, sst2_slice, final_split="validation")
+    with pytest.raises(ValueError, match=r"train.final_split='validation' is also data.eval_split"):
+        train(config, str(tmp_path))
+    assert not any(tmp_path.iterdir())  # refused before writing anything

@@ -18,8 +18,12 @@ def get_config():
     c.model.name = "smollm2-135m-instruct"  # the packaged Q4_1 GGUF, dequantised to float32
     c.data.task = "gsm8k"
     c.data.dir = "../shared/data/gsm8k"  # train.jsonl / test.jsonl
-    c.data.eval_split = "test"
-    c.data.max_eval_rows = 32  # a fixed random subset of GSM8K test (data.split_seed)
+    # Checkpoints are selected on 32 problems held out of GSM8K train; the selected one is
+    # then evaluated on a fixed random 32-problem subset of GSM8K test (data.split_seed).
+    c.data.eval_split = "holdout"
+    c.data.holdout_rows = 32
+    c.data.max_eval_rows = 32
+    c.train.final_split = "test"
     c.data.max_length = 384  # packed row length; GSM8K conversations are ~150-300 tokens
     c.data.packing = True
 
