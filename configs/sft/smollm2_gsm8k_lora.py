@@ -4,6 +4,10 @@
   python -m finetune_jax.eval --config=configs/sft/smollm2_gsm8k_lora.py --workdir=runs/gsm8k_lora --split=test
   python -m finetune_jax.export --config=configs/sft/smollm2_gsm8k_lora.py --workdir=runs/gsm8k_lora --out=runs/gsm8k_lora/hf
 
+Checkpoints are selected on a GSM8K train holdout; summary.json "final" (and eval's
+--split=test) is the selected one on 32 GSM8K test problems. Expected on a 2-core CPU
+(30 steps, ~8 min): test loss 1.396 untuned (--checkpoint=pretrained) -> 0.886.
+
 Sized for a CPU check (the bounded budget of the acceptance run); on a GPU raise
 train.max_steps, data.max_eval_rows (0 = the whole 1,319-problem test set) and
 generate.num_samples. Full fine-tuning at the same budget:
