@@ -42,9 +42,18 @@ def evaluate(
     return result
 
 
+LOWER_IS_BETTER = ("perplexity",)  # and every "*loss"
+
+
 def metric_mode(metric: str) -> str:
-    """'min' for losses, 'max' for everything else (accuracy, F1, correlations)."""
-    return "min" if metric.endswith("loss") else "max"
+    """'min' for losses and perplexity, 'max' for the rest (accuracy, F1, correlations)."""
+    return "min" if metric.endswith("loss") or metric in LOWER_IS_BETTER else "max"
+
+
+def eval_metric_names(task) -> tuple[str, ...]:
+    """The names an eval of `task` reports, any of which `train.metric` may select on."""
+    extra = ("perplexity",) if task.kind == "causal_lm" else ()
+    return ("loss", *extra, *task.metrics)
 
 
 @dataclasses.dataclass

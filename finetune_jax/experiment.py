@@ -19,7 +19,7 @@ import optax
 from finetune_jax import checkpoint, optim, peft, sharding, steps, task_data, weights
 from finetune_jax import rules as rules_lib
 from finetune_jax.data import tasks
-from finetune_jax.evaluation import metric_mode
+from finetune_jax.evaluation import eval_metric_names, metric_mode
 from finetune_jax.losses import loss_for
 from finetune_jax.models import get_model_module, layers
 from finetune_jax.state import TrainState, create_train_state
@@ -124,6 +124,12 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
     lora = lora_config(config)  # fail before any loading
     _check_head_bias_init(config)
     task = tasks.get_task(config.data.task)
+    names = eval_metric_names(task)
+    if config.train.metric and config.train.metric not in names:
+        raise ValueError(
+            f"train.metric={config.train.metric!r} is not reported by task {task.name!r}; "
+            f"choose one of {names} ('' = {task.main_metric!r})"
+        )
     model_ref = _resolve_model(config.model.name)
     hf_config = weights.read_config(model_ref)
     model_lib = get_model_module(hf_config.get("model_type", ""))

@@ -41,7 +41,8 @@ def causal_lm_loss(
     """
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     mask = loss_mask.astype(jnp.float32)
-    # where, not a product: a non-finite logit on a padding position must not poison the sum.
+    # where, not a product: a non-finite logit on a padding position must not poison the
+    # sum (its gradient is still NaN, which train.nonfinite then reports or skips).
     return jnp.sum(jnp.where(mask > 0, losses * mask, 0.0)), jnp.sum(mask)
 
 

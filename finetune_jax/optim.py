@@ -26,14 +26,24 @@ FROZEN = "frozen"
 PRESETS = ("full", "linear_probe", "bitfit", "top_k_layers", "llrd", "lora", "rules")
 
 
-def _num_layers(paths: list[str], layer_regex: str) -> int:
-    indices = [int(m.group(1)) for p in paths if (m := re.fullmatch(layer_regex, p))]
-    if not indices:
+def _layer_paths(paths: list[str], layer_regex: str) -> dict[int, list[str]]:
+    """Layer index -> the parameter paths of that layer (`optim.layer`'s group 1)."""
+    layers: dict[int, list[str]] = {}
+    for path in paths:
+        if m := re.fullmatch(layer_regex, path):
+            layers.setdefault(int(m.group(1)), []).append(path)
+    if not layers:
         raise rules_lib.RuleError(
             f"optim.layer={layer_regex!r} finds no layer index in any parameter path; the "
             "top_k_layers and llrd presets need it (group 1 must capture the layer number)"
         )
-    return max(indices) + 1
+    return layers
+
+
+def _exactly(paths: list[str]) -> str:
+    """A regex matching exactly these paths. Built from the paths `optim.layer` matched,
+    not by editing that regex, so any regex with the index in group 1 works."""
+    return "|".join(re.escape(p) for p in paths)
 
 
 def preset_rules(optim: ml_collections.ConfigDict, paths: list[str]) -> list[tuple[str, Any]]:
@@ -48,18 +58,19 @@ def preset_rules(optim: ml_collections.ConfigDict, paths: list[str]) -> list[tup
     if preset == "lora":  # the LoRA params (see peft.py) and the task head; base frozen
         return [(r".*/lora_[ab]", "trainable"), (head, "trainable"), (".*", FROZEN)]
     if preset == "top_k_layers":
-        n = _num_layers(paths, optim.layer)
+        layers = _layer_paths(paths, optim.layer)
+        n = max(layers) + 1
         if not 0 <= optim.top_k <= n:
             raise ValueError(f"optim.top_k={optim.top_k} must be between 0 and the {n} layers")
-        top = "|".join(str(i) for i in range(n - optim.top_k, n)) or "-1"
-        layer_prefix = optim.layer.split("(", 1)[0]  # the part before the index group
-        return [(head, "trainable"), (rf"{layer_prefix}({top})/.*", "trainable"), (".*", FROZEN)]
+        top = [p for i in range(n - optim.top_k, n) for p in layers.get(i, [])]
+        rules = [(head, "trainable")] + ([(_exactly(top), "trainable")] if top else [])
+        return rules + [(".*", FROZEN)]
     if preset == "llrd":
         # ELECTRA-style: head depth N+1 (x1), layer i depth i+1, embeddings depth 0.
-        n = _num_layers(paths, optim.layer)
-        layer_prefix = optim.layer.split("(", 1)[0]
+        layers = _layer_paths(paths, optim.layer)
+        n = max(layers) + 1
         rules = [(head, 1.0)]
-        rules += [(rf"{layer_prefix}{i}/.*", float(optim.llrd_decay ** (n - i))) for i in range(n)]
+        rules += [(_exactly(layers[i]), float(optim.llrd_decay ** (n - i))) for i in sorted(layers)]
         return rules + [(".*", float(optim.llrd_decay ** (n + 1)))]
     if preset == "rules":
         if not optim.rules:
@@ -117,6 +128,12 @@ def param_groups(optim: ml_collections.ConfigDict, params: Any) -> ParamGroups:
 
     labels = jax.tree.map(label, mults, decays, is_leaf=lambda x: x is None)
     trainable = jax.tree.map(lambda label: label != FROZEN, labels)
+    if not any(jax.tree.leaves(trainable)):
+        raise ValueError(
+            f"optim.preset={optim.preset!r} (optim.head={optim.head!r}"
+            + (f", optim.rules={optim.rules!r}" if optim.preset == "rules" else "")
+            + ") leaves no parameter trainable: nothing would learn"
+        )
     return ParamGroups(labels, trainable, multipliers, decay)
 
 

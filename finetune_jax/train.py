@@ -129,6 +129,13 @@ def _resume_or_init(exp, manager, batches, workdir) -> tuple[Any, EarlyStopping]
         state = exp.initial_state()
     else:
         state, progress = restored
+        selected_on = progress["early_stopping"].get("metric")
+        if selected_on != exp.metric:
+            raise ValueError(
+                f"{workdir} was trained selecting checkpoints on {selected_on!r}, but "
+                f"train.metric now selects on {exp.metric!r}; its best checkpoint and early "
+                "stopping would mix the two. Use a new workdir, or restore train.metric"
+            )
         batches.restore(progress["data"])
         stopper = EarlyStopping.from_dict(
             {**progress["early_stopping"], "patience": exp.config.train.patience}

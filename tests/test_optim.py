@@ -101,6 +101,33 @@ def test_llrd_multipliers_decay_with_depth():
     )
 
 
+def test_layer_presets_work_with_any_layer_regex():
+    # The layer rules come from the paths optim.layer matches, not from editing its text:
+    # a regex with a non-capturing group before the index works like the default.
+    layer = r"(?:bert|roberta)/encoder/layer_(\d+)/.*"
+    top = optim.param_groups(
+        optim_config(preset="top_k_layers", top_k=1, layer=layer), bert_like_params()
+    )
+    for path, mult in multiplier_by_path(top).items():
+        expected = path.startswith(("classifier/", "bert/pooler/", "bert/encoder/layer_2/"))
+        assert (mult is not None) == expected, path
+    llrd = optim.param_groups(
+        optim_config(preset="llrd", llrd_decay=0.5, layer=layer), bert_like_params()
+    )
+    mults = multiplier_by_path(llrd)
+    for i in range(N_LAYERS):
+        assert mults[f"bert/encoder/layer_{i}/output/LayerNorm/scale"] == pytest.approx(
+            0.5 ** (N_LAYERS - i)
+        )
+
+
+def test_nothing_trainable_is_an_error():
+    with pytest.raises(
+        ValueError, match=r"optim.preset='linear_probe' \(optim.head=''\) leaves no"
+    ):
+        optim.param_groups(optim_config(preset="linear_probe", head=""), bert_like_params())
+
+
 def test_explicit_rules_and_unmatched_param_error():
     config = optim_config(
         preset="rules", rules=((r"classifier/.*", "trainable"), (r".*/layer_2/.*", 0.1))

@@ -12,6 +12,7 @@ import pytest
 
 from finetune_jax import checkpoint, experiment
 from finetune_jax.eval import run_eval
+from finetune_jax.evaluation import metric_mode
 from finetune_jax.train import train
 from tests.helpers import REPO, SHARED_DATA, tiny_config
 
@@ -186,3 +187,20 @@ def test_final_split_must_differ_from_the_selection_split(tiny_bert_dir, sst2_sl
     with pytest.raises(ValueError, match=r"train.final_split='validation' is also data.eval_split"):
         train(config, str(tmp_path))
     assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_selection_metric_is_checked_and_perplexity_is_lower_is_better(
+    tiny_bert_dir, sst2_slice, tmp_path
+):
+    assert metric_mode("perplexity") == "min" and metric_mode("loss") == "min"
+    assert metric_mode("spearman") == "max"
+    config = tiny_config(tiny_bert_dir, sst2_slice, metric="acuracy")
+    with pytest.raises(ValueError, match=r"train.metric='acuracy' is not reported by task 'sst2'"):
+        experiment.build(config)
+    # Resuming under another selection metric would mix two notions of "best".
+    train(tiny_config(tiny_bert_dir, sst2_slice, max_steps=3), str(tmp_path))
+    config = tiny_config(tiny_bert_dir, sst2_slice, max_steps=6, metric="loss")
+    with pytest.raises(
+        ValueError, match=r"selecting checkpoints on 'accuracy'.* now selects on 'loss'"
+    ):
+        train(config, str(tmp_path))
