@@ -122,14 +122,8 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
     `devices` (default: all devices of all processes) is what `config.mesh` is laid over.
     """
     lora = lora_config(config)  # fail before any loading
-    _check_head_bias_init(config)
     task = tasks.get_task(config.data.task)
-    names = eval_metric_names(task)
-    if config.train.metric and config.train.metric not in names:
-        raise ValueError(
-            f"train.metric={config.train.metric!r} is not reported by task {task.name!r}; "
-            f"choose one of {names} ('' = {task.main_metric!r})"
-        )
+    _check_task_options(config, task)
     model_ref = _resolve_model(config.model.name)
     hf_config = weights.read_config(model_ref)
     model_lib = get_model_module(hf_config.get("model_type", ""))
@@ -211,11 +205,18 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
 HEAD_BIAS_INITS = ("zeros", "prior")
 
 
-def _check_head_bias_init(config: ml_collections.ConfigDict) -> None:
+def _check_task_options(config: ml_collections.ConfigDict, task) -> None:
+    """The config keys whose valid values depend on the task, checked before any loading."""
+    names = eval_metric_names(task)
+    if config.train.metric and config.train.metric not in names:
+        raise ValueError(
+            f"train.metric={config.train.metric!r} is not reported by task {task.name!r}; "
+            f"choose one of {names} ('' = {task.main_metric!r})"
+        )
     choice = config.model.head_bias_init
     if choice not in HEAD_BIAS_INITS:
         raise ValueError(f"model.head_bias_init={choice!r}: expected one of {HEAD_BIAS_INITS}")
-    if choice == "prior" and tasks.get_task(config.data.task).kind == "causal_lm":
+    if choice == "prior" and task.kind == "causal_lm":
         raise ValueError(
             f"model.head_bias_init='prior' sets a new classification head's bias; "
             f"data.task={config.data.task!r} trains the pretrained LM head: use 'zeros'"
