@@ -27,8 +27,8 @@ import numpy as np
 from experiments import plots
 from experiments import sweep as sweep_lib
 from experiments.run import config_conflicts, is_finished, read_json
-from finetune_jax.evaluation import metric_mode
-from finetune_jax.manifest import read_manifest
+from finetune_jax.evaluation.metrics import metric_mode
+from finetune_jax.training.manifest import read_manifest
 
 CSV_FIELDS = (
     "task",

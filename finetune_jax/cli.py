@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from finetune_jax.checkpoint import CheckpointError
+from finetune_jax.training.checkpoints import CheckpointError
 
 # Errors that describe a bad config, path, data row or weight file: the message says what is
 # wrong and what to do, so a traceback would only bury it. FINETUNE_JAX_DEBUG=1 shows it anyway.

@@ -18,10 +18,11 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from finetune_jax import config as config_lib
-from finetune_jax import distributed, experiment, lm_eval
 from finetune_jax.cli import quiet_libraries, run_main
-from finetune_jax.evaluation import evaluate
+from finetune_jax.cluster import distributed
+from finetune_jax.evaluation import generated_answers
+from finetune_jax.evaluation.evaluator import evaluate
+from finetune_jax.training import builder, workdir_files
 
 
 def run_eval(
@@ -34,17 +35,17 @@ def run_eval(
     also writes `generations_<split>_<which>.jsonl` (prompt, reference, output) for the first
     `generate.num_samples` records, and reports their exact match where the task scores one.
     """
-    exp = experiment.build(config)
+    setup = builder.build(config)
     if which == "pretrained":
-        config_lib.ensure_writable_workdir(workdir)
-        step, params = 0, exp.pretrained_params()
+        workdir_files.ensure_writable(workdir)
+        step, params = 0, setup.pretrained_params()
     else:
-        step, params = exp.restore_params(workdir, which)
-    data = experiment.encode_split(exp, split)
-    batches = experiment.eval_batches(exp, data)
-    results = evaluate(exp.eval_step, params, batches, exp.task, exp.put_batch)
+        step, params = setup.restore_params(workdir, which)
+    data = setup.data.load(split)
+    batches = setup.data.eval_batches(data)
+    results = evaluate(setup.eval_step, params, batches, setup.task, setup.put_batch)
     tag = "pretrained" if which == "pretrained" else f"step{step}"
-    results = {"split": split, "step": step, "task": exp.task.name, **results}
+    results = {"split": split, "step": step, "task": setup.task.name, **results}
     if which == "best":
         results["selected_on"] = config.data.eval_split
         if split == config.data.eval_split and jax.process_index() == 0:
@@ -54,18 +55,18 @@ def run_eval(
                 file=sys.stderr,
             )
     samples = []
-    if exp.task.kind == "causal_lm" and config.generate.num_samples > 0:
+    if setup.task.kind == "causal_lm" and config.generate.num_samples > 0:
         conversations = data.conversations[: config.generate.num_samples]
-        samples = lm_eval.generate_samples(
-            exp.module,
+        samples = generated_answers.generate_samples(
+            setup.module,
             params,
-            exp.tokenizer,
-            exp.hf_config,
+            setup.tokenizer,
+            setup.hf_config,
             conversations,
             config.generate,
-            exp.task.answer_marker,
+            setup.task.answer_marker,
         )
-        results.update(lm_eval.summarize(samples))
+        results.update(generated_answers.summarize(samples))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, f"eval_{split}_{tag}.json"), "w") as f:
             json.dump(results, f, indent=2)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -23,92 +21,36 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from finetune_jax import experiment, peft, weights
 from finetune_jax.cli import quiet_libraries, run_main
-from finetune_jax.models import get_model_module
-
-_CAUSAL_LM_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "mistral": "MistralForCausalLM",
-}
+from finetune_jax.hf import adapters, saving
+from finetune_jax.models import hf_mapping
+from finetune_jax.models import lora as lora_lib
+from finetune_jax.training import builder
 
 
-def hf_config_for(exp: experiment.Experiment) -> dict[str, Any]:
-    """The exported config.json: the pretrained one, with the fine-tuned head's shape."""
-    config = {k: v for k, v in exp.hf_config.items() if k not in ("_name_or_path", "dtype")}
-    config["torch_dtype"] = "float32"
-    model_type = config.get("model_type", "")
-    if exp.task.kind == "causal_lm":
-        config["architectures"] = [_CAUSAL_LM_ARCHITECTURES.get(model_type, "LlamaForCausalLM")]
-        return config
-    task = exp.task
-    config["architectures"] = ["BertForSequenceClassification"]
-    config["num_labels"] = task.num_labels
-    if task.is_regression:
-        config["problem_type"] = "regression"
-        config["id2label"], config["label2id"] = {0: "score"}, {"score": 0}
-    else:
-        config["problem_type"] = "single_label_classification"
-        config["id2label"] = dict(enumerate(task.label_names))
-        config["label2id"] = {name: i for i, name in enumerate(task.label_names)}
-    return config
-
-
-def write_hf_model(
-    exp: experiment.Experiment, params: Any, out_dir: str, overwrite: bool = False
-) -> str:
+def write_hf_model(setup: builder.Setup, params: Any, out_dir: str, overwrite: bool = False) -> str:
     """Writes `params` (LoRA merged) + config + tokenizer as an HF model directory."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(
-            f"export directory {out_dir} exists and is not empty; choose another --out or "
-            "pass --overwrite"
-        )
     params = jax.tree.map(np.asarray, jax.device_get(params))
-    lora = experiment.lora_config(exp.config)
-    model_lib = get_model_module(exp.hf_config.get("model_type", ""))
-    merged = params if lora is None else jax.tree.map(np.asarray, peft.merge(params, lora))
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    # mkdtemp makes the directory owner-only (0700); give the export the mode a plain
-    # mkdir would, so serving accounts and colleagues can read it.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        weights.write_safetensors(
-            model_lib.to_hf(merged, exp.model_config), tmp, hf_config_for(exp)
+    lora = builder.lora_config(setup.config)
+    merged = params if lora is None else jax.tree.map(np.asarray, lora_lib.merge(params, lora))
+    family, task = setup.family, setup.task
+
+    def write_adapter(model_dir: str) -> None:
+        adapter_dir = os.path.join(model_dir, "adapter")
+        adapters.save_hf_peft(
+            params, lora, family, setup.model_config, task.kind, adapter_dir, setup.config.model.name
         )
-        exp.tokenizer.save_pretrained(tmp)
-        if exp.task.kind == "causal_lm":
-            _write_generation_config(exp, tmp)
-        if lora is not None:
-            base = exp.config.model.name
-            peft.save_hf_peft(
-                params, lora, model_lib, exp.model_config, os.path.join(tmp, "adapter"), base
-            )
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
 
-
-def _write_generation_config(exp: experiment.Experiment, out_dir: str) -> None:
-    """Token ids transformers' `generate` needs (a GGUF-derived config may lack them)."""
-    tok = exp.tokenizer
-    hf = exp.hf_config
-    config = {  # a key present as null in the model config falls back to the tokenizer's
-        "bos_token_id": tok.bos_token_id if hf.get("bos_token_id") is None else hf["bos_token_id"],
-        "eos_token_id": tok.eos_token_id if hf.get("eos_token_id") is None else hf["eos_token_id"],
-        "pad_token_id": tok.pad_token_id,
-    }
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({k: v for k, v in config.items() if v is not None}, f, indent=2)
+    causal = task.kind == "causal_lm"
+    return saving.write_model_dir(
+        out_dir,
+        hf_mapping.params_to_hf(merged, family, setup.model_config),
+        saving.exported_config(setup.hf_config, family, task),
+        setup.tokenizer,
+        generation=saving.generation_config(setup.tokenizer, setup.hf_config) if causal else None,
+        write_extra=write_adapter if lora is not None else None,
+        overwrite=overwrite,
+    )
 
 
 def export(
@@ -119,11 +61,11 @@ def export(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Restores a checkpoint of `workdir` ('best', 'latest' or a step) and exports it."""
-    exp = experiment.build(config)
-    step, params = exp.restore_params(workdir, which)
+    setup = builder.build(config)
+    step, params = setup.restore_params(workdir, which)
     path = out_dir
     if jax.process_index() == 0:
-        path = write_hf_model(exp, params, out_dir, overwrite)
+        path = write_hf_model(setup, params, out_dir, overwrite)
     return {"step": step, "out": path}
 
 

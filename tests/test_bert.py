@@ -13,9 +13,20 @@ import pytest
 import torch
 import transformers
 
-from finetune_jax import models, weights
-from finetune_jax.models import bert
-from tests.helpers import check_remat_and_bfloat16
+from finetune_jax import models
+from finetune_jax.hf import model_files
+from finetune_jax.models import bert, bert_hf, hf_mapping
+from tests.helpers import check_remat_and_bfloat16, load_bert
+
+
+def from_hf(tensors, config):
+    """HF tensors -> (our `bert` subtree, absent optional prefixes), the encoder alone."""
+    params, missing = hf_mapping.params_from_hf(tensors, bert.FAMILY, config)
+    return params["bert"], missing
+
+
+def to_hf(params, config):
+    return hf_mapping.params_to_hf(params, bert.FAMILY, config)
 
 SENTENCES = [
     "A short one.",
@@ -40,8 +51,8 @@ def _tokenize(model_dir):
 
 def _load_with_hf_head(model_dir):
     """Test-only: our classifier with the head taken from the HF file instead of init."""
-    config, module, params = bert.load_pretrained(model_dir, num_labels=2)
-    hf = weights.read_safetensors(model_dir)
+    config, module, params = load_bert(model_dir, num_labels=2)
+    hf = model_files.read_safetensors(model_dir)
     params["classifier"] = {"kernel": hf["classifier.weight"].T, "bias": hf["classifier.bias"]}
     return config, module, params
 
@@ -49,7 +60,7 @@ def _load_with_hf_head(model_dir):
 def test_minilm_parity_with_transformers(minilm_dir):
     batch = _tokenize(minilm_dir)
     assert len(set(batch["attention_mask"].sum(1))) == 3, "want three different lengths"
-    config, _, params = bert.load_pretrained(minilm_dir, num_labels=2)
+    config, _, params = load_bert(minilm_dir, num_labels=2)
     hidden, pooled = bert.BertModel(config).apply(
         {"params": params["bert"]},
         batch["input_ids"],
@@ -108,17 +119,17 @@ def test_param_paths_and_shapes():
     assert flat["bert/pooler/dense/kernel"] == (16, 16)
     assert flat["classifier/kernel"] == (16, 3)
     # Every param is reached by the HF mapping or is the new head.
-    mapped = {"bert/" + m.path for m in bert.hf_mappings(TINY)}
+    mapped = {"bert/" + m.path for m in bert_hf.hf_mappings(TINY)}
     assert set(flat) - mapped == {"classifier/kernel", "classifier/bias"}
 
 
 def test_to_hf_from_hf_round_trip(tiny_bert_dir):
-    hf = weights.read_safetensors(tiny_bert_dir)
-    config = bert.BertConfig.from_hf(weights.read_hf_config(tiny_bert_dir))
-    params, missing = bert.from_hf(hf, config)
+    hf = model_files.read_safetensors(tiny_bert_dir)
+    config = bert.BertConfig.from_hf(model_files.read_hf_config(tiny_bert_dir))
+    params, missing = from_hf(hf, config)
     assert missing == []
     classifier = {"kernel": hf["classifier.weight"].T, "bias": hf["classifier.bias"]}
-    back = bert.to_hf({"bert": params, "classifier": classifier}, config)
+    back = to_hf({"bert": params, "classifier": classifier}, config)
     expected = {k: v for k, v in hf.items() if not k.endswith("position_ids")}
     assert set(back) == set(expected)
     for key, value in expected.items():
@@ -129,10 +140,10 @@ def test_from_hf_accepts_keys_without_prefix_and_reports_missing_pooler():
     params = nn.meta.unbox(bert.init_params(TINY, jax.random.PRNGKey(1)))
     hf = {
         k.removeprefix("bert."): v
-        for k, v in bert.to_hf(params, TINY).items()
+        for k, v in to_hf(params, TINY).items()
         if not k.startswith(("classifier", "bert.pooler"))
     }
-    loaded, missing = bert.from_hf(hf, TINY)
+    loaded, missing = from_hf(hf, TINY)
     assert missing == ["bert/pooler"] and "pooler" not in loaded
     np.testing.assert_array_equal(
         loaded["encoder"]["layer_1"]["attention"]["key"]["kernel"],
@@ -142,10 +153,10 @@ def test_from_hf_accepts_keys_without_prefix_and_reports_missing_pooler():
 
 def test_load_pretrained_keeps_init_pooler_when_checkpoint_has_none(tmp_path):
     params = nn.meta.unbox(bert.init_params(TINY, jax.random.PRNGKey(1)))
-    hf = {k: v for k, v in bert.to_hf(params, TINY).items() if "pooler" not in k}
+    hf = {k: v for k, v in to_hf(params, TINY).items() if "pooler" not in k}
     hf_config = {"model_type": "bert", **dataclasses.asdict(TINY)}
-    weights.write_safetensors(hf, tmp_path, hf_config)
-    _, _, loaded = bert.load_pretrained(tmp_path, num_labels=3, seed=0)
+    model_files.write_safetensors(hf, tmp_path, hf_config)
+    _, _, loaded = load_bert(tmp_path, num_labels=3, seed=0)
     init = nn.meta.unbox(bert.init_params(TINY, jax.random.PRNGKey(0)))
     np.testing.assert_array_equal(
         loaded["bert"]["pooler"]["dense"]["kernel"], init["bert"]["pooler"]["dense"]["kernel"]
@@ -158,11 +169,11 @@ def test_load_pretrained_keeps_init_pooler_when_checkpoint_has_none(tmp_path):
 
 def test_wrong_shape_and_missing_tensor_errors():
     params = nn.meta.unbox(bert.init_params(TINY, jax.random.PRNGKey(0)))
-    hf = bert.to_hf(params, TINY)
+    hf = to_hf(params, TINY)
     key = "bert.encoder.layer.1.intermediate.dense.weight"
     bad = {**hf, key: np.zeros((5, 16), np.float32)}
     with pytest.raises(ValueError) as error:
-        bert.from_hf(bad, TINY)
+        from_hf(bad, TINY)
     message = str(error.value)
     for part in (
         key,
@@ -174,13 +185,13 @@ def test_wrong_shape_and_missing_tensor_errors():
         assert part in message
     del hf["bert.encoder.layer.0.output.LayerNorm.bias"]
     with pytest.raises(ValueError, match="layer_0/output/LayerNorm/bias"):
-        bert.from_hf(hf, TINY)
+        from_hf(hf, TINY)
 
 
 def test_unknown_model_type_is_an_error():
-    assert models.get_model_module("bert") is bert
+    assert models.family_for("bert") is bert.FAMILY
     with pytest.raises(ValueError, match="'gpt_neox'.*bert"):
-        models.get_model_module("gpt_neox")
+        models.family_for("gpt_neox")
 
 
 def test_config_from_hf():

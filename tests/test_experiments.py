@@ -17,8 +17,8 @@ from ml_collections import config_flags
 
 from experiments import report, run, sweep
 from experiments.sweep import Setting, Sweep
-from finetune_jax import manifest
 from finetune_jax.config import base_config
+from finetune_jax.training import manifest
 from tests.helpers import REPO
 
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 import transformers
 
-from finetune_jax import experiment
 from finetune_jax import train as train_lib
-from finetune_jax.data import sft
+from finetune_jax.data import chat_batches
+from finetune_jax.evaluation.generated_answers import eos_ids, split_prompt
+from finetune_jax.evaluation.generation import Generator, SamplingConfig
 from finetune_jax.export import export, write_hf_model
-from finetune_jax.generate import Generator, SamplingConfig
-from finetune_jax.lm_eval import eos_ids, split_prompt
+from finetune_jax.training import builder
 from tests.helpers import SHARED_DATA, tiny_config
 from tests.test_sft_train import tiny_sft_config
 
@@ -34,10 +34,10 @@ def test_exported_lora_llama_generates_like_ours(tiny_chat_llama_dir, tmp_path):
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == config.peft.rank and adapter["task_type"] == "CAUSAL_LM"
 
-    exp = experiment.build(config)
+    exp = builder.build(config)
     _, params = exp.restore_params(str(workdir))  # base + adapter, unmerged
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    prompt, _ = split_prompt(sft.load_records(SHARED_DATA / "gsm8k", split="test", limit=1)[0])
+    prompt, _ = split_prompt(chat_batches.load_records(SHARED_DATA / "gsm8k", split="test", limit=1)[0])
     text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -69,9 +69,9 @@ def test_exported_bert_classifier_matches_ours(tiny_bert_dir, sst2_slice, tmp_pa
     assert hf_config["architectures"] == ["BertForSequenceClassification"]
     assert hf_config["id2label"] == {"0": "negative", "1": "positive"}
 
-    exp = experiment.build(config)
+    exp = builder.build(config)
     _, params = exp.restore_params(str(workdir), "3")
-    batch = next(experiment.eval_batches(exp, experiment.encode_split(exp, "validation")))
+    batch = next(exp.data.eval_batches(exp.data.load("validation")))
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     ours = np.asarray(exp.module.apply({"params": jax.device_get(params)}, **inputs))
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
@@ -89,7 +89,7 @@ def test_smollm2_lora_export_generates_like_ours(tmp_path):
     config = get_config()
     config.data.dir = str(SHARED_DATA / "gsm8k")
     config.data.max_train_rows = 8
-    exp = experiment.build(config)
+    exp = builder.build(config)
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: (

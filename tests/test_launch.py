@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from finetune_jax import launch
+from finetune_jax.cluster import launch_commands
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_ARGS = [
@@ -56,15 +56,15 @@ def remote_command(argv: list[str]) -> str:
 
 
 def test_tpu_pod_command_targets_every_worker():
-    argv = launch.tpu_pod_command("my-v4-32", "us-central2-b", "proj", TRAIN_ARGS)
+    argv = launch_commands.tpu_pod_command("my-v4-32", "us-central2-b", "proj", TRAIN_ARGS)
     assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-v4-32"]
     assert {"--zone=us-central2-b", "--project=proj", "--worker=all"} <= set(argv)
-    no_project = launch.tpu_pod_command("my-v4-32", "us-central2-b", None, TRAIN_ARGS)
+    no_project = launch_commands.tpu_pod_command("my-v4-32", "us-central2-b", None, TRAIN_ARGS)
     assert not any(a.startswith("--project") for a in no_project)
 
 
 def test_tpu_train_args_survive_a_shlex_round_trip():
-    tokens = shlex.split(remote_command(launch.tpu_pod_command("t", "z", None, TRAIN_ARGS)))
+    tokens = shlex.split(remote_command(launch_commands.tpu_pod_command("t", "z", None, TRAIN_ARGS)))
     start = tokens.index("finetune_jax.train") + 1
     assert tokens[start - 2 : start] == ["-m", "finetune_jax.train"]
     assert tokens[start:] == TRAIN_ARGS
@@ -76,7 +76,7 @@ def test_tpu_remote_command_runs_train_in_repo_and_venv(tmp_path):
     fake_tool(tmp_path / "bin", "python", FAKE_PYTHON)
     (repo / ".venv" / "bin").mkdir(parents=True)
     (repo / ".venv" / "bin" / "activate").write_text(f'PATH="{tmp_path}/bin:$PATH"\n')
-    command = remote_command(launch.tpu_pod_command("t", "z", None, TRAIN_ARGS))
+    command = remote_command(launch_commands.tpu_pod_command("t", "z", None, TRAIN_ARGS))
     out = subprocess.run(
         ["bash", "-c", command],
         env={**os.environ, "HOME": str(tmp_path)},
@@ -88,7 +88,7 @@ def test_tpu_remote_command_runs_train_in_repo_and_venv(tmp_path):
 
 
 def test_tpu_setup_command_installs_on_every_worker():
-    argv = launch.tpu_pod_command("t", "z", None, [], repo_dir="/opt/ft", setup=True)
+    argv = launch_commands.tpu_pod_command("t", "z", None, [], repo_dir="/opt/ft", setup=True)
     assert "--worker=all" in argv
     tokens = shlex.split(remote_command(argv))
     assert tokens[:2] == ["cd", "/opt/ft"]
@@ -102,7 +102,7 @@ def test_tpu_setup_command_installs_on_every_worker():
 
 
 def test_tpu_copy_commands_make_the_dir_then_scp_the_code():
-    mkdir, scp = launch.tpu_copy_commands("t", "z", "p", local_dir="/src/ft")
+    mkdir, scp = launch_commands.tpu_copy_commands("t", "z", "p", local_dir="/src/ft")
     assert mkdir[4] == "ssh" and "--worker=all" in mkdir
     assert shlex.split(remote_command(mkdir)) == ["mkdir", "-p", "$HOME/finetune_jax"]
     assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse"]
@@ -126,7 +126,7 @@ def srun_line(script: str) -> str:
 
 
 def test_slurm_script_one_process_per_gpu():
-    script = launch.slurm_script("sst2", 2, 8, TRAIN_ARGS, partition="a100")
+    script = launch_commands.slurm_script("sst2", 2, 8, TRAIN_ARGS, partition="a100")
     assert script.startswith("#!/bin/bash\n")
     assert sbatch_lines(script) == [
         "--job-name=sst2",
@@ -150,7 +150,7 @@ def test_slurm_script_one_process_per_gpu():
 
 
 def test_slurm_script_one_process_per_node():
-    script = launch.slurm_script(
+    script = launch_commands.slurm_script(
         "sst2",
         4,
         8,
@@ -175,7 +175,7 @@ def test_slurm_script_one_process_per_node():
 
 def test_slurm_script_is_valid_bash(tmp_path):
     path = tmp_path / "job.sbatch"
-    path.write_text(launch.slurm_script("sst2", 2, 8, TRAIN_ARGS, repo_dir="/shared/ft"))
+    path.write_text(launch_commands.slurm_script("sst2", 2, 8, TRAIN_ARGS, repo_dir="/shared/ft"))
     subprocess.run(["bash", "-n", str(path)], check=True)
 
 
@@ -190,7 +190,7 @@ def test_slurm_script_gives_each_task_its_process_id_and_gpu(tmp_path):
     fake_tool(tmp_path / "bin", "python", FAKE_PYTHON)
     script = tmp_path / "job.sbatch"
     script.write_text(
-        launch.slurm_script("sst2", 2, 1, TRAIN_ARGS, repo_dir=str(tmp_path), venv="")
+        launch_commands.slurm_script("sst2", 2, 1, TRAIN_ARGS, repo_dir=str(tmp_path), venv="")
     )
     env = {
         **os.environ,
@@ -217,7 +217,7 @@ def test_slurm_script_gives_each_task_its_process_id_and_gpu(tmp_path):
 
 
 def test_slurm_submit_command():
-    assert launch.slurm_submit_command("logs/x.sbatch") == ["sbatch", "logs/x.sbatch"]
+    assert launch_commands.slurm_submit_command("logs/x.sbatch") == ["sbatch", "logs/x.sbatch"]
 
 
 # Validation.
@@ -226,17 +226,17 @@ def test_slurm_submit_command():
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: launch.slurm_script("j", 0, 8, TRAIN_ARGS), "nodes must be >= 1"),
-        (lambda: launch.slurm_script("j", 1, 0, TRAIN_ARGS), "gpus_per_node must be >= 1"),
-        (lambda: launch.slurm_script("j", 1, 8, TRAIN_ARGS, processes_per_node="core"), "'gpu'"),
-        (lambda: launch.slurm_script("my job", 1, 8, TRAIN_ARGS), "job name"),
-        (lambda: launch.slurm_script("j", 1, 8, TRAIN_ARGS[1:]), "--config="),
-        (lambda: launch.slurm_script("j", 1, 8, TRAIN_ARGS + ["--process_id=3"]), "--process_id"),
-        (lambda: launch.slurm_script("j", 1, 8, TRAIN_ARGS, extra_sbatch=["account=x"]), "sbatch"),
-        (lambda: launch.tpu_pod_command("", "z", None, TRAIN_ARGS), "TPU name"),
-        (lambda: launch.tpu_pod_command("t", " ", None, TRAIN_ARGS), "zone"),
-        (lambda: launch.tpu_pod_command("t", "z", None, TRAIN_ARGS[:1]), "--workdir="),
-        (lambda: launch.tpu_pod_command("t", "z", None, ["--config=", "--workdir=w"]), "--config="),
+        (lambda: launch_commands.slurm_script("j", 0, 8, TRAIN_ARGS), "nodes must be >= 1"),
+        (lambda: launch_commands.slurm_script("j", 1, 0, TRAIN_ARGS), "gpus_per_node must be >= 1"),
+        (lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS, processes_per_node="core"), "'gpu'"),
+        (lambda: launch_commands.slurm_script("my job", 1, 8, TRAIN_ARGS), "job name"),
+        (lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS[1:]), "--config="),
+        (lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS + ["--process_id=3"]), "--process_id"),
+        (lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS, extra_sbatch=["account=x"]), "sbatch"),
+        (lambda: launch_commands.tpu_pod_command("", "z", None, TRAIN_ARGS), "TPU name"),
+        (lambda: launch_commands.tpu_pod_command("t", " ", None, TRAIN_ARGS), "zone"),
+        (lambda: launch_commands.tpu_pod_command("t", "z", None, TRAIN_ARGS[:1]), "--workdir="),
+        (lambda: launch_commands.tpu_pod_command("t", "z", None, ["--config=", "--workdir=w"]), "--config="),
     ],
 )
 def test_invalid_arguments_are_clear_errors(build, message):
@@ -245,11 +245,11 @@ def test_invalid_arguments_are_clear_errors(build, message):
 
 
 def test_split_train_args_at_the_first_double_dash():
-    assert launch.split_train_args(["--tpu=t", "--", "--config=c", "--", "x"]) == (
+    assert launch_commands.split_train_args(["--tpu=t", "--", "--config=c", "--", "x"]) == (
         ["--tpu=t"],
         ["--config=c", "--", "x"],
     )
-    assert launch.split_train_args(["--tpu=t"]) == (["--tpu=t"], [])
+    assert launch_commands.split_train_args(["--tpu=t"]) == (["--tpu=t"], [])
 
 
 # CLIs.
@@ -281,7 +281,7 @@ def test_slurm_dry_run_prints_script_and_command_and_writes_nothing(tmp_path, re
         path,
     )
     assert result.returncode == 0, result.stderr
-    expected = launch.slurm_script("drytest_job", 2, 8, TRAIN_ARGS)
+    expected = launch_commands.slurm_script("drytest_job", 2, 8, TRAIN_ARGS)
     assert result.stdout == expected + shlex.join(["sbatch", str(script_out)]) + "\n"
     assert not calls.exists() and not script_out.parent.exists()
     assert not (ROOT / "logs" / "drytest_job.sbatch").exists()
@@ -305,7 +305,7 @@ def test_tpu_dry_run_prints_commands_and_runs_nothing(recording_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 4  # mkdir, scp, setup, train
-    assert shlex.split(lines[-1]) == launch.tpu_pod_command(
+    assert shlex.split(lines[-1]) == launch_commands.tpu_pod_command(
         "my-v4-32", "us-central2-b", None, TRAIN_ARGS
     )
     assert all("--worker=all" in line for line in lines)
@@ -351,7 +351,7 @@ def test_slurm_submit_writes_the_script_and_calls_sbatch(tmp_path, recording_pat
     )
     assert result.returncode == 0, result.stderr
     assert calls.read_text() == "sbatch logs/sst2.sbatch\n"
-    assert (tmp_path / "logs/sst2.sbatch").read_text() == launch.slurm_script(
+    assert (tmp_path / "logs/sst2.sbatch").read_text() == launch_commands.slurm_script(
         "sst2", 2, 8, TRAIN_ARGS
     )
 

@@ -14,9 +14,19 @@ import pytest
 import torch
 import transformers
 
-from finetune_jax import models, weights
-from finetune_jax.models import llama
-from tests.helpers import check_remat_and_bfloat16
+from finetune_jax import models
+from finetune_jax.hf import model_files
+from finetune_jax.models import hf_mapping, llama, llama_config, llama_hf
+from tests.helpers import check_remat_and_bfloat16, load_llama
+
+
+def from_hf(tensors, config):
+    """HF tensors -> our full param tree, through the generic family mapping."""
+    return hf_mapping.params_from_hf(tensors, llama.FAMILY, config)[0]
+
+
+def to_hf(params, config):
+    return hf_mapping.params_to_hf(params, llama.FAMILY, config)
 
 TINY = llama.LlamaConfig(
     vocab_size=64,
@@ -79,12 +89,12 @@ def _hf_model_in_memory(config_cls, model_cls, **kwargs):
                 param.add_(0.1 * torch.randn_like(param))
     tensors = {k: v.float().numpy() for k, v in model.state_dict().items()}
     config = llama.LlamaConfig.from_hf(model.config.to_dict())
-    return config, llama.from_hf(tensors, config), model
+    return config, from_hf(tensors, config), model
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
 def test_tiny_llama_logits_match_transformers(tiny_llama_dir, padding):
-    config, module, params = llama.load_pretrained(tiny_llama_dir)
+    config, module, params = load_llama(tiny_llama_dir)
     assert isinstance(module, llama.LlamaForCausalLM)
     assert (config.num_key_value_heads, config.tie_word_embeddings) == (2, False)
     ids, mask = _batch(16, [16, 9, 4], padding)
@@ -164,13 +174,13 @@ def test_variants_match_transformers(variant):
         plain = dataclasses.replace(config, rope_scaling=None)
         assert np.abs(np.asarray(_apply(plain)(params, ids, mask)) - expected).max() > 1e-3
     if "sliding" in variant:
-        assert config.sliding_window == 5 and llama.SLIDING in config.layer_types
+        assert config.sliding_window == 5 and llama_config.SLIDING in config.layer_types
         full = dataclasses.replace(config, layer_types=None)
         assert np.abs(np.asarray(_apply(full)(params, ids, mask)) - expected).max() > 1e-3
 
 
 def test_packed_rows_equal_separate_sequences(tiny_llama_dir):
-    config, _, params = llama.load_pretrained(tiny_llama_dir)
+    config, _, params = load_llama(tiny_llama_dir)
     apply = _apply(config)
     ids, _ = _batch(15, [15], seed=1)
     first, second = ids[:, :5], ids[:, 5:12]
@@ -232,14 +242,14 @@ def test_param_paths_shapes_and_names():
         assert (flat[path].value.shape, tuple(flat[path].names)) == (shape, names), path
     assert "model/layers_0/self_attn/o_proj/bias" not in flat  # Qwen2-style: q/k/v only
     # Every param is reached by the HF mapping.
-    mapped = {"model/" + m.path for m in llama.hf_mappings(config)} | {"lm_head/kernel"}
+    mapped = {"model/" + m.path for m in llama_hf.hf_mappings(config)} | {"lm_head/kernel"}
     assert set(flat) == mapped
 
 
 def test_to_hf_from_hf_round_trip(tiny_llama_dir):
-    hf = weights.read_safetensors(tiny_llama_dir)
-    config = llama.LlamaConfig.from_hf(weights.read_hf_config(tiny_llama_dir))
-    back = llama.to_hf(llama.from_hf(hf, config), config)
+    hf = model_files.read_safetensors(tiny_llama_dir)
+    config = llama.LlamaConfig.from_hf(model_files.read_hf_config(tiny_llama_dir))
+    back = to_hf(from_hf(hf, config), config)
     assert set(back) == set(hf)
     for key, value in hf.items():
         np.testing.assert_array_equal(back[key], value, err_msg=key)
@@ -247,21 +257,21 @@ def test_to_hf_from_hf_round_trip(tiny_llama_dir):
 
 def test_wrong_shape_and_missing_tensor_errors():
     params = nn.meta.unbox(llama.init_params(TINY, jax.random.PRNGKey(0)))
-    hf = llama.to_hf(params, TINY)
+    hf = to_hf(params, TINY)
     key = "model.layers.1.mlp.down_proj.weight"
     with pytest.raises(ValueError) as error:
-        llama.from_hf({**hf, key: np.zeros((32, 5), np.float32)}, TINY)
+        from_hf({**hf, key: np.zeros((32, 5), np.float32)}, TINY)
     for part in (key, "model/layers_1/mlp/down_proj/kernel", "(32, 5)", "(48, 32)", "(32, 48)"):
         assert part in str(error.value)
     extra = "model.layers.0.self_attn.q_proj.bias"  # biases the config does not enable
     with pytest.raises(ValueError, match=f"no place.*{extra}"):
-        llama.from_hf({**hf, extra: np.zeros((32,), np.float32)}, TINY)
+        from_hf({**hf, extra: np.zeros((32,), np.float32)}, TINY)
     del hf["lm_head.weight"]
     with pytest.raises(ValueError, match="'lm_head.weight'.*lm_head/kernel"):
-        llama.from_hf(hf, TINY)
+        from_hf(hf, TINY)
     # Tied configs need no head tensor.
     tied = dataclasses.replace(TINY, tie_word_embeddings=True)
-    assert "lm_head" not in llama.from_hf(hf, tied)
+    assert "lm_head" not in from_hf(hf, tied)
 
 
 def test_config_from_hf():
@@ -295,7 +305,7 @@ def test_config_from_hf():
 
 def test_registry():
     for model_type in ("llama", "qwen2", "mistral"):
-        assert models.get_model_module(model_type) is llama
+        assert models.family_for(model_type) is llama.FAMILY
 
 
 def test_remat_and_bfloat16_variants():

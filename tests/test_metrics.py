@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from finetune_jax import metrics
 from finetune_jax.data import tasks
+from finetune_jax.evaluation import metrics
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 

@@ -4,8 +4,9 @@ import numpy as np
 import optax
 import pytest
 
-from finetune_jax import optim, rules
+from finetune_jax import tree_paths
 from finetune_jax.config import base_config
+from finetune_jax.training import optim, rules
 
 N_LAYERS = 3
 
@@ -50,7 +51,7 @@ def optim_config(**kw):
 
 
 def labels_by_path(groups):
-    return dict(zip(rules.param_paths(groups.labels), jax.tree.leaves(groups.labels)))
+    return dict(zip(tree_paths.param_paths(groups.labels), jax.tree.leaves(groups.labels)))
 
 
 def multiplier_by_path(groups):
@@ -218,3 +219,17 @@ def test_group_table_counts_every_param():
     table = optim.group_table(groups, params)
     total = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     assert f"/ {total:,}" in table and "frozen" in table
+
+
+def test_group_table_warns_about_rules_that_decide_nothing():
+    params = bert_like_params()
+    config = optim_config(
+        preset="rules",
+        rules=((r"classifier/.*", "trainable"), (r"clasifier/.*", 0.5), (".*", "frozen")),
+    )
+    groups = optim.param_groups(config, params)
+    assert groups.unused_rules == ("clasifier/.*",)
+    assert "warning: optim.rules ['clasifier/.*'] decide no parameter" in optim.group_table(
+        groups, params
+    )
+    assert optim.param_groups(optim_config(preset="bitfit"), params).unused_rules == ()

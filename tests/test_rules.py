@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from finetune_jax import rules
+from finetune_jax import tree_paths
+from finetune_jax.training import rules
 
 PARAMS = {
     "bert": {"encoder": {"layer_0": {"query": {"kernel": np.zeros((2, 2)), "bias": np.zeros(2)}}}},
@@ -10,7 +11,7 @@ PARAMS = {
 
 
 def test_paths_are_slash_joined_in_tree_order():
-    assert rules.param_paths(PARAMS) == [
+    assert tree_paths.param_paths(PARAMS) == [
         "bert/encoder/layer_0/query/bias",
         "bert/encoder/layer_0/query/kernel",
         "classifier/bias",

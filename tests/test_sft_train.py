@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from configs.sft.smollm2_gsm8k_lora import get_config as sft_config
-from finetune_jax import lm_eval, task_data
-from finetune_jax import rules as rules_lib
 from finetune_jax import train as train_lib
-from finetune_jax.data import selection, tasks
+from finetune_jax import tree_paths
+from finetune_jax.data import loaders, selection, tasks
 from finetune_jax.eval import run_eval
+from finetune_jax.evaluation import generated_answers
 from tests.helpers import SHARED_DATA, run_steps, tiny_config
 
 
@@ -43,7 +43,7 @@ def tiny_sft_config(model_dir, **overrides):
 
 
 def _flat(params):
-    return dict(zip(rules_lib.param_paths(params), jax.tree.leaves(params)))
+    return dict(zip(tree_paths.param_paths(params), jax.tree.leaves(params)))
 
 
 def test_lora_sft_trains_only_the_adapters(tiny_chat_llama_dir):
@@ -82,7 +82,7 @@ def test_sft_run_reports_heldout_loss_and_perplexity(tiny_chat_llama_dir, tmp_pa
     assert len(samples) == config.generate.num_samples == tuned["generations"]
     for sample in samples:
         assert sample["prompt"].rstrip().endswith("assistant")  # ChatML generation prompt
-        assert sample["answer"] == lm_eval.final_answer(sample["reference"])
+        assert sample["answer"] == generated_answers.final_answer(sample["reference"])
         assert sample["answer"] is not None and sample["answer"] in sample["reference"]
         assert 1 <= sample["output_tokens"] <= config.generate.max_new_tokens
     assert tuned["exact_match"] == np.mean([s["correct"] for s in samples])
@@ -91,7 +91,7 @@ def test_sft_run_reports_heldout_loss_and_perplexity(tiny_chat_llama_dir, tmp_pa
 def test_a_single_chat_file_is_the_train_split_only(tmp_path):
     # Reading one file as every split would evaluate on the training data.
     config = tiny_sft_config(tmp_path, **{"data.dir": str(SHARED_DATA / "gsm8k" / "train.jsonl")})
-    data = task_data.ChatData(config, tasks.get_task("gsm8k"), tokenizer=None)
+    data = loaders.ChatData(config, tasks.get_task("gsm8k"), tokenizer=None)
     assert len(data.conversations("train")) == 48
     for split in ("test", "validation"):
         with pytest.raises(ValueError, match=rf"single file.*not '{split}'"):
@@ -113,7 +113,7 @@ def test_a_single_chat_file_is_the_train_split_only(tmp_path):
     ],
 )
 def test_final_answer_extraction(text, expected):
-    assert lm_eval.final_answer(text) == expected
+    assert generated_answers.final_answer(text) == expected
 
 
 def test_holdout_rows_are_disjoint_fixed_and_capped():

@@ -4,7 +4,7 @@ gradient computation."""
 import jax
 import numpy as np
 
-from finetune_jax import experiment
+from finetune_jax.training import builder
 from tests.helpers import run_steps, tiny_config
 
 
@@ -31,9 +31,9 @@ def test_linear_probe_step_computes_no_backbone_gradient(tiny_bert_dir, sst2_sli
     for preset in ("full", "linear_probe"):
         config = tiny_config(tiny_bert_dir, sst2_slice)
         config.optim.preset = preset
-        exp = experiment.build(config)
+        exp = builder.build(config)
         state = exp.initial_state()
-        batch = exp.put_batch(next(experiment.train_batches(exp)))
+        batch = exp.put_batch(next(exp.data.train_batches()))
         cost = exp.train_step.lower(state, batch).compile().cost_analysis()
         flops[preset] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
     assert flops["linear_probe"] < 0.5 * flops["full"]

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finetune_jax.data import sources, tasks
-from finetune_jax.data.sources import DataError, load_split
+from finetune_jax.data import tasks, text_sources
+from finetune_jax.data.text_sources import DataError, load_split
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -203,4 +203,4 @@ def test_row_with_extra_field_is_a_parse_error(tmp_path):
 
 
 def test_data_error_is_a_value_error():
-    assert issubclass(sources.DataError, ValueError)
+    assert issubclass(text_sources.DataError, ValueError)

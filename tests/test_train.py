@@ -10,19 +10,19 @@ import jax
 import numpy as np
 import pytest
 
-from finetune_jax import checkpoint, experiment
 from finetune_jax.eval import run_eval
-from finetune_jax.evaluation import metric_mode
+from finetune_jax.evaluation.metrics import metric_mode
 from finetune_jax.train import train
+from finetune_jax.training import builder, checkpoints
 from tests.helpers import REPO, SHARED_DATA, tiny_config
 
 SST2 = SHARED_DATA / "glue" / "sst2"
 
 
 def final_state(config, workdir):
-    exp = experiment.build(config)
-    manager = checkpoint.make_manager(str(workdir), 2, None, read_only=True)
-    state, _ = checkpoint.restore_latest(manager, exp.abstract_state())
+    exp = builder.build(config)
+    manager = checkpoints.make_manager(str(workdir), 2, None, read_only=True)
+    state, _ = checkpoints.restore_latest(manager, exp.abstract_state())
     return jax.device_get(state)
 
 
@@ -34,9 +34,9 @@ def train_losses(workdir):
 def test_frozen_leaves_unchanged_trainable_changed(tiny_bert_dir, sst2_slice):
     config = tiny_config(tiny_bert_dir, sst2_slice)
     config.optim.preset = "linear_probe"
-    exp = experiment.build(config)
+    exp = builder.build(config)
     state = exp.initial_state()
-    batches = experiment.train_batches(exp)
+    batches = exp.data.train_batches()
     for _ in range(3):
         state, _ = exp.train_step(state, exp.put_batch(next(batches)))
     after = jax.device_get(state.params)
@@ -152,10 +152,10 @@ def test_prior_head_bias_is_the_train_label_prior(tiny_bert_dir, sst2_slice, tmp
         (stsb / name).write_text("".join(lines[: rows + 1]))
     config = tiny_config(tiny_bert_dir, stsb)
     config.data.task, config.data.holdout_rows = "stsb", 12
-    assert experiment.build(config).params["classifier"]["bias"].tolist() == [0.0]  # default
+    assert builder.build(config).params["classifier"]["bias"].tolist() == [0.0]  # default
 
     config.model.head_bias_init = "prior"
-    exp = experiment.build(config)
+    exp = builder.build(config)
     scores = _tsv_column(stsb / "train.tsv", "score")
     holdout = np.asarray(exp.data.examples("holdout").labels)
     assert len(holdout) == 12
@@ -165,7 +165,7 @@ def test_prior_head_bias_is_the_train_label_prior(tiny_bert_dir, sst2_slice, tmp
     # Classification (SST-2): softmax(bias) is the add-one smoothed class frequency.
     config = tiny_config(tiny_bert_dir, sst2_slice)
     config.model.head_bias_init = "prior"
-    bias = experiment.build(config).params["classifier"]["bias"]
+    bias = builder.build(config).params["classifier"]["bias"]
     labels = _tsv_column(sst2_slice / "train.tsv", "label").astype(int)
     counts = np.bincount(labels, minlength=2) + 1.0
     np.testing.assert_allclose(jax.nn.softmax(bias), counts / counts.sum(), rtol=1e-6)
@@ -175,11 +175,11 @@ def test_head_bias_init_errors_name_the_key(tiny_bert_dir, sst2_slice):
     config = tiny_config(tiny_bert_dir, sst2_slice)
     config.model.head_bias_init = "mean"
     with pytest.raises(ValueError, match=r"model.head_bias_init='mean': expected one of"):
-        experiment.build(config)
+        builder.build(config)
     config.model.head_bias_init = "prior"
     config.data.task = "gsm8k"
     with pytest.raises(ValueError, match=r"data.task='gsm8k' trains the pretrained LM head"):
-        experiment.build(config)
+        builder.build(config)
 
 
 def test_final_split_must_differ_from_the_selection_split(tiny_bert_dir, sst2_slice, tmp_path):
@@ -196,7 +196,7 @@ def test_selection_metric_is_checked_and_perplexity_is_lower_is_better(
     assert metric_mode("spearman") == "max"
     config = tiny_config(tiny_bert_dir, sst2_slice, metric="acuracy")
     with pytest.raises(ValueError, match=r"train.metric='acuracy' is not reported by task 'sst2'"):
-        experiment.build(config)
+        builder.build(config)
     # Resuming under another selection metric would mix two notions of "best".
     train(tiny_config(tiny_bert_dir, sst2_slice, max_steps=3), str(tmp_path))
     config = tiny_config(tiny_bert_dir, sst2_slice, max_steps=6, metric="loss")

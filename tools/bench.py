@@ -31,8 +31,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune_jax import config as config_lib  # noqa: E402
-from finetune_jax import experiment, optim  # noqa: E402
 from finetune_jax.cli import quiet_libraries  # noqa: E402
+from finetune_jax.training import builder, optim  # noqa: E402
 
 
 def step_flops(exp, state, batch) -> float:
@@ -57,8 +57,8 @@ def measure_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
 def bench(config, steps: int, warmup: int) -> dict:
     """Time `warmup + steps` train steps on real batches; returns the figures."""
     t_build = time.perf_counter()
-    exp = experiment.build(config)
-    batches = experiment.train_batches(exp)
+    exp = builder.build(config)
+    batches = exp.data.train_batches()
     state = exp.initial_state()
     build_s = time.perf_counter() - t_build
     flops_by_len, times, tokens = {}, [], []

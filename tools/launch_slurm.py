@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from finetune_jax import launch  # noqa: E402
+from finetune_jax.cluster import launch_commands  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], argparse.ArgumentParser]:
@@ -73,7 +73,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], argparse
         action="store_true",
         help="print the script and the sbatch command, write and run nothing",
     )
-    own, train_args = launch.split_train_args(argv)
+    own, train_args = launch_commands.split_train_args(argv)
     return parser.parse_args(own), train_args, parser
 
 
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     args, train_args, parser = parse_args(argv)
     script_path = args.script_out or os.path.join("logs", f"{args.job_name}.sbatch")
     try:
-        script = launch.slurm_script(
+        script = launch_commands.slurm_script(
             args.job_name,
             args.nodes,
             args.gpus_per_node,
@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
             extra_sbatch=args.sbatch,
             cpus_per_gpu=args.cpus_per_gpu,
         )
-        submit = launch.slurm_submit_command(script_path)
+        submit = launch_commands.slurm_submit_command(script_path)
     except ValueError as e:
         parser.error(str(e))
     if args.dry_run:

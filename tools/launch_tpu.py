@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from finetune_jax import launch  # noqa: E402
+from finetune_jax.cluster import launch_commands  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], argparse.ArgumentParser]:
@@ -55,7 +55,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], argparse
         action="store_true",
         help="print the commands and run nothing",
     )
-    own, train_args = launch.split_train_args(argv)
+    own, train_args = launch_commands.split_train_args(argv)
     return parser.parse_args(own), train_args, parser
 
 
@@ -64,12 +64,12 @@ def commands(args: argparse.Namespace, train_args: list[str]) -> list[list[str]]
     where = (args.tpu, args.zone, args.project)
     result = []
     if args.sync:
-        result += launch.tpu_copy_commands(
+        result += launch_commands.tpu_copy_commands(
             *where, repo_dir=args.repo_dir, local_dir=os.path.relpath(ROOT)
         )
     if args.setup:
-        result.append(launch.tpu_pod_command(*where, [], args.repo_dir, args.venv, setup=True))
-    result.append(launch.tpu_pod_command(*where, train_args, args.repo_dir, args.venv))
+        result.append(launch_commands.tpu_pod_command(*where, [], args.repo_dir, args.venv, setup=True))
+    result.append(launch_commands.tpu_pod_command(*where, train_args, args.repo_dir, args.venv))
     return result
 
 
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
         argvs = commands(args, train_args)
     except ValueError as e:
         parser.error(str(e))
-    workdir = launch.workdir_of(train_args)
+    workdir = launch_commands.workdir_of(train_args)
     if not workdir.startswith("gs://"):
         # Each worker writes its shard of the checkpoint: a worker-local path splits it.
         print(

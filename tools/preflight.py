@@ -36,8 +36,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from finetune_jax import experiment, optim  # noqa: E402
 from finetune_jax.cli import quiet_libraries  # noqa: E402
+from finetune_jax.training import builder, optim  # noqa: E402
 
 
 def per_device_bytes(abstract_tree, shardings) -> int:
@@ -61,7 +61,7 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def preflight(config) -> dict:
     """Compile the train step for config.mesh on abstract inputs; return the figures."""
-    exp = experiment.build(config)
+    exp = builder.build(config)
     state = exp.abstract_state()
     length = max(config.data.buckets) if config.data.buckets else config.data.max_length
     batch_size = config.train.batch_size

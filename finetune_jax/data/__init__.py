@@ -1,0 +1,1 @@
+"""Input: task definitions, data sources, text / chat batching, and the per-task loaders."""

@@ -12,7 +12,7 @@ import pathlib
 import re
 from collections.abc import Iterator
 
-from finetune_jax.data.sources import DataError
+from finetune_jax.data.text_sources import DataError
 
 FORMATS = ("auto", "gsm8k", "messages", "alpaca")
 ROLES = ("system", "user", "assistant")

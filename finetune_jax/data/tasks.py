@@ -29,7 +29,7 @@ class Task:
       label_names: human-readable class names, index = class id; None means regression.
       raw_labels: label strings as written in the files, index = class id; None means the
         class ids themselves ("0", "1", ...).
-      metrics: metric names understood by `finetune_jax.metrics.compute_metrics`.
+      metrics: metric names understood by `finetune_jax.evaluation.metrics.compute_metrics`.
       main_metric: the metric used for model selection (keep-best checkpoints, sweeps).
       hub_text_columns: text columns of the hub dataset when they differ from the files'.
       hub_label_column: label column of the hub dataset.

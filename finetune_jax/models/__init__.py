@@ -1,29 +1,24 @@
-"""Model registry: HF `model_type` -> the module that implements it.
+"""Model registry: HF `model_type` -> the `ModelFamily` that implements it.
 
-Each model module provides a `*Config.from_hf`, the Flax modules, `from_hf` / `to_hf` weight
-conversion, `init_params` and `load_pretrained`. Adding an architecture means adding its file
-and one line here.
+Adding an architecture means adding its model file (config, modules, `FAMILY`), its HF
+mapping file, a parity test, and one entry in `FAMILIES` below.
 """
 
 from __future__ import annotations
 
-import types
-
 from finetune_jax.models import bert, llama
+from finetune_jax.models.family import ModelFamily
 
-MODELS: dict[str, types.ModuleType] = {
-    "bert": bert,
-    "llama": llama,
-    "qwen2": llama,
-    "mistral": llama,
-}
+FAMILIES: tuple[ModelFamily, ...] = (bert.FAMILY, llama.FAMILY)
+
+_BY_MODEL_TYPE = {model_type: f for f in FAMILIES for model_type in f.model_types}
 
 
-def get_model_module(model_type: str) -> types.ModuleType:
-    """Returns the model module registered for an HF `model_type` (from config.json)."""
+def family_for(model_type: str) -> ModelFamily:
+    """The family registered for an HF `model_type` (from config.json)."""
     try:
-        return MODELS[model_type]
+        return _BY_MODEL_TYPE[model_type]
     except KeyError:
         raise ValueError(
-            f"Unsupported model_type {model_type!r}; supported: {sorted(MODELS)}"
+            f"Unsupported model_type {model_type!r}; supported: {sorted(_BY_MODEL_TYPE)}"
         ) from None

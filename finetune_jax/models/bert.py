@@ -1,7 +1,7 @@
-"""BERT encoder (HF `model_type == "bert"`): config, Flax linen modules, HF weight conversion.
+"""BERT encoder (HF `model_type == "bert"`): config and Flax linen modules.
 
-Param names mirror HF (`LayerNorm`, `intermediate`, `output`) so the mapping below is easy to
-audit; every param carries logical axis names so sharding is decided by a rules table.
+Param names mirror HF (`LayerNorm`, `intermediate`, `output`) so the mapping in `bert_hf.py`
+is easy to audit; every param carries logical axis names so sharding is decided by a rules table.
 Parity with `transformers.BertModel` is checked in tests/test_bert.py.
 """
 
@@ -9,25 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-import pathlib
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from finetune_jax import peft, weights
-from finetune_jax.models import layers
-from finetune_jax.models.layers import HFMapping
+from finetune_jax.models import attention, bert_hf, layers
+from finetune_jax.models import lora as lora_lib
+from finetune_jax.models.family import ModelFamily
 
 # Activations are constrained to these logical axes at block boundaries.
 ACTIVATION_AXES = ("batch", "length", "activation_embed")
-# HF PEFT task type of the exported adapter, and the modules it saves whole: the classifier
-# and pooler, new or trained in the `lora` preset (our param-path prefixes).
-PEFT_TASK_TYPE = "SEQ_CLS"
-PEFT_MODULES_TO_SAVE = ("classifier", "bert/pooler")
 HEAD_BIAS = "classifier/bias"  # the new task head's bias (see model.head_bias_init)
 
 
@@ -51,8 +44,8 @@ class BertConfig:
     num_labels: int = 2  # 1 means regression
     classifier_dropout: float | None = None  # None: use hidden_dropout_prob
     dtype: str = "float32"  # compute dtype; params are always float32
-    remat: str = "none"  # none | full | dots_saveable (see layers.remat_policy)
-    lora: peft.LoraConfig | None = None  # LoRA on the DenseND kernels its targets match
+    remat: str = "none"  # none | full | dots_saveable (see layers.remat)
+    lora: lora_lib.LoraConfig | None = None  # LoRA on the DenseND kernels its targets match
 
     def __post_init__(self) -> None:
         layers.get_activation(self.hidden_act)  # fail at config time, not mid-trace
@@ -234,7 +227,7 @@ class BertEncoder(nn.Module):
         cfg = self.config
         # static_argnums counts `self` as 0, so 3 is `deterministic` (a Python bool).
         block = layers.remat(BertLayer, cfg.remat, static_argnums=(3,))
-        mask_bias_B11L = layers.additive_attention_mask(attention_mask_BL)
+        mask_bias_B11L = attention.additive_attention_mask(attention_mask_BL)
         for i in range(cfg.num_hidden_layers):
             x_BLD = block(cfg, name=f"layer_{i}")(x_BLD, mask_bias_B11L, deterministic)
         return x_BLD
@@ -303,138 +296,6 @@ class BertForSequenceClassification(nn.Module):
         )(pooled_BD)
 
 
-# ----------------------------------------------------------------------------- HF weights
-
-
-def hf_mappings(config: BertConfig) -> list[HFMapping]:
-    """The HF BertModel tensors (keys without `bert.`) and where they go in our `bert` subtree."""
-    d, f, h, k = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.num_attention_heads,
-        config.head_dim,
-    )
-    rows = [
-        HFMapping(
-            "embeddings.word_embeddings.weight",
-            "embeddings/word_embeddings/embedding",
-            (config.vocab_size, d),
-            (config.vocab_size, d),
-        ),
-        HFMapping(
-            "embeddings.position_embeddings.weight",
-            "embeddings/position_embeddings/embedding",
-            (config.max_position_embeddings, d),
-            (config.max_position_embeddings, d),
-        ),
-        HFMapping(
-            "embeddings.token_type_embeddings.weight",
-            "embeddings/token_type_embeddings/embedding",
-            (config.type_vocab_size, d),
-            (config.type_vocab_size, d),
-        ),
-    ]
-
-    def layer_norm(hf: str, ours: str) -> list[HFMapping]:
-        return [
-            HFMapping(f"{hf}.weight", f"{ours}/scale", (d,), (d,)),
-            HFMapping(f"{hf}.bias", f"{ours}/bias", (d,), (d,)),
-        ]
-
-    rows += layer_norm("embeddings.LayerNorm", "embeddings/LayerNorm")
-    for i in range(config.num_hidden_layers):
-        hf, ours = f"encoder.layer.{i}", f"encoder/layer_{i}"
-        for name in ("query", "key", "value"):
-            rows.append(
-                HFMapping(
-                    f"{hf}.attention.self.{name}.weight",
-                    f"{ours}/attention/{name}/kernel",
-                    (d, d),
-                    (d, h, k),
-                    True,
-                )
-            )
-            rows.append(
-                HFMapping(
-                    f"{hf}.attention.self.{name}.bias",
-                    f"{ours}/attention/{name}/bias",
-                    (d,),
-                    (h, k),
-                )
-            )
-        rows += [
-            HFMapping(
-                f"{hf}.attention.output.dense.weight",
-                f"{ours}/attention/output/kernel",
-                (d, d),
-                (h, k, d),
-                True,
-            ),
-            HFMapping(
-                f"{hf}.attention.output.dense.bias", f"{ours}/attention/output/bias", (d,), (d,)
-            ),
-            *layer_norm(f"{hf}.attention.output.LayerNorm", f"{ours}/attention/LayerNorm"),
-            HFMapping(
-                f"{hf}.intermediate.dense.weight",
-                f"{ours}/intermediate/kernel",
-                (f, d),
-                (d, f),
-                True,
-            ),
-            HFMapping(f"{hf}.intermediate.dense.bias", f"{ours}/intermediate/bias", (f,), (f,)),
-            HFMapping(f"{hf}.output.dense.weight", f"{ours}/output/kernel", (d, f), (f, d), True),
-            HFMapping(f"{hf}.output.dense.bias", f"{ours}/output/bias", (d,), (d,)),
-            *layer_norm(f"{hf}.output.LayerNorm", f"{ours}/output/LayerNorm"),
-        ]
-    rows += [
-        HFMapping("pooler.dense.weight", "pooler/dense/kernel", (d, d), (d, d), True),
-        HFMapping("pooler.dense.bias", "pooler/dense/bias", (d,), (d,)),
-    ]
-    return rows
-
-
-def hf_param_mappings(config: BertConfig) -> list[HFMapping]:
-    """Every param of BertForSequenceClassification: full paths and full HF keys."""
-    rows = [
-        m._replace(hf_key="bert." + m.hf_key, path="bert/" + m.path) for m in hf_mappings(config)
-    ]
-    labels, d = config.num_labels, config.hidden_size
-    return rows + [
-        HFMapping("classifier.weight", "classifier/kernel", (labels, d), (d, labels), True),
-        HFMapping("classifier.bias", "classifier/bias", (labels,), (labels,)),
-    ]
-
-
-def from_hf(
-    hf_tensors: dict[str, np.ndarray], config: BertConfig
-) -> tuple[dict[str, Any], list[str]]:
-    """HF tensors -> (our `bert` subtree, missing subtrees).
-
-    Keys may carry the `bert.` prefix (task-head checkpoints) or not (bare BertModel). Only
-    the encoder is converted: the task head is new and comes from init. A checkpoint without
-    pooler weights gives `missing == ["bert/pooler"]` and no `pooler` entry; the caller keeps
-    its initialised pooler. Missing or wrongly shaped tensors raise ValueError.
-    """
-    prefix = "bert." if any(key.startswith("bert.") for key in hf_tensors) else ""
-    return layers.convert_from_hf(
-        hf_tensors,
-        hf_mappings(config),
-        key_prefix=prefix,
-        path_prefix="bert",
-        optional_groups=("pooler",),
-    )
-
-
-def to_hf(params: dict[str, Any], config: BertConfig) -> dict[str, np.ndarray]:
-    """Our unboxed params -> HF BertForSequenceClassification tensors (`bert.` prefix)."""
-    tensors = layers.convert_to_hf(params["bert"], hf_mappings(config), key_prefix="bert.")
-    if "classifier" in params:
-        kernel = np.asarray(params["classifier"]["kernel"], np.float32)
-        tensors["classifier.weight"] = np.ascontiguousarray(kernel.T)
-        tensors["classifier.bias"] = np.asarray(params["classifier"]["bias"], np.float32)
-    return tensors
-
-
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def init_params(config: BertConfig, rng: jax.Array, seq_len: int = 8) -> dict[str, Any]:
     """Initialises BertForSequenceClassification; returns the boxed (nn.Partitioned) params.
@@ -450,52 +311,19 @@ def init_params(config: BertConfig, rng: jax.Array, seq_len: int = 8) -> dict[st
     return variables["params"]
 
 
-def _init_subtrees(config: BertConfig, seed: int, paths: list[str]) -> dict[str, Any]:
-    """Unboxed init values of only the '/'-joined `paths`, equal to `init_params(seed)`'s.
-
-    Under jit XLA drops the random draws for everything not returned, which makes loading
-    MiniLM ~4x faster than initialising the 30k x 384 embedding just to overwrite it.
-    """
-
-    def init(rng: jax.Array) -> dict[str, Any]:
-        params = nn.meta.unbox(init_params(config, rng))
-        return {path: layers.get_path(params, path) for path in paths}
-
-    return jax.device_get(jax.jit(init)(jax.random.PRNGKey(seed)))
-
-
-def load_pretrained(
-    model_dir: str | pathlib.Path,
-    num_labels: int,
-    dtype: str = "float32",
-    seed: int = 0,
-    lora: peft.LoraConfig | None = None,
-    **overrides: Any,
-) -> tuple[BertConfig, BertForSequenceClassification, dict[str, Any]]:
-    """Builds a classifier from an HF directory (or a name `weights.resolve_model_dir` knows).
-
-    The `bert` subtree comes from safetensors; the classifier head (and the pooler, if the
-    checkpoint has none) and the LoRA params (with `lora`) come from init with `seed`. Params
-    are unboxed float32 numpy arrays on the host, so the caller decides their placement and
-    sharding.
-    """
-    model_dir = weights.resolve_model_dir(str(model_dir))
-    hf_config = weights.read_hf_config(model_dir)
-    if hf_config.get("model_type", "bert") != "bert":
-        raise ValueError(f"{model_dir} holds model_type {hf_config['model_type']!r}, not 'bert'")
-    config = BertConfig.from_hf(
-        hf_config, num_labels=num_labels, dtype=dtype, lora=lora, **overrides
-    )
-    loaded, missing = from_hf(weights.read_safetensors(model_dir), config)
-    if missing:
-        logging.warning(
-            "%s has no weights for %s; keeping freshly initialised values.", model_dir, missing
-        )
-    params: dict[str, Any] = {"bert": loaded}
-    for path, value in _init_subtrees(config, seed, ["classifier", *missing]).items():
-        layers.set_path(params, path, value)
-    if lora is not None:
-        params = peft.add_params(
-            params, peft.init_lora_params(functools.partial(init_params, config), seed)
-        )
-    return config, BertForSequenceClassification(config), params
+FAMILY = ModelFamily(
+    name="bert",
+    model_types=("bert",),
+    config_from_hf=BertConfig.from_hf,
+    heads={"classification": BertForSequenceClassification},
+    init_params=init_params,
+    hf_param_mappings=bert_hf.hf_param_mappings,
+    new_params=("classifier",),
+    optional_params=("bert/pooler",),  # some checkpoints drop the pooler
+    bare_prefix="bert.",  # a bare BertModel checkpoint names its tensors without it
+    head_bias=HEAD_BIAS,
+    hf_class_names={"bert": "Bert"},
+    peft_task_type={"classification": "SEQ_CLS"},
+    # The classifier and pooler, new or trained in the `lora` preset, go along whole.
+    peft_modules_to_save=("classifier", "bert/pooler"),
+)

@@ -15,9 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from finetune_jax import checkpoint, experiment
-from finetune_jax.faults import NonFiniteError
+from finetune_jax.data import loaders
 from finetune_jax.train import train
+from finetune_jax.training import builder, checkpoints
+from finetune_jax.training.faults import NonFiniteError
 from tests.helpers import REPO, SHARED_DATA, tiny_config
 
 pytestmark = pytest.mark.faults
@@ -35,9 +36,9 @@ def write_config_file(path, model_dir, data_dir, **train_overrides):
 
 
 def final_state(config, workdir):
-    exp = experiment.build(config)
-    manager = checkpoint.make_manager(str(workdir), 2, None, read_only=True)
-    restored = checkpoint.restore_latest(manager, exp.abstract_state())
+    exp = builder.build(config)
+    manager = checkpoints.make_manager(str(workdir), 2, None, read_only=True)
+    restored = checkpoints.restore_latest(manager, exp.abstract_state())
     return None if restored is None else jax.device_get(restored[0])
 
 
@@ -138,9 +139,11 @@ class PoisonedBatches:
 
 
 def poison_batch(monkeypatch, at_batch):
-    real = experiment.train_batches
+    real = loaders.ClassificationData.train_batches
     monkeypatch.setattr(
-        experiment, "train_batches", lambda exp: PoisonedBatches(real(exp), at_batch)
+        loaders.ClassificationData,
+        "train_batches",
+        lambda data: PoisonedBatches(real(data), at_batch),
     )
 
 
@@ -190,7 +193,7 @@ def test_disk_full_while_saving_is_an_error_and_keeps_earlier_checkpoints(
 
     monkeypatch.setattr(async_path, "rename", full_disk)
     config = tiny_config(tiny_bert_dir, sst2_slice)
-    with pytest.raises(checkpoint.CheckpointError, match="No space left.*intact"):
+    with pytest.raises(checkpoints.CheckpointError, match="No space left.*intact"):
         train(config, str(tmp_path))
     assert int(final_state(config, tmp_path).step) == 3
 
@@ -218,7 +221,7 @@ def test_checkpoint_of_another_model_names_param_and_shapes(
     regression = tiny_config(tiny_bert_dir, stsb_slice, max_steps=6)
     regression.data.task = "stsb"
     with pytest.raises(
-        checkpoint.CheckpointError,
+        checkpoints.CheckpointError,
         match=r"'classifier/bias' has shape \(2,\) in the checkpoint but \(1,\)",
     ):
         train(regression, str(tmp_path))
@@ -230,5 +233,5 @@ def test_checkpoint_with_another_optimizer_layout_is_a_clear_error(
     train(tiny_config(tiny_bert_dir, sst2_slice, max_steps=3), str(tmp_path))
     probe = tiny_config(tiny_bert_dir, sst2_slice)
     probe.optim.preset = "linear_probe"
-    with pytest.raises(checkpoint.CheckpointError, match="optim.preset"):
+    with pytest.raises(checkpoints.CheckpointError, match="optim.preset"):
         train(probe, str(tmp_path))

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from finetune_jax import checkpoint, experiment
+from finetune_jax.training import builder, checkpoints
 from tests.helpers import run_steps, tiny_config
 
 STEPS = 4
@@ -71,13 +71,13 @@ def test_checkpoint_moves_between_meshes(tiny_bert_dir, sst2_slice, tmp_path):
     exp8, state, _ = run_steps(
         mesh_config(tiny_bert_dir, sst2_slice, {"data": 8}), 2, jax.devices()
     )
-    manager = checkpoint.make_manager(str(tmp_path), 1, None, async_save=False)
-    checkpoint.save(manager, state, {"data": {}})
+    manager = checkpoints.make_manager(str(tmp_path), 1, None, async_save=False)
+    checkpoints.save(manager, state, {"data": {}})
     manager.wait_until_finished()
     saved = jax.device_get(state)
     for mesh, devices in (({"data": 2, "fsdp": 4}, jax.devices()), ({}, jax.devices()[:1])):
-        exp = experiment.build(mesh_config(tiny_bert_dir, sst2_slice, mesh), devices=devices)
-        restored, _ = checkpoint.restore_latest(manager, exp.abstract_state())
+        exp = builder.build(mesh_config(tiny_bert_dir, sst2_slice, mesh), devices=devices)
+        restored, _ = checkpoints.restore_latest(manager, exp.abstract_state())
         leaf = restored.params["bert"]["embeddings"]["word_embeddings"]["embedding"]
         assert leaf.sharding.mesh.shape == exp.mesh.shape
         for x, y in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(saved)):
@@ -86,11 +86,11 @@ def test_checkpoint_moves_between_meshes(tiny_bert_dir, sst2_slice, tmp_path):
 
 def test_mesh_and_batch_errors_name_the_problem(tiny_bert_dir, sst2_slice):
     with pytest.raises(ValueError, match="does not divide the 8 devices"):
-        experiment.build(mesh_config(tiny_bert_dir, sst2_slice, {"data": 3}))
+        builder.build(mesh_config(tiny_bert_dir, sst2_slice, {"data": 3}))
     config = mesh_config(tiny_bert_dir, sst2_slice, {"data": 8})
     config.train.batch_size = 12
     with pytest.raises(ValueError, match="batch_size=12.*8 devices"):
-        experiment.build(config)
+        builder.build(config)
     # A vocabulary of 30522 cannot be split 8 ways: the error names the param and its shape.
     with pytest.raises(ValueError, match=r"word_embeddings/embedding of shape \(30522, 32\)"):
-        experiment.build(mesh_config(tiny_bert_dir, sst2_slice, {"tensor": 8}))
+        builder.build(mesh_config(tiny_bert_dir, sst2_slice, {"tensor": 8}))

@@ -10,8 +10,8 @@ import sys
 import jax
 import numpy as np
 
-from finetune_jax import checkpoint, experiment
 from finetune_jax.train import train
+from finetune_jax.training import builder, checkpoints
 from tests.helpers import REPO, tiny_config
 
 WORKER = REPO / "tests" / "multidevice" / "two_process_worker.py"
@@ -65,11 +65,11 @@ def test_two_processes_train_and_checkpoint_like_one(tiny_bert_dir, sst2_slice, 
     assert sorted(two) == sorted(one) == list(range(1, 7))
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5)
 
-    exp = experiment.build(config)
+    exp = builder.build(config)
     states = []
     for path in (tmp_path / "one", workdir):
-        manager = checkpoint.make_manager(str(path), 2, None, read_only=True)
-        state, progress = checkpoint.restore_latest(manager, exp.abstract_state())
+        manager = checkpoints.make_manager(str(path), 2, None, read_only=True)
+        state, progress = checkpoints.restore_latest(manager, exp.abstract_state())
         states.append(jax.device_get(state))
     assert int(states[0].step) == int(states[1].step) == 6
     for x, y in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):

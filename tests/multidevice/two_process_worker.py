@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from finetune_jax import distributed  # noqa: E402
+from finetune_jax.cluster import distributed  # noqa: E402
 
 
 def main(port, process_id, workdir, model_dir, data_dir):

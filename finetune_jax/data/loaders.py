@@ -1,0 +1,171 @@
+"""A task's data as the train loop sees it: load a split, training batches, eval batches.
+
+Two kinds, picked by the task: `ClassificationData` (sentence(-pair) classification and
+regression: tokenize, length buckets) and `ChatData` (causal-LM SFT on chat records:
+assistant-only loss, packed rows). Both yield the batch contract of `steps.py`: model
+inputs plus `labels` and `weights` (weight 0 = padding), so one train step serves both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from finetune_jax.data import chat_batches, selection, text_batches, text_sources
+from finetune_jax.data.tasks import ChatTask, Task
+
+
+def make_loader(config: ml_collections.ConfigDict, task: Task | ChatTask, tokenizer):
+    """The loader for `task`'s kind."""
+    cls = ChatData if task.kind == "causal_lm" else ClassificationData
+    return cls(config, task, tokenizer)
+
+
+def _rows(config: ml_collections.ConfigDict, split: str, num_rows: int) -> np.ndarray | None:
+    data = config.data
+    cap = data.max_train_rows if split == "train" else data.max_eval_rows
+    return selection.split_rows(num_rows, split, data.holdout_rows, cap, data.split_seed)
+
+
+class ClassificationData:
+    """Tokenized sentence(-pair) examples batched into a few padded lengths (buckets)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, task: Task, tokenizer):
+        self.config, self.task, self.tokenizer = config, task, tokenizer
+        self.buckets = text_batches.bucket_lengths(config.data.max_length, tuple(config.data.buckets))
+
+    def examples(self, split: str) -> text_sources.Examples:
+        """The untokenized rows of `split` ("train", "validation", "test" or "holdout")."""
+        examples = text_sources.load_split(
+            self.task, self.config.data.dir or None, selection.file_split(split)
+        )
+        rows = _rows(self.config, split, len(examples))
+        return examples if rows is None else text_sources.take(examples, rows)
+
+    def load(self, split: str) -> text_batches.Encoded:
+        """Load and tokenize `split`."""
+        return text_batches.tokenize(self.examples(split), self.tokenizer, self.config.data.max_length)
+
+    def label_prior(self) -> np.ndarray:
+        """The train labels' prior as head biases [num_labels]: the mean score for
+        regression, log class frequencies (add-one smoothed) for classification."""
+        labels = np.asarray(self.examples("train").labels)
+        if self.task.is_regression:
+            return np.asarray([labels.mean()], np.float32)
+        counts = np.bincount(labels, minlength=self.task.num_labels) + 1.0
+        return np.log(counts / counts.sum()).astype(np.float32)
+
+    def train_batches(self) -> text_batches.TrainBatches:
+        """The resumable, seeded, bucketed training iterator for this process."""
+        return text_batches.TrainBatches(
+            self.load("train"),
+            batch_size=self.config.train.batch_size,
+            seed=self.config.seed,
+            buckets=self.buckets,
+            pad_id=self.tokenizer.pad_token_id,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    def eval_batches(self, encoded: text_batches.Encoded) -> Iterator[dict[str, np.ndarray]]:
+        """Fixed-order eval batches (last one padded with weight-0 rows)."""
+        return text_batches.eval_batches(
+            encoded,
+            self.config.train.batch_size,
+            self.buckets,
+            self.tokenizer.pad_token_id,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+
+@dataclasses.dataclass
+class ChatSplit:
+    """One split of chat records: the conversations (for generation) and their packed rows."""
+
+    conversations: list[chat_batches.Conversation]
+    rows: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+
+def step_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """SFT row fields -> the step's batch: next-token `labels`, per-token `weights`."""
+    batch = {k: rows[k] for k in ("input_ids", "attention_mask", "segment_ids", "positions")}
+    return {**batch, "labels": rows["targets"], "weights": rows["loss_mask"]}
+
+
+class _StepBatches(chat_batches.SFTBatches):
+    """SFTBatches yielding step batches (position, resume and epochs unchanged)."""
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return step_batch(super().__next__())
+
+
+class ChatData:
+    """Chat records rendered with the tokenizer's chat template, loss on assistant tokens,
+    several examples packed per row of `data.max_length` tokens (`data.packing`)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, task: ChatTask, tokenizer):
+        self.config, self.task, self.tokenizer = config, task, tokenizer
+        if not config.data.dir:
+            raise ValueError(
+                f"data.task={task.name!r} reads local chat records: set data.dir to a "
+                "directory holding {split}.jsonl (or .json) or to one such file"
+            )
+
+    def conversations(self, split: str) -> list[chat_batches.Conversation]:
+        """The records of `split` ("train", "test", "validation" or "holdout") in file order."""
+        file_split = selection.file_split(split)
+        if file_split != "train" and os.path.isfile(self.config.data.dir):
+            # One file is the train split; reading it as another split would evaluate (and
+            # select checkpoints) on the training data.
+            raise ValueError(
+                f"data.dir={self.config.data.dir!r} is a single file, which serves as the "
+                f"train split only, not {split!r}: point data.dir at a directory holding "
+                f"{file_split}.jsonl, or evaluate on a holdout (data.eval_split='holdout', "
+                "data.holdout_rows=N)"
+            )
+        records = chat_batches.load_records(self.config.data.dir, self.task.format, split=file_split)
+        rows = _rows(self.config, split, len(records))
+        return records if rows is None else [records[i] for i in rows]
+
+    def load(self, split: str) -> ChatSplit:
+        """Load, render, mask and pack `split`."""
+        conversations = self.conversations(split)
+        length = self.config.data.max_length
+        examples = chat_batches.encode_conversations(conversations, self.tokenizer, length)
+        rows = chat_batches.pack(
+            examples,
+            length,
+            packed=self.config.data.packing,
+            pad_id=chat_batches.pad_token_id(self.tokenizer),
+        )
+        return ChatSplit(conversations, rows)
+
+    def train_batches(self) -> _StepBatches:
+        """Seeded, resumable batches of packed training rows for this process."""
+        return _StepBatches(
+            self.load("train").rows,
+            batch_size=self.config.train.batch_size,
+            seed=self.config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    def eval_batches(self, split: ChatSplit) -> Iterator[dict[str, Any]]:
+        """Every packed row once, in order; the last batch filled with empty rows."""
+        batches = chat_batches.eval_batches(
+            split.rows,
+            self.config.train.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        return (step_batch(rows) for rows in batches)

@@ -1,0 +1,103 @@
+"""Host-side evaluation metrics on numpy arrays (GLUE conventions).
+
+Degenerate inputs (a constant predictor, a constant target) give 0.0 rather than NaN, so a
+collapsed model scores as uninformative instead of breaking keep-best checkpoint selection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import scipy.stats
+
+from finetune_jax.data.tasks import Task
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of predictions equal to the labels."""
+    predictions, labels = _check(predictions, labels)
+    return float(np.mean(predictions == labels))
+
+
+def f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Binary F1 of the positive class 1; 0.0 when there are no true or predicted positives."""
+    predictions, labels = _check(predictions, labels)
+    true_positive = np.sum((predictions == 1) & (labels == 1))
+    denominator = np.sum(predictions == 1) + np.sum(labels == 1)
+    return float(2 * true_positive / denominator) if denominator else 0.0
+
+
+def matthews_corrcoef(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Matthews correlation (multiclass form, as scikit-learn); 0.0 for a constant predictor."""
+    predictions, labels = _check(predictions, labels)
+    classes, encoded = np.unique(np.concatenate([labels, predictions]), return_inverse=True)
+    k = len(classes)
+    confusion = np.zeros((k, k), np.float64)
+    np.add.at(confusion, (encoded[: len(labels)], encoded[len(labels) :]), 1.0)
+    true_counts, predicted_counts = confusion.sum(axis=1), confusion.sum(axis=0)
+    samples, correct = confusion.sum(), np.trace(confusion)
+    covariance_yp = correct * samples - true_counts @ predicted_counts
+    covariance_pp = samples**2 - predicted_counts @ predicted_counts
+    covariance_yy = samples**2 - true_counts @ true_counts
+    if covariance_pp == 0 or covariance_yy == 0:
+        return 0.0
+    return float(covariance_yp / np.sqrt(covariance_pp * covariance_yy))
+
+
+def pearson(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Pearson correlation; 0.0 when either side is constant."""
+    predictions, labels = _check(predictions, labels)
+    x = predictions.astype(np.float64) - predictions.mean(dtype=np.float64)
+    y = labels.astype(np.float64) - labels.mean(dtype=np.float64)
+    norm = np.sqrt(np.sum(x * x) * np.sum(y * y))
+    return float(np.clip(np.sum(x * y) / norm, -1.0, 1.0)) if norm > 0 else 0.0
+
+
+def spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); 0.0 when either side is constant."""
+    predictions, labels = _check(predictions, labels)
+    return pearson(scipy.stats.rankdata(predictions), scipy.stats.rankdata(labels))
+
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "accuracy": accuracy,
+    "token_accuracy": accuracy,  # next-token argmax vs target, over trained tokens
+    "f1": f1,
+    "matthews_corrcoef": matthews_corrcoef,
+    "pearson": pearson,
+    "spearman": spearman,
+}
+
+
+def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """All of `task.metrics` for predictions (class ids, or floats for regression) vs labels."""
+    unknown = [name for name in task.metrics if name not in METRICS]
+    if unknown:
+        raise ValueError(
+            f"task {task.name} asks for unknown metrics {unknown}; known: {sorted(METRICS)}"
+        )
+    return {name: METRICS[name](predictions, labels) for name in task.metrics}
+
+
+def _check(predictions: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    predictions, labels = np.asarray(predictions).ravel(), np.asarray(labels).ravel()
+    if predictions.shape != labels.shape:
+        raise ValueError(f"{predictions.size} predictions but {labels.size} labels")
+    if predictions.size == 0:
+        raise ValueError("metrics of an empty set are undefined")
+    return predictions, labels
+
+
+LOWER_IS_BETTER = ("perplexity",)  # and every "*loss"
+
+
+def metric_mode(metric: str) -> str:
+    """'min' for losses and perplexity, 'max' for the rest (accuracy, F1, correlations)."""
+    return "min" if metric.endswith("loss") or metric in LOWER_IS_BETTER else "max"
+
+
+def eval_metric_names(task) -> tuple[str, ...]:
+    """The names an eval of `task` reports, any of which `train.metric` may select on."""
+    extra = ("perplexity",) if task.kind == "causal_lm" else ()
+    return ("loss", *extra, *task.metrics)

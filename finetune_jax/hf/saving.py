@@ -1,0 +1,91 @@
+"""Write an HF model directory (config.json, model.safetensors, tokenizer, generation config)
+that transformers loads, through a temporary sibling renamed into place: an export never
+leaves a half-written directory, and never replaces an existing one unless asked."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from finetune_jax.hf import model_files
+from finetune_jax.models.family import ModelFamily
+
+# transformers' class-name suffix of the model with each task kind's head.
+HEAD_CLASS_SUFFIX = {"classification": "ForSequenceClassification", "causal_lm": "ForCausalLM"}
+
+
+def exported_config(hf_config: dict[str, Any], family: ModelFamily, task: Any) -> dict[str, Any]:
+    """The exported config.json: the pretrained one, with the fine-tuned head's shape."""
+    config = {k: v for k, v in hf_config.items() if k not in ("_name_or_path", "dtype")}
+    config["torch_dtype"] = "float32"
+    model_type = config.get("model_type", family.model_types[0])
+    config["architectures"] = [family.hf_class_names[model_type] + HEAD_CLASS_SUFFIX[task.kind]]
+    if task.kind != "classification":
+        return config
+    config["num_labels"] = task.num_labels
+    if task.is_regression:
+        config["problem_type"] = "regression"
+        config["id2label"], config["label2id"] = {0: "score"}, {"score": 0}
+    else:
+        config["problem_type"] = "single_label_classification"
+        config["id2label"] = dict(enumerate(task.label_names))
+        config["label2id"] = {name: i for i, name in enumerate(task.label_names)}
+    return config
+
+
+def generation_config(tokenizer: Any, hf_config: dict[str, Any]) -> dict[str, Any]:
+    """Token ids transformers' `generate` needs (a GGUF-derived config may lack them)."""
+    def pick(key: str) -> Any:  # absent or null in the model config: the tokenizer's
+        value = hf_config.get(key)
+        return getattr(tokenizer, key) if value is None else value
+
+    config = {key: pick(key) for key in ("bos_token_id", "eos_token_id")}
+    config["pad_token_id"] = tokenizer.pad_token_id
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def write_model_dir(
+    out_dir: str,
+    tensors: dict[str, np.ndarray],
+    config: dict[str, Any],
+    tokenizer: Any,
+    generation: dict[str, Any] | None = None,
+    write_extra: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Writes an HF model directory; `write_extra(tmp_dir)` adds more files (an adapter)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(
+            f"export directory {out_dir} exists and is not empty; choose another --out or "
+            "pass --overwrite"
+        )
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    # mkdtemp makes the directory owner-only (0700); give the export the mode a plain
+    # mkdir would, so serving accounts and colleagues can read it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        model_files.write_safetensors(tensors, tmp, config)
+        tokenizer.save_pretrained(tmp)
+        if generation is not None:
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump(generation, f, indent=2)
+        if write_extra is not None:
+            write_extra(tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,90 @@
+"""Attention masks and scaled dot-product attention shared by the model files."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def additive_attention_mask(attention_mask_BL: jax.Array) -> jax.Array:
+    """[B, L] 0/1 key mask -> [B, 1, 1, L] float32 bias to add to attention scores.
+
+    Like HF, masked keys get the most negative float32 rather than -inf, so a row whose
+    keys are all masked (pure padding) softmaxes to a uniform row instead of NaN.
+    """
+    keep_B11L = attention_mask_BL[:, None, None, :].astype(jnp.float32)
+    return (1.0 - keep_B11L) * jnp.finfo(jnp.float32).min
+
+
+
+def attention_mask(
+    attention_mask_BL: jax.Array | None,
+    segment_ids_BL: jax.Array | None,
+    length: int,
+    window: int | None = None,
+) -> jax.Array | None:
+    """Boolean mask [B|1, 1, L, L] (True = may attend) to apply on top of causality.
+
+    Padding (0 in `attention_mask_BL`) hides keys; packing lets a token see only keys of its
+    own segment; a sliding window keeps keys with query index - key index < `window` (HF's
+    rule). Returns None when nothing limits attention beyond causality.
+    """
+    mask = None
+    if attention_mask_BL is not None:
+        mask = attention_mask_BL.astype(bool)[:, None, None, :]
+    if segment_ids_BL is not None:
+        same_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+        mask = same_B1LL if mask is None else mask & same_B1LL
+    if window is not None:
+        index_L = jnp.arange(length)
+        near_11LL = (index_L[:, None] - index_L[None, :] < window)[None, None]
+        mask = near_11LL if mask is None else mask & near_11LL
+    return mask
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS=None, *, is_causal=True, implementation=None):
+    """Scaled dot-product attention with grouped-query heads (N a multiple of K).
+
+    `mask_B1TS` (bool, True = may attend) adds padding / packing / window limits to the
+    causal one. `is_causal` assumes query i and key i are the same token; a KV cache
+    (queries offset into longer keys) passes `is_causal=False` and its own causal mask.
+    """
+    return jax.nn.dot_product_attention(
+        q_BTNH,
+        k_BSKH,
+        v_BSKH,
+        mask=mask_B1TS,
+        is_causal=is_causal,
+        implementation=implementation,
+    )
+
+
+def cache_attention_mask(
+    attention_mask_BS: jax.Array | None,
+    cache_index: jax.Array | int,
+    length: int,
+    slots: int,
+    window: int | None = None,
+) -> jax.Array:
+    """Boolean mask [B|1, 1, T, S] (True = may attend) of T queries at slots
+    `cache_index ...` over S cache slots: key slot <= query slot, slot distance < `window`,
+    and keys valid in `attention_mask_BS` (None: all valid).
+
+    A query still sees its own slot when that slot is invalid (a padding token): no row is
+    then fully masked, since a fused kernel may return NaN for one, and a NaN v written
+    into the cache would reach real rows as 0 * NaN.
+    """
+    query_T1 = (cache_index + jnp.arange(length))[:, None]
+    key_1S = jnp.arange(slots)[None, :]
+    mask_TS = key_1S <= query_T1
+    if window is not None:
+        mask_TS &= query_T1 - key_1S < window
+    if attention_mask_BS is None:
+        return mask_TS[None, None]
+    if attention_mask_BS.shape[-1] != slots:
+        raise ValueError(
+            f"With a KV cache attention_mask marks the valid cache slots: shape [B, {slots}] "
+            f"expected, got {attention_mask_BS.shape}"
+        )
+    valid_B1TS = attention_mask_BS.astype(bool)[:, None, None, :] | (key_1S == query_T1)
+    return mask_TS[None, None] & valid_B1TS

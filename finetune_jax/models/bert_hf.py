@@ -1,0 +1,73 @@
+"""Where each param of the bert models sits in an HF checkpoint, as `HFMapping` rows (data)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from finetune_jax.models.hf_mapping import HFMapping
+
+if TYPE_CHECKING:
+    from finetune_jax.models.bert import BertConfig
+
+
+def hf_mappings(config: BertConfig) -> list[HFMapping]:
+    """The HF BertModel tensors (keys without `bert.`) and where they go in our `bert` subtree."""
+    d, f, h, k = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_attention_heads,
+        config.head_dim,
+    )
+
+    def embedding(name: str, rows: int) -> HFMapping:
+        return HFMapping(
+            f"embeddings.{name}.weight", f"embeddings/{name}/embedding", (rows, d), (rows, d)
+        )
+
+    def dense(hf: str, ours: str, hf_out: int, hf_in: int, kernel: tuple, bias: tuple) -> list:
+        """A torch Linear [out, in] -> our kernel (transposed, heads split) and bias."""
+        return [
+            HFMapping(f"{hf}.weight", f"{ours}/kernel", (hf_out, hf_in), kernel, True),
+            HFMapping(f"{hf}.bias", f"{ours}/bias", (hf_out,), bias),
+        ]
+
+    def layer_norm(hf: str, ours: str) -> list[HFMapping]:
+        return [
+            HFMapping(f"{hf}.weight", f"{ours}/scale", (d,), (d,)),
+            HFMapping(f"{hf}.bias", f"{ours}/bias", (d,), (d,)),
+        ]
+
+    rows = [
+        embedding("word_embeddings", config.vocab_size),
+        embedding("position_embeddings", config.max_position_embeddings),
+        embedding("token_type_embeddings", config.type_vocab_size),
+        *layer_norm("embeddings.LayerNorm", "embeddings/LayerNorm"),
+    ]
+    for i in range(config.num_hidden_layers):
+        hf, ours = f"encoder.layer.{i}", f"encoder/layer_{i}"
+        for name in ("query", "key", "value"):
+            rows += dense(
+                f"{hf}.attention.self.{name}", f"{ours}/attention/{name}", d, d, (d, h, k), (h, k)
+            )
+        rows += [
+            *dense(
+                f"{hf}.attention.output.dense", f"{ours}/attention/output", d, d, (h, k, d), (d,)
+            ),
+            *layer_norm(f"{hf}.attention.output.LayerNorm", f"{ours}/attention/LayerNorm"),
+            *dense(f"{hf}.intermediate.dense", f"{ours}/intermediate", f, d, (d, f), (f,)),
+            *dense(f"{hf}.output.dense", f"{ours}/output", d, f, (f, d), (d,)),
+            *layer_norm(f"{hf}.output.LayerNorm", f"{ours}/output/LayerNorm"),
+        ]
+    return rows + dense("pooler.dense", "pooler/dense", d, d, (d, d), (d,))
+
+
+def hf_param_mappings(config: BertConfig) -> list[HFMapping]:
+    """Every param of BertForSequenceClassification: full paths and full HF keys."""
+    rows = [
+        m._replace(hf_key="bert." + m.hf_key, path="bert/" + m.path) for m in hf_mappings(config)
+    ]
+    labels, d = config.num_labels, config.hidden_size
+    return rows + [
+        HFMapping("classifier.weight", "classifier/kernel", (labels, d), (d, labels), True),
+        HFMapping("classifier.bias", "classifier/bias", (labels,), (labels,)),
+    ]

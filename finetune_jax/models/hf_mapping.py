@@ -1,0 +1,132 @@
+"""How a model's params correspond to HF checkpoint tensors: mapping rows and their conversion.
+
+A model file describes its checkpoint layout as data, a list of `HFMapping` rows (HF key, our
+'/'-joined path, both shapes, whether the torch Linear weight is transposed); the functions
+here apply those rows to in-memory numpy arrays, with the same shape checks and error
+messages for every architecture. Reading and writing files is `finetune_jax.hf`'s job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from finetune_jax.tree_paths import get_path, set_path
+
+if TYPE_CHECKING:
+    from finetune_jax.models.family import ModelFamily
+
+
+class HFMapping(NamedTuple):
+    """One HF tensor <-> one of our params.
+
+    `transpose` marks torch `nn.Linear` weights ([out, in]) that become Flax kernels
+    ([in, out]); after transposing, the array is reshaped to our (possibly split-head) shape.
+    """
+
+    hf_key: str
+    path: str  # our param's '/'-joined path
+    hf_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    transpose: bool = False
+
+
+def hf_to_param(mapping: HFMapping, tensor: np.ndarray, hf_name: str, path_name: str) -> np.ndarray:
+    """Converts one HF tensor to our layout, checking its shape first."""
+    if tuple(tensor.shape) != tuple(mapping.hf_shape):
+        raise ValueError(
+            f"HF tensor {hf_name!r} has shape {tuple(tensor.shape)}, but our param "
+            f"{path_name!r} (shape {mapping.shape}) needs HF shape {mapping.hf_shape}. "
+            "Does config.json match the weights?"
+        )
+    array = np.asarray(tensor, dtype=np.float32)
+    if mapping.transpose:
+        array = array.T
+    return np.ascontiguousarray(array.reshape(mapping.shape))
+
+
+def param_to_hf(mapping: HFMapping, value: Any) -> np.ndarray:
+    """Inverse of `hf_to_param`: our param -> HF layout (float32 numpy)."""
+    array = np.asarray(value, dtype=np.float32)
+    if mapping.transpose:
+        return np.ascontiguousarray(array.reshape(mapping.hf_shape[::-1]).T)
+    return np.ascontiguousarray(array.reshape(mapping.hf_shape))
+
+
+def _under(path: str, prefixes: Iterable[str]) -> str | None:
+    """The prefix (a param path or one of its parents) that `path` lies under, or None."""
+    return next((p for p in prefixes if path == p or path.startswith(p + "/")), None)
+
+
+def checkpoint_rows(
+    keys: Iterable[str], family: ModelFamily, config: Any
+) -> tuple[list[HFMapping], list[str]]:
+    """Which checkpoint tensor fills which param: (rows with the file's own keys, absent
+    optional prefixes).
+
+    `keys` are the tensor names the checkpoint holds; nothing is read. Rows for the family's
+    `new_params` are left out (a new head comes from init), and so are `optional_params`
+    prefixes of which the checkpoint has no tensor at all (returned, to be initialised).
+    A missing tensor is a ValueError naming the HF key, our path and both shapes; with
+    `family.strict`, so is a tensor that has no place in the model.
+    """
+    keys = set(keys)
+    rows = [m for m in family.hf_param_mappings(config) if not _under(m.path, family.new_params)]
+    strip = family.bare_prefix
+    if not strip or any(k.startswith(strip) for k in keys):
+        strip = ""  # the file names tensors as the task model does
+    rows = [m._replace(hf_key=m.hf_key.removeprefix(strip)) for m in rows]
+    if family.strict:
+        known = {m.hf_key for m in rows}
+        unexpected = sorted(
+            k for k in keys if k not in known and not k.endswith(family.ignored_tensors)
+        )
+        if unexpected:
+            raise ValueError(
+                f"{len(unexpected)} HF tensors have no place in this config's model, e.g. "
+                f"{unexpected[:3]}. Does config.json match the weights?"
+            )
+    present = {_under(m.path, family.optional_params) for m in rows if m.hf_key in keys}
+    found, missing = [], []
+    for m in rows:
+        if m.hf_key in keys:
+            found.append(m)
+            continue
+        optional = _under(m.path, family.optional_params)
+        if optional is not None and optional not in present:
+            if optional not in missing:
+                missing.append(optional)
+            continue
+        raise ValueError(
+            f"HF tensor {m.hf_key!r} (HF shape {m.hf_shape}) for our param {m.path!r} "
+            f"(shape {m.shape}) is missing from the checkpoint."
+        )
+    return found, missing
+
+
+def params_from_hf(
+    tensors: Mapping[str, np.ndarray], family: ModelFamily, config: Any
+) -> tuple[dict[str, Any], list[str]]:
+    """HF tensors -> (nested params of every row `checkpoint_rows` finds, absent prefixes)."""
+    rows, missing = checkpoint_rows(tensors.keys(), family, config)
+    params: dict[str, Any] = {}
+    for m in rows:
+        set_path(params, m.path, hf_to_param(m, tensors[m.hf_key], m.hf_key, m.path))
+    return params, missing
+
+
+def params_to_hf(params: Mapping[str, Any], family: ModelFamily, config: Any) -> dict[str, np.ndarray]:
+    """Our unboxed params -> HF tensors with the task model's keys (float32 numpy).
+
+    Rows whose param is absent (e.g. LoRA merged away, a head not built) are skipped.
+    """
+    tensors: dict[str, np.ndarray] = {}
+    for m in family.hf_param_mappings(config):
+        try:
+            value = get_path(params, m.path)
+        except KeyError:
+            continue
+        tensors[m.hf_key] = param_to_hf(m, value)
+    return tensors

@@ -1,0 +1,171 @@
+"""LoRA's maths: config, the low-rank update, initialisation, and merging into the kernels.
+
+A LoRA layer computes `x @ W + scale * ((x @ A) @ B)` with W frozen, A [*in, r] and B
+[r, *out] trainable, and `scale = alpha / rank`. The update is never merged into W before the
+matmul: `(W + A @ B)` would make autodiff form the full dL/dW, which is exactly the work LoRA
+exists to avoid. `layers.DenseND` holds the params next to its kernel (`<layer>/lora_a`,
+`<layer>/lora_b`), so every rule over '/'-joined paths (freezing, sharding, decay) sees them.
+
+Adapter files (our safetensors, HF PEFT) are written and read by `finetune_jax.hf.adapters`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+LORA_A, LORA_B = "lora_a", "lora_b"
+RANK_AXIS = "lora_rank"  # logical axis name of the rank dimension (replicated by default)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters. Frozen and hashable: it sits in model configs (jit statics).
+
+    `targets` is a regex that must full-match a kernel's '/'-joined param path (the same
+    path string the optimizer rules see), e.g. r".*/attention/(query|value)/kernel".
+    """
+
+    rank: int
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = r".*/attention/(query|value)/kernel"
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank} (rank 0 means no LoRA)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        try:
+            re.compile(self.targets)
+        except re.error as e:
+            raise ValueError(f"LoRA targets {self.targets!r} is not a valid regex: {e}") from None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def matches(self, kernel_path: str) -> bool:
+        """Whether the kernel at this '/'-joined param path gets a LoRA update."""
+        return re.fullmatch(self.targets, kernel_path) is not None
+
+    @classmethod
+    def from_config(cls, peft: Mapping[str, Any]) -> LoraConfig | None:
+        """`config.peft` -> LoraConfig, or None when `peft.rank` is 0 (LoRA off)."""
+        if int(peft["rank"]) == 0:
+            return None
+        return cls(
+            rank=int(peft["rank"]),
+            alpha=float(peft["alpha"]),
+            dropout=float(peft["dropout"]),
+            targets=str(peft["targets"]),
+        )
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, in_axes: int) -> jax.Array:
+    """`scale * ((x @ a) @ b)` contracting the last `in_axes` dims of x with a's leading ones.
+
+    The scale multiplies the rank-r intermediate: r values per token instead of |out|.
+    """
+    contract = (tuple(range(x.ndim - in_axes, x.ndim)), tuple(range(in_axes)))
+    h = jax.lax.dot_general(x, a, (contract, ((), ()))) * jnp.asarray(scale, x.dtype)
+    return jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
+
+
+def lora_initializers(
+    kernel_init: Callable, kernel_shape: tuple[int, ...], in_axes: int
+) -> tuple[Callable, Callable]:
+    """Initialisers for A and B, carrying logical names derived from the kernel's.
+
+    A gets (in-dims' names, "lora_rank") and B ("lora_rank", out-dims' names), so both are
+    sharded by the rules that shard their base weight. A is HF PEFT's default init
+    (kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))); B is zero, so
+    a fresh adapter leaves the model's outputs unchanged. Names are looked up lazily (inside
+    the initialisers), so applying an initialised model costs nothing extra.
+    """
+
+    def kernel_names() -> tuple[str, ...] | None:
+        boxed = jax.eval_shape(
+            lambda: kernel_init(jax.random.PRNGKey(0), kernel_shape, jnp.float32)
+        )
+        return getattr(boxed, "names", None)
+
+    def box(value: jax.Array, names: Callable[[tuple], tuple]) -> Any:
+        base = kernel_names()
+        return value if base is None else nn.LogicallyPartitioned(value, names(base))
+
+    def init_a(rng: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Any:
+        bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
+        value = jax.random.uniform(rng, shape, dtype, -bound, bound)
+        return box(value, lambda base: (*base[:in_axes], RANK_AXIS))
+
+    def init_b(rng: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Any:
+        del rng
+        return box(jnp.zeros(shape, dtype), lambda base: (RANK_AXIS, *base[in_axes:]))
+
+    return init_a, init_b
+
+
+# ----------------------------------------------------------------------------- param trees
+
+
+def is_lora_path(path: str) -> bool:
+    """Whether a '/'-joined param path names a LoRA leaf."""
+    return path.rsplit("/", 1)[-1] in (LORA_A, LORA_B)
+
+
+def flat_paths(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested param dict as {'/'-joined path: leaf}."""
+    return traverse_util.flatten_dict(params, sep="/")
+
+
+def nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of `flat_paths`."""
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
+
+
+def lora_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Only the LoRA leaves of `params`, as a nested dict."""
+    return nested({p: v for p, v in flat_paths(params).items() if is_lora_path(p)})
+
+
+def merge(params: Mapping[str, Any], lora: LoraConfig) -> dict[str, Any]:
+    """W + scale * A @ B for every adapted kernel, LoRA leaves removed.
+
+    The result loads into the same model built without LoRA. The product is taken at full
+    float32 precision (TPUs default to bf16 passes for matmuls).
+    """
+    flat = flat_paths(params)
+    merged = {p: v for p, v in flat.items() if not is_lora_path(p)}
+    for path in (p for p in flat if p.endswith("/" + LORA_A)):
+        layer = path[: -len(LORA_A)]
+        kernel = flat[layer + "kernel"]
+        delta = jnp.tensordot(
+            flat[path], flat[layer + LORA_B], axes=1, precision=jax.lax.Precision.HIGHEST
+        )
+        merged[layer + "kernel"] = (kernel + lora.scale * delta).astype(kernel.dtype)
+    return nested(merged)
+
+
+def lora_paths(paths: Iterable[str]) -> list[str]:
+    """The LoRA leaves among a model's param paths (built with a LoraConfig).
+
+    None at all means the `targets` regex matched no kernel: an error rather than a silent
+    full freeze.
+    """
+    paths = list(paths)
+    found = [p for p in paths if is_lora_path(p)]
+    if not found:
+        kernels = [p for p in paths if p.endswith("/kernel")]
+        raise ValueError(
+            f"peft.targets matches no kernel of this model; kernel paths look like {kernels[:4]}"
+        )
+    return found

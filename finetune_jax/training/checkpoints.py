@@ -1,0 +1,199 @@
+"""Orbax checkpoints in `<workdir>/checkpoints`: periodic, async, keep last K + best, resume.
+
+A checkpoint holds two items: `state` (the TrainState: step, params, optimizer state, RNG)
+and `progress` (JSON: the data iterator's position, early-stopping bookkeeping). Orbax
+writes each step to a temporary directory and renames it when complete, so a crash during
+a save leaves the earlier checkpoints as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from finetune_jax import tree_paths
+
+STATE, PROGRESS = "state", "progress"
+
+
+def make_manager(
+    workdir: str,
+    keep: int,
+    metric: str | None,
+    mode: str = "max",
+    async_save: bool = True,
+    read_only: bool = False,
+) -> ocp.CheckpointManager:
+    """A manager that keeps the latest `keep` checkpoints plus the best one by `metric`."""
+    keep_policies: list[Any] = [policies.LatestN(n=max(keep, 1))]
+    if metric:
+        keep_policies.append(
+            policies.BestN(
+                get_metric_fn=lambda m: m[metric],
+                reverse=(mode == "min"),
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy(keep_policies),
+        best_fn=(lambda m: m[metric]) if metric else None,
+        best_mode=mode,
+        enable_async_checkpointing=async_save,
+        create=not read_only,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=options,
+        item_handlers={
+            STATE: ocp.StandardCheckpointHandler(),
+            PROGRESS: ocp.JsonCheckpointHandler(),
+        },
+    )
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    state: Any,
+    progress: dict[str, Any],
+    metrics: dict[str, float] | None = None,
+    force: bool = False,
+) -> bool:
+    """Start saving `state` at its step (async unless the manager is synchronous).
+
+    A failure here (or of an earlier async save, which Orbax reports at the next save) is a
+    CheckpointError: finished checkpoints are complete directories that a failed write
+    never touches, so the message says they are intact.
+    """
+    step = int(jax.device_get(state.step))
+    args = ocp.args.Composite(
+        **{STATE: ocp.args.StandardSave(state), PROGRESS: ocp.args.JsonSave(progress)}
+    )
+    with _save_errors(manager, step):
+        return manager.save(step, args=args, metrics=metrics, force=force)
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Block until async saves are written, with the same errors as `save`."""
+    with _save_errors(manager, manager.latest_step()):
+        manager.wait_until_finished()
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+    """Release the manager's threads and handles (a sweep opens hundreds in one process).
+    Cleanup only: call `wait` first, which reports save errors; nothing here raises."""
+    with contextlib.suppress(Exception):
+        manager.close()
+
+
+@contextlib.contextmanager
+def _save_errors(manager: ocp.CheckpointManager, step: int | None):
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(
+            f"saving checkpoint step {step} in {manager.directory} failed: {e}. Earlier "
+            "finished checkpoints are intact; free disk space or fix the directory, then rerun "
+            "the same command to resume from the latest one."
+        ) from e
+
+
+def pick_step(manager, which: str) -> int:
+    """The checkpoint step for 'best' / 'latest' / an explicit number, with clear errors."""
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no finished checkpoint in {manager.directory}; train first")
+    if which == "latest":
+        return max(steps)
+    if which == "best":
+        return manager.best_step() if manager.best_step() is not None else max(steps)
+    if not which.isdigit() or int(which) not in steps:
+        raise ValueError(
+            f"--checkpoint={which!r}: use best, latest or one of the steps {sorted(steps)}"
+        )
+    return int(which)
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_state: Any
+) -> tuple[Any, dict[str, Any]] | None:
+    """(state, progress) from the latest finished checkpoint, or None if there is none.
+
+    `abstract_state` is a tree of `jax.ShapeDtypeStruct` carrying the target shardings, so
+    arrays land directly where the current mesh wants them.
+    """
+    step = manager.latest_step()
+    if step is None:
+        return None
+    return restore(manager, step, abstract_state)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written, or does not fit the run's config."""
+
+
+def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+    """Compare saved param paths and shapes with the config's model; name the first mismatch."""
+    saved = manager.item_metadata(step)[STATE]
+    saved = getattr(saved, "tree", saved)
+    saved_params = saved.get("params") if isinstance(saved, dict) else None
+    if saved_params is None:
+        return  # unknown layout: leave it to Orbax
+    want = {
+        tree_paths.path_str(p): tuple(x.shape)
+        for p, x in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
+    }
+    have = {
+        tree_paths.path_str(p): tuple(x.shape)
+        for p, x in jax.tree_util.tree_flatten_with_path(saved_params)[0]
+    }
+    where = f"checkpoint step {step} in {manager.directory}"
+    for path, shape in want.items():
+        if path not in have:
+            raise CheckpointError(
+                f"{where} has no param {path!r} that the config's model has "
+                f"(shape {shape}); is config.model the one that was trained?"
+            )
+        if have[path] != shape:
+            raise CheckpointError(
+                f"{where}: param {path!r} has shape {have[path]} in the "
+                f"checkpoint but {shape} in the config's model"
+            )
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise CheckpointError(
+            f"{where} has param {extra[0]!r} (shape {have[extra[0]]}) that the "
+            "config's model lacks; is config.model the one that was trained?"
+        )
+
+
+def restore(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any
+) -> tuple[Any, dict[str, Any]]:
+    """(state, progress) saved at `step`, after checking it fits the config's model."""
+    check_compatible(manager, step, abstract_state)
+    args = ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract_state), PROGRESS: ocp.args.JsonRestore()}
+    )
+    try:
+        restored = manager.restore(step, args=args)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"checkpoint step {step} in {manager.directory} does not match this config's "
+            f"optimizer state (did optim.preset, optim.rules or the optimizer change since it "
+            f"was saved? Use a new workdir for a new setting): {e}"
+        ) from e
+    return restored[STATE], dict(restored[PROGRESS])
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree`'s leaves with the given shardings attached."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )

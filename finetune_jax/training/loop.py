@@ -1,0 +1,191 @@
+"""The training loop: build the run, resume or start, step, evaluate, checkpoint, summarise.
+
+`python -m finetune_jax.train` calls `train`; tests, sweeps and benchmarks call it directly.
+Rerunning on the same workdir resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from finetune_jax.evaluation.evaluator import evaluate
+from finetune_jax.evaluation.metrics import metric_mode
+from finetune_jax.training import builder, checkpoints, faults, manifest, optim, workdir_files
+from finetune_jax.training.early_stopping import EarlyStopping
+from finetune_jax.training.run_log import TrainLog, format_metrics, peak_memory, say
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str, until_step: int | None = None
+) -> dict[str, Any]:
+    """Train (or resume) until `config.train.max_steps` (or `until_step`); returns a summary."""
+    _check_final_split(config)
+    workdir_files.ensure_writable(workdir)
+    setup = builder.build(config)
+    workdir_files.write_config(config, workdir)
+    manifest.write_manifest(config, workdir, setup.mesh)
+    say(
+        f"parameter groups (optim.preset={config.optim.preset!r}):\n"
+        + optim.group_table(setup.groups, setup.params)
+    )
+    batches = setup.data.train_batches()
+    manager = checkpoints.make_manager(
+        workdir,
+        config.train.keep_checkpoints,
+        setup.metric,
+        metric_mode(setup.metric),
+        config.train.async_checkpoint,
+    )
+    state, stopper = _resume_or_init(setup, manager, batches, workdir)
+    start, end = int(state.step), min(config.train.max_steps, until_step or config.train.max_steps)
+    check = faults.nonfinite_check(setup.trainable_paths, config.train.nonfinite)
+    run = _Run(setup, manager, batches, setup.data.load(config.data.eval_split), stopper)
+    run.log = TrainLog(workdir, start, end, config.train.log_every, config.train.progress, check)
+    guard = faults.PreemptionGuard()
+    t_wall, final = time.perf_counter(), None
+    try:
+        state, stopped_by = _steps(run, state, start, end, guard)
+        if config.train.final_split and stopped_by in (None, "early stopping"):
+            run.log.flush()
+            final = _final_eval(run, state, config.train.final_split)
+            run.log.record(int(state.step), "final", final)
+    finally:
+        guard.close()
+        try:
+            checkpoints.wait(manager)  # earlier saves complete even when a step failed
+        finally:
+            checkpoints.close(manager)
+            run.log.close()
+    summary = _summary(setup, state, stopper, run.log, time.perf_counter() - t_wall)
+    summary["stopped_by"] = stopped_by
+    if final is not None:
+        summary["final"] = final
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the step loop reads and updates besides the state."""
+
+    setup: builder.Setup
+    manager: Any
+    batches: Any
+    eval_data: Any
+    stopper: EarlyStopping
+    log: TrainLog | None = None
+
+
+def _steps(run: _Run, state, start: int, end: int, guard) -> tuple[Any, str | None]:
+    """Steps `start + 1 ... end` with evals and checkpoints; (state, what stopped it early)."""
+    setup, train_cfg, log, stopper = run.setup, run.setup.config.train, run.log, run.stopper
+    for step in range(start + 1, end + 1):
+        state, metrics = setup.train_step(state, setup.put_batch(next(run.batches)))
+        log.step(step, metrics)
+        results = None
+        if step % train_cfg.eval_every == 0 or step == end:
+            log.flush()
+            batches = setup.data.eval_batches(run.eval_data)
+            results = evaluate(setup.eval_step, state.params, batches, setup.task, setup.put_batch)
+            improved = stopper.update(results[setup.metric], step)
+            log.eval(step, results, stopper.best, improved)
+        preempted = guard.should_stop(step % train_cfg.log_every == 0 or step == end)
+        if results or step % train_cfg.checkpoint_every == 0 or stopper.should_stop or preempted:
+            log.flush()  # sees every step's metrics (non-finite check) before saving
+            progress = {"data": run.batches.state(), "early_stopping": stopper.to_dict()}
+            checkpoints.save(run.manager, state, progress, metrics=results)
+            log.restart_timer()
+        if preempted:
+            checkpoints.wait(run.manager)
+            log.message(
+                f"{guard.received}: stopped after step {step}, checkpoint saved; "
+                "rerun the same command to resume"
+            )
+            return state, guard.received
+        if stopper.should_stop:
+            log.message(
+                f"early stopping at step {step}: no gain in {setup.metric} for "
+                f"{stopper.patience} evals (best {stopper.best:.4f} at {stopper.best_step})"
+            )
+            return state, "early stopping"
+    return state, None
+
+
+def _check_final_split(config: ml_collections.ConfigDict) -> None:
+    if config.train.final_split and config.train.final_split == config.data.eval_split:
+        raise ValueError(
+            f"train.final_split={config.train.final_split!r} is also data.eval_split, the "
+            "split the best checkpoint is selected on: its final numbers would be optimistic. "
+            "Select on a holdout (data.eval_split='holdout', data.holdout_rows=N) or set "
+            "train.final_split=''"
+        )
+
+
+def _resume_or_init(setup, manager, batches, workdir) -> tuple[Any, EarlyStopping]:
+    """The latest checkpoint's state (moving the data iterator to its position), or a new one."""
+    stopper = EarlyStopping(setup.metric, setup.config.train.patience)
+    restored = checkpoints.restore_latest(manager, setup.abstract_state())
+    if restored is None:
+        state = setup.initial_state()
+    else:
+        state, progress = restored
+        selected_on = progress["early_stopping"].get("metric")
+        if selected_on != setup.metric:
+            raise ValueError(
+                f"{workdir} was trained selecting checkpoints on {selected_on!r}, but "
+                f"train.metric now selects on {setup.metric!r}; its best checkpoint and early "
+                "stopping would mix the two. Use a new workdir, or restore train.metric"
+            )
+        batches.restore(progress["data"])
+        stopper = EarlyStopping.from_dict(
+            {**progress["early_stopping"], "patience": setup.config.train.patience}
+        )
+        say(f"resumed from step {int(state.step)} in {workdir}")
+    say(
+        f"optimizer state: {optim.tree_bytes(state.opt_state):,} bytes; mesh {dict(setup.mesh.shape)}"
+    )
+    return state, stopper
+
+
+def _final_eval(run: _Run, state, split: str) -> dict[str, Any]:
+    """The best checkpoint's metrics on `split` (e.g. dev, after selecting on a holdout)."""
+    setup, manager = run.setup, run.manager
+    checkpoints.wait(manager)
+    # The run's best step (first of equal scores), as the summary reports it; the manager's
+    # own pick only if that checkpoint is gone.
+    step = run.stopper.best_step
+    if step not in manager.all_steps():
+        step = checkpoints.pick_step(manager, "best")
+    params = state.params
+    if step != int(state.step):
+        params = checkpoints.restore(manager, step, setup.abstract_state())[0].params
+    batches = setup.data.eval_batches(setup.data.load(split))
+    results = evaluate(setup.eval_step, params, batches, setup.task, setup.put_batch)
+    say(f"final eval of step {step} on {split}: " + format_metrics(results))
+    return {"split": split, "step": step, **results}
+
+
+def _summary(setup, state, stopper, log, wall_time) -> dict[str, Any]:
+    seconds_per_step = log.steady_seconds_per_step()
+    return {
+        "final_step": int(state.step),
+        "wall_time_s": wall_time,
+        "steady_seconds_per_step": seconds_per_step,
+        "samples_per_s": setup.config.train.batch_size / seconds_per_step,
+        "compiled_train_shapes": setup.train_step._cache_size(),
+        "metric": setup.metric,
+        "best": stopper.best,
+        "best_step": stopper.best_step,
+        "trainable_params": optim.param_counts(setup.groups, setup.params)[0],
+        "optimizer_state_bytes": optim.tree_bytes(state.opt_state),
+        **peak_memory(),
+    }

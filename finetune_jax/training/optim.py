@@ -1,0 +1,230 @@
+"""Optimizer from config data: presets -> rules -> labels -> one optax transform.
+
+Every parameter gets a *group label* from two rule lists in the config: which params train
+and at what learning-rate multiplier (`optim.preset` / `optim.rules`), and which get weight
+decay (`optim.decay_rules`). Each group becomes one AdamW inside `optax.multi_transform`;
+frozen params get `optax.set_to_zero()`, so they hold no optimizer state and -- because
+nothing reads their gradient -- XLA does not compute it. Gradient clipping is masked to the
+trainable leaves for the same reason: a global norm over every leaf would read (and so
+compute) the frozen gradients too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from finetune_jax import tree_paths
+from finetune_jax.training import rules as rules_lib
+
+FROZEN = "frozen"
+PRESETS = ("full", "linear_probe", "bitfit", "top_k_layers", "llrd", "lora", "rules")
+
+
+def _layer_paths(paths: list[str], layer_regex: str) -> dict[int, list[str]]:
+    """Layer index -> the parameter paths of that layer (`optim.layer`'s group 1)."""
+    layers: dict[int, list[str]] = {}
+    for path in paths:
+        if m := re.fullmatch(layer_regex, path):
+            layers.setdefault(int(m.group(1)), []).append(path)
+    if not layers:
+        raise rules_lib.RuleError(
+            f"optim.layer={layer_regex!r} finds no layer index in any parameter path; the "
+            "top_k_layers and llrd presets need it (group 1 must capture the layer number)"
+        )
+    return layers
+
+
+def _exactly(paths: list[str]) -> str:
+    """A regex matching exactly these paths. Built from the paths `optim.layer` matched,
+    not by editing that regex, so any regex with the index in group 1 works."""
+    return "|".join(re.escape(p) for p in paths)
+
+
+def preset_rules(optim: ml_collections.ConfigDict, paths: list[str]) -> list[tuple[str, Any]]:
+    """The (regex, label) rules a preset stands for, given the model's parameter paths."""
+    head, preset = optim.head, optim.preset
+    if preset == "full":
+        return [(".*", "trainable")]
+    if preset == "linear_probe":
+        return [(head, "trainable"), (".*", FROZEN)]
+    if preset == "bitfit":
+        return [(head, "trainable"), (r".*/bias", "trainable"), (".*", FROZEN)]
+    if preset == "lora":  # the LoRA params (models/lora.py) and the task head; base frozen
+        return [(r".*/lora_[ab]", "trainable"), (head, "trainable"), (".*", FROZEN)]
+    if preset == "top_k_layers":
+        layers = _layer_paths(paths, optim.layer)
+        n = max(layers) + 1
+        if not 0 <= optim.top_k <= n:
+            raise ValueError(f"optim.top_k={optim.top_k} must be between 0 and the {n} layers")
+        top = [p for i in range(n - optim.top_k, n) for p in layers.get(i, [])]
+        rules = [(head, "trainable")] + ([(_exactly(top), "trainable")] if top else [])
+        return rules + [(".*", FROZEN)]
+    if preset == "llrd":
+        # ELECTRA-style: head depth N+1 (x1), layer i depth i+1, embeddings depth 0.
+        layers = _layer_paths(paths, optim.layer)
+        n = max(layers) + 1
+        rules = [(head, 1.0)]
+        rules += [(_exactly(layers[i]), float(optim.llrd_decay ** (n - i))) for i in sorted(layers)]
+        return rules + [(".*", float(optim.llrd_decay ** (n + 1)))]
+    if preset == "rules":
+        if not optim.rules:
+            raise ValueError(
+                "optim.preset='rules' needs optim.rules: a list of (regex, label) pairs"
+            )
+        return rules_lib.as_pairs(optim.rules)
+    raise ValueError(f"optim.preset={preset!r} is not one of {PRESETS}")
+
+
+def lr_multiplier(label: Any) -> float | None:
+    """None for frozen; the lr multiplier otherwise ('trainable' = 1.0)."""
+    if label == FROZEN:
+        return None
+    if label == "trainable":
+        return 1.0
+    try:
+        value = float(label)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"rule label {label!r} is not 'trainable', 'frozen' or an lr multiplier (a number)"
+        ) from None
+    if value < 0:
+        raise ValueError(f"lr multiplier {value} must be >= 0")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroups:
+    """Per-leaf group labels and the multiplier / decay each group stands for."""
+
+    labels: Any  # tree of str, shaped like params
+    trainable: Any  # tree of bool
+    multipliers: dict[str, float | None]
+    decay: dict[str, bool]
+    # `optim.rules` regexes that decide no parameter (a typo, or shadowed by an earlier rule).
+    unused_rules: tuple[str, ...] = ()
+
+
+def param_groups(optim: ml_collections.ConfigDict, params: Any) -> ParamGroups:
+    """Resolve the trainability and decay rules over `params` into group labels."""
+    paths = tree_paths.param_paths(params)
+    train_rules = preset_rules(optim, paths)
+    mults = rules_lib.resolve(train_rules, params, name="optim.rules", transform=lr_multiplier)
+    decays = rules_lib.resolve(
+        rules_lib.as_pairs(optim.decay_rules), params, name="optim.decay_rules"
+    )
+    multipliers, decay = {}, {}
+
+    def label(mult: float | None, dec: bool) -> str:
+        if mult is None:
+            name = FROZEN
+        else:
+            name = f"lr x{mult:.4g}" + ("" if dec else " no-decay")
+        multipliers[name], decay[name] = mult, bool(dec) and mult is not None
+        return name
+
+    labels = jax.tree.map(label, mults, decays, is_leaf=lambda x: x is None)
+    trainable = jax.tree.map(lambda label: label != FROZEN, labels)
+    if not any(jax.tree.leaves(trainable)):
+        raise ValueError(
+            f"optim.preset={optim.preset!r} (optim.head={optim.head!r}"
+            + (f", optim.rules={optim.rules!r}" if optim.preset == "rules" else "")
+            + ") leaves no parameter trainable: nothing would learn"
+        )
+    unused = rules_lib.unused_rules(train_rules, params) if optim.preset == "rules" else []
+    return ParamGroups(labels, trainable, multipliers, decay, tuple(unused))
+
+
+def schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup to optim.lr, then linear / cosine decay to 0 (or constant)."""
+    warmup = int(round(optim.warmup_fraction * total_steps))
+    decay_steps = max(total_steps - warmup, 1)
+    if optim.schedule == "linear":
+        after = optax.linear_schedule(optim.lr, 0.0, decay_steps)
+    elif optim.schedule == "cosine":
+        after = optax.cosine_decay_schedule(optim.lr, decay_steps)
+    elif optim.schedule == "constant":
+        after = optax.constant_schedule(optim.lr)
+    else:
+        raise ValueError(f"optim.schedule={optim.schedule!r} is not linear, cosine or constant")
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])
+
+
+def make_optimizer(
+    optim: ml_collections.ConfigDict, groups: ParamGroups, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """One optax transform: masked clipping, then an AdamW per group, set_to_zero if frozen."""
+    lr = schedule(optim, total_steps)
+    transforms = {}
+    for name, mult in groups.multipliers.items():
+        if mult is None:
+            transforms[name] = optax.set_to_zero()
+        else:
+            transforms[name] = optax.adamw(
+                learning_rate=lambda step, m=mult: lr(step) * m,
+                b1=optim.b1,
+                b2=optim.b2,
+                eps=optim.eps,
+                weight_decay=optim.weight_decay if groups.decay[name] else 0.0,
+            )
+    chain = []
+    if optim.clip_norm > 0:
+        chain.append(optax.masked(optax.clip_by_global_norm(optim.clip_norm), groups.trainable))
+    chain.append(optax.multi_transform(transforms, groups.labels))
+    return optax.chain(*chain), lr
+
+
+def group_table(groups: ParamGroups, params: Any) -> str:
+    """A printable table: group, #params, #tensors, lr multiplier, weight decay."""
+    counts: dict[str, list[int]] = {name: [0, 0] for name in groups.multipliers}
+    for label, leaf in zip(jax.tree.leaves(groups.labels), jax.tree.leaves(params)):
+        counts[label][0] += int(np.prod(leaf.shape))
+        counts[label][1] += 1
+    total = sum(c[0] for c in counts.values())
+    trainable = sum(c[0] for n, c in counts.items() if groups.multipliers[n] is not None)
+    lines = [f"{'group':<22}{'#params':>12}{'#tensors':>10}{'lr mult':>10}{'decay':>7}"]
+    for name in sorted(
+        counts, key=lambda n: (groups.multipliers[n] is None, -(groups.multipliers[n] or 0))
+    ):
+        mult = groups.multipliers[name]
+        lines.append(
+            f"{name:<22}{counts[name][0]:>12,}{counts[name][1]:>10}"
+            f"{'-' if mult is None else f'{mult:.4g}':>10}{'yes' if groups.decay[name] else 'no':>7}"
+        )
+    lines.append(
+        f"{'trainable / total':<22}{trainable:>12,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+    )
+    if groups.unused_rules:
+        lines.append(
+            f"warning: optim.rules {list(groups.unused_rules)} decide no parameter (a typo, or "
+            "an earlier rule matches first)"
+        )
+    return "\n".join(lines)
+
+
+def param_counts(groups: ParamGroups, params: Any) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = frozen = 0
+    for leaf, train in zip(jax.tree.leaves(params), jax.tree.leaves(groups.trainable)):
+        if train:
+            trainable += int(np.prod(leaf.shape))
+        else:
+            frozen += int(np.prod(leaf.shape))
+    return trainable, frozen
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes held by the array leaves of a tree (e.g. an optimizer state)."""
+    return sum(
+        int(np.prod(x.shape)) * x.dtype.itemsize
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype")
+    )
