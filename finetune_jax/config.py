@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = _train()
     c.generate = _generate()
     c.mesh = _mesh()
+    c.mesh_dcn = _mesh_dcn()
     c.sharding = _sharding()
     c.lock()
     return c
@@ -33,7 +34,10 @@ def _model() -> ml_collections.ConfigDict:
     """Which pretrained model, how it computes, how its new head starts."""
     s = ml_collections.ConfigDict()
     s.name = "all-minilm-l6-v2"  # local HF dir, packaged alias, or hub id
-    s.dtype = "float32"  # compute dtype; params stay float32
+    s.dtype = "float32"  # compute dtype (float32 | bfloat16)
+    # Storage dtype of the params: bfloat16 halves the memory of (frozen) weights; updates to
+    # bf16 params lose precision, so train in float32 unless memory forces it.
+    s.param_dtype = "float32"
     s.remat = "none"  # none | full | dots_saveable: recompute activations in backward
     s.dropout = -1.0  # <0: keep the pretrained config's dropout
     # The new head's bias: "zeros" (as HF) or "prior", the train labels' prior — their mean
@@ -72,6 +76,7 @@ def _optim() -> ml_collections.ConfigDict:
     s.eps = 1e-8
     s.weight_decay = 0.01
     s.clip_norm = 1.0  # global norm over trainable leaves; <=0 disables
+    s.state_dtype = "float32"  # storage dtype of AdamW's moments (mu, nu): float32 | bfloat16
     # Which params train, and at what lr multiplier: a preset, or explicit rules.
     s.preset = "full"  # full | linear_probe | bitfit | top_k_layers | llrd | lora | rules
     s.top_k = 2  # for top_k_layers
@@ -149,6 +154,16 @@ def _mesh() -> ml_collections.ConfigDict:
     # data: pure data parallel; fsdp: batch split AND params/optimizer state sharded (ZeRO-3
     # style); tensor: heads / MLP / vocab split inside each layer (Megatron style).
     s.data = -1
+    s.fsdp = 1
+    s.tensor = 1
+    return s
+
+
+def _mesh_dcn() -> ml_collections.ConfigDict:
+    """Multi-slice / multi-host: how many slices each mesh axis spans over the data-centre
+    network (DCN); `mesh` sizes are then per slice. All 1: one slice (or no such split)."""
+    s = ml_collections.ConfigDict()
+    s.data = 1
     s.fsdp = 1
     s.tensor = 1
     return s

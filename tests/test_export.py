@@ -97,7 +97,7 @@ def test_smollm2_lora_export_generates_like_ours(tmp_path):
             if "lora_b" in jax.tree_util.keystr(path)
             else x
         ),
-        exp.params,
+        jax.tree.map(np.asarray, jax.device_get(exp.pretrained_params())),
     )
     out = write_hf_model(exp, params, str(tmp_path / "hf"))
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)

@@ -205,7 +205,7 @@ def test_training_moves_only_lora_and_head(tiny_bert_dir, sst2_slice):
     config.optim.preset = "lora"
     exp, state, _ = run_steps(config, 3)
     after = _flat(jax.device_get(state.params))
-    before = _flat(exp.params)
+    before = _flat(jax.device_get(exp.pretrained_params()))
     trainable = set(exp.trainable_paths)
     assert trainable == {
         p for p in before if lora_lib.is_lora_path(p) or "pooler" in p or "classifier" in p

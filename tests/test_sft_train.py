@@ -17,6 +17,7 @@ from finetune_jax import tree_paths
 from finetune_jax.data import loaders, selection, tasks
 from finetune_jax.eval import run_eval
 from finetune_jax.evaluation import generated_answers
+from finetune_jax.training import builder, checkpoints
 from tests.helpers import SHARED_DATA, run_steps, tiny_config
 
 
@@ -48,7 +49,8 @@ def _flat(params):
 
 def test_lora_sft_trains_only_the_adapters(tiny_chat_llama_dir):
     exp, state, losses = run_steps(tiny_sft_config(tiny_chat_llama_dir), 3)
-    before, after = _flat(exp.params), _flat(jax.device_get(state.params))
+    before = _flat(jax.device_get(exp.pretrained_params()))
+    after = _flat(jax.device_get(state.params))
     lora = [p for p in before if "/lora_" in p]
     assert lora and all("self_attn" in p or "mlp" in p for p in lora)
     for path, value in before.items():
@@ -148,3 +150,26 @@ def test_selection_on_holdout_then_final_eval_of_best_checkpoint(
     assert [r["accuracy"] for r in records if r["kind"] == "final"] == [final["accuracy"]]
     again = run_eval(config, str(tmp_path), "validation", which=str(final["step"]))
     assert again["accuracy"] == final["accuracy"] and again["step"] == final["step"]
+
+
+def test_sft_resume_is_bitwise_identical(tiny_chat_llama_dir, tmp_path):
+    config = tiny_sft_config(tiny_chat_llama_dir, **{"generate.num_samples": 0})
+    train_lib.train(config, str(tmp_path / "straight"))
+    train_lib.train(config, str(tmp_path / "resumed"), until_step=2)
+    train_lib.train(config, str(tmp_path / "resumed"))
+    states = []
+    for run in ("straight", "resumed"):
+        setup = builder.build(config)
+        manager = checkpoints.make_manager(str(tmp_path / run), 2, None, read_only=True)
+        states.append(
+            jax.device_get(checkpoints.restore_latest(manager, setup.abstract_state())[0])
+        )
+        checkpoints.close(manager)
+    assert int(states[0].step) == int(states[1].step) == 4
+    for x, y in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+        assert np.array_equal(x, y)
+    losses = []
+    for run in ("straight", "resumed"):
+        records = [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+        losses.append([r["loss"] for r in records if r["kind"] == "train"])
+    assert losses[0] == losses[1] and len(losses[0]) == 4

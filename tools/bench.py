@@ -91,7 +91,7 @@ def bench(config, steps: int, warmup: int) -> dict:
         "tokens_per_s": float(np.sum(tokens)) / float(np.sum([t for t, _ in times])),
         "gflop_per_step": flops / 1e9,
         "achieved_gflops": flops / mean_s / 1e9,
-        "trainable_params": optim.param_counts(exp.groups, exp.params)[0],
+        "trainable_params": optim.param_counts(exp.groups, exp.abstract_params)[0],
         "optimizer_state_bytes": optim.tree_bytes(state.opt_state),
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     }

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -21,25 +22,48 @@ from finetune_jax.tree_paths import path_str
 
 
 def make_mesh(
-    mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+    mesh_config: ml_collections.ConfigDict,
+    devices: Sequence[jax.Device] | None = None,
+    dcn_config: ml_collections.ConfigDict | None = None,
 ) -> Mesh:
-    """A Mesh with the config's named axes; one size may be -1 (= the remaining devices)."""
+    """A Mesh with the config's named axes; one size may be -1 (= the remaining devices).
+
+    Devices are laid out by `jax.experimental.mesh_utils`, which knows the physical
+    topology (TPU torus, GPU NVLink islands), so neighbouring mesh coordinates are
+    neighbouring chips. `dcn_config` (`config.mesh_dcn`) says how many slices (TPU
+    multi-slice) or hosts (GPU) each axis spans over the data-centre network; `mesh` sizes
+    are then per slice, and the fast in-slice links carry the axes that talk most.
+    """
     devices = list(devices if devices is not None else jax.devices())
+    dcn = [int(dcn_config[name]) if dcn_config else 1 for name in mesh_config.keys()]
+    slices = int(np.prod(dcn))
+    if slices < 1 or len(devices) % slices:
+        raise ValueError(
+            f"config.mesh_dcn={dict(dcn_config)} does not divide {len(devices)} devices"
+        )
     names, sizes = list(mesh_config.keys()), list(mesh_config.values())
+    per_slice = len(devices) // slices
     if sizes.count(-1) > 1:
         raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(mesh_config)}")
     known = int(np.prod([s for s in sizes if s != -1]))
-    if known <= 0 or len(devices) % known:
+    if known <= 0 or per_slice % known:
         raise ValueError(
-            f"config.mesh={dict(mesh_config)} does not divide the {len(devices)} devices"
+            f"config.mesh={dict(mesh_config)} does not divide the {per_slice} devices"
+            + (f" of each of {slices} slices" if slices > 1 else "")
         )
-    sizes = [len(devices) // known if s == -1 else s for s in sizes]
-    if int(np.prod(sizes)) != len(devices):
+    sizes = [per_slice // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != per_slice:
         raise ValueError(
             f"config.mesh={dict(mesh_config)} uses {int(np.prod(sizes))} devices, "
-            f"but {len(devices)} are present; set one axis to -1"
+            f"but {per_slice} are present; set one axis to -1"
         )
-    return Mesh(np.array(devices).reshape(sizes), names)
+    if slices > 1:
+        # TPUs know their slice; on GPUs each process (host) is one DCN granule.
+        granule = not hasattr(devices[0], "slice_index")
+        grid = mesh_utils.create_hybrid_device_mesh(sizes, dcn, devices, process_is_granule=granule)
+    else:
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    return Mesh(grid, names)
 
 
 def logical_rules(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:

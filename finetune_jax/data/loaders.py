@@ -21,10 +21,21 @@ from finetune_jax.data import chat_batches, selection, text_batches, text_source
 from finetune_jax.data.tasks import ChatTask, Task
 
 
+def _loader_class(task: Task | ChatTask) -> type:
+    return ChatData if task.kind == "causal_lm" else ClassificationData
+
+
 def make_loader(config: ml_collections.ConfigDict, task: Task | ChatTask, tokenizer):
     """The loader for `task`'s kind."""
-    cls = ChatData if task.kind == "causal_lm" else ClassificationData
-    return cls(config, task, tokenizer)
+    return _loader_class(task)(config, task, tokenizer)
+
+
+def batch_spec(
+    config: ml_collections.ConfigDict, task: Task | ChatTask
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{name: (shape, dtype)} of the largest global batch `task`'s loader yields; no data or
+    tokenizer is read (preflight compiles the step on it)."""
+    return _loader_class(task).batch_spec(config, task)
 
 
 def _rows(config: ml_collections.ConfigDict, split: str, num_rows: int) -> np.ndarray | None:
@@ -38,7 +49,26 @@ class ClassificationData:
 
     def __init__(self, config: ml_collections.ConfigDict, task: Task, tokenizer):
         self.config, self.task, self.tokenizer = config, task, tokenizer
-        self.buckets = text_batches.bucket_lengths(config.data.max_length, tuple(config.data.buckets))
+        self.buckets = text_batches.bucket_lengths(
+            config.data.max_length, tuple(config.data.buckets)
+        )
+
+    @staticmethod
+    def batch_spec(config: ml_collections.ConfigDict, task: Task) -> dict[str, tuple]:
+        """Rows padded to the longest bucket; a float score or an int class per row."""
+        rows = config.train.batch_size
+        length = max(
+            text_batches.bucket_lengths(config.data.max_length, tuple(config.data.buckets))
+        )
+        tokens = ((rows, length), np.dtype(np.int32))
+        label = np.float32 if task.is_regression else np.int32
+        return {
+            "input_ids": tokens,
+            "attention_mask": tokens,
+            "token_type_ids": tokens,
+            "labels": ((rows,), np.dtype(label)),
+            "weights": ((rows,), np.dtype(np.float32)),
+        }
 
     def examples(self, split: str) -> text_sources.Examples:
         """The untokenized rows of `split` ("train", "validation", "test" or "holdout")."""
@@ -50,7 +80,9 @@ class ClassificationData:
 
     def load(self, split: str) -> text_batches.Encoded:
         """Load and tokenize `split`."""
-        return text_batches.tokenize(self.examples(split), self.tokenizer, self.config.data.max_length)
+        return text_batches.tokenize(
+            self.examples(split), self.tokenizer, self.config.data.max_length
+        )
 
     def label_prior(self) -> np.ndarray:
         """The train labels' prior as head biases [num_labels]: the mean score for
@@ -121,6 +153,14 @@ class ChatData:
                 "directory holding {split}.jsonl (or .json) or to one such file"
             )
 
+    @staticmethod
+    def batch_spec(config: ml_collections.ConfigDict, task: ChatTask) -> dict[str, tuple]:
+        """Packed rows of `data.max_length` tokens: next-token labels, per-token weights."""
+        shape = (config.train.batch_size, config.data.max_length)
+        spec = {k: (shape, np.dtype(np.int32)) for k in ("input_ids", "attention_mask")}
+        spec |= {k: (shape, np.dtype(np.int32)) for k in ("segment_ids", "positions", "labels")}
+        return spec | {"weights": (shape, np.dtype(np.float32))}
+
     def conversations(self, split: str) -> list[chat_batches.Conversation]:
         """The records of `split` ("train", "test", "validation" or "holdout") in file order."""
         file_split = selection.file_split(split)
@@ -133,7 +173,9 @@ class ChatData:
                 f"{file_split}.jsonl, or evaluate on a holdout (data.eval_split='holdout', "
                 "data.holdout_rows=N)"
             )
-        records = chat_batches.load_records(self.config.data.dir, self.task.format, split=file_split)
+        records = chat_batches.load_records(
+            self.config.data.dir, self.task.format, split=file_split
+        )
         rows = _rows(self.config, split, len(records))
         return records if rows is None else [records[i] for i in rows]
 

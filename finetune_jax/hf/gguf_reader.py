@@ -146,30 +146,48 @@ def read_gguf_config(path: str | os.PathLike) -> dict[str, Any]:
     return _open(path)[2]
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(HF config dict, {HF name: float32 numpy array in HF layout}) of a GGUF file.
+class GGUFTensors:
+    """A GGUF file's tensors by HF name, dequantised one at a time on `get` (the file is
+    memory-mapped; nothing is read until asked)."""
 
-    Raises FileNotFoundError for a missing file and ValueError for an unsupported
-    architecture, quantisation type or tensor.
-    """
-    reader, arch, config = _open(path)
-    heads = {
-        "attn_q": config["num_attention_heads"],
-        "attn_k": config["num_key_value_heads"],
-    }
-    tensors: dict[str, np.ndarray] = {}
-    for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self.reader, self.arch, self.config = _open(path)
+        self._by_name = {hf_name(t.name): t for t in self.reader.tensors}
+        self._heads = {
+            "attn_q": self.config["num_attention_heads"],
+            "attn_k": self.config["num_key_value_heads"],
+        }
+
+    def keys(self) -> list[str]:
+        return list(self._by_name)
+
+    def get(self, name: str) -> np.ndarray:
+        """One tensor in HF naming and layout, float32."""
+        tensor = self._by_name[name]
         try:
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as error:
             raise ValueError(
-                f"GGUF tensor {tensor.name!r} of {path} has quantisation type "
+                f"GGUF tensor {tensor.name!r} of {self.path} has quantisation type "
                 f"{tensor.tensor_type.name}, which the gguf package cannot dequantise"
             ) from error
         array = np.asarray(array, dtype=np.float32)
         module = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else ""
-        if arch == "llama" and module in heads:  # weights and (rare) biases alike
-            array = _unpermute_rows(array, heads[module])
-        tensors[name] = np.ascontiguousarray(array)
-    return config, tensors
+        if self.arch == "llama" and module in self._heads:  # weights and (rare) biases alike
+            array = _unpermute_rows(array, self._heads[module])
+        return np.ascontiguousarray(array)
+
+    def close(self) -> None:
+        self._by_name.clear()
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(HF config dict, {HF name: float32 numpy array in HF layout}) of a GGUF file.
+
+    Raises FileNotFoundError for a missing file and ValueError for an unsupported
+    architecture, quantisation type or tensor. Reads every tensor: loading a model streams
+    them one at a time through `GGUFTensors` instead.
+    """
+    tensors = GGUFTensors(path)
+    return tensors.config, {name: tensors.get(name) for name in tensors.keys()}

@@ -1,17 +1,22 @@
-"""Build a model's params from a pretrained checkpoint (HF safetensors directory or GGUF file).
+"""Stream a pretrained checkpoint (HF safetensors directory or GGUF file) into sharded params.
 
 One mechanism for every model family: the family's `HFMapping` rows say which checkpoint
-tensor fills which param; params the checkpoint does not have (a new task head, an absent
-optional pooler, LoRA adapters) come from the family's init with the run's seed.
+tensor fills which param. Tensors are read one at a time in their stored dtype, converted to
+our layout and dtype, and placed with `jax.make_array_from_callback`, so each process keeps
+only the shards its devices hold plus one checkpoint tensor in flight. Params the checkpoint
+does not have (a new task head, an absent optional pooler, LoRA adapters) come from the
+family's init with the run's seed, computed under jit straight into their shardings.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from finetune_jax import tree_paths
 from finetune_jax.hf import model_files
@@ -20,28 +25,85 @@ from finetune_jax.models import lora as lora_lib
 from finetune_jax.models.family import ModelFamily
 
 
-def init_values(family: ModelFamily, config: Any, seed: int, paths: list[str]) -> dict[str, Any]:
-    """Unboxed init values of only the '/'-joined `paths`, equal to `init_params(seed)`'s.
-
-    Under jit XLA drops the random draws for everything not returned, so a new head costs
-    nothing like initialising the 30k x 384 embedding just to overwrite it.
-    """
-
-    def init(rng: jax.Array) -> dict[str, Any]:
-        params = nn.meta.unbox(family.init_params(config, rng))
-        return {path: tree_paths.get_path(params, path) for path in paths}
-
-    return jax.device_get(jax.jit(init)(jax.random.PRNGKey(seed)))
+def abstract_params(family: ModelFamily, config: Any) -> Any:
+    """Unboxed shapes and dtypes of every param (`jax.eval_shape` of the init: no memory)."""
+    init = lambda rng: nn.meta.unbox(family.init_params(config, rng))
+    return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 
 def fresh_paths(family: ModelFamily, config: Any, missing: list[str]) -> list[str]:
     """Params initialised rather than loaded: new head, absent optional parts, LoRA leaves."""
     paths = [*family.new_params, *missing]
     if config.lora is not None:
-        init = lambda rng: nn.meta.unbox(family.init_params(config, rng))
-        abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-        paths += lora_lib.lora_paths(tree_paths.param_paths(abstract))
+        paths += lora_lib.lora_paths(tree_paths.param_paths(abstract_params(family, config)))
     return paths
+
+
+def init_values(
+    family: ModelFamily, config: Any, seed: int, paths: list[str], shardings: Mapping[str, Any]
+) -> dict[str, jax.Array]:
+    """Init values of only the '/'-joined `paths` (each a param or a subtree), equal to
+    `init_params(seed)`'s, born in their shardings.
+
+    Under jit XLA drops the random draws for everything not returned, so a new head costs
+    nothing like initialising the 30k x 384 embedding just to overwrite it.
+    """
+    leaves = [p for p in shardings if any(p == q or p.startswith(q + "/") for q in paths)]
+
+    def init(rng: jax.Array) -> dict[str, jax.Array]:
+        params = nn.meta.unbox(family.init_params(config, rng))
+        return {path: tree_paths.get_path(params, path) for path in leaves}
+
+    out_shardings = {path: shardings[path] for path in leaves}
+    return jax.jit(init, out_shardings=out_shardings)(jax.random.PRNGKey(seed))
+
+
+def _place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host value: each local device gets (a copy of) its slice only."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def load_params(
+    family: ModelFamily,
+    config: Any,
+    model_ref: str,
+    shardings: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    replace: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Params of `family` with `config` from the checkpoint at `model_ref`, as jax Arrays.
+
+    `shardings` maps '/'-joined param paths to their shardings (default: the first device);
+    `replace` gives host values for some paths instead (e.g. a head bias set from the data).
+    Every param's dtype is the config's `param_dtype`.
+    """
+    abstract = lora_lib.flat_paths(abstract_params(family, config))
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = dict.fromkeys(abstract, device)
+    replace = dict(replace or {})
+    _, tensors = model_files.open_tensors(model_ref)
+    try:
+        rows, missing = hf_mapping.checkpoint_rows(tensors.keys(), family, config)
+        if missing:
+            logging.warning(
+                "%s has no weights for %s; keeping freshly initialised values.", model_ref, missing
+            )
+        values = init_values(family, config, seed, fresh_paths(family, config, missing), shardings)
+        for m in rows:
+            if m.path in replace:
+                continue
+            host = hf_mapping.hf_to_param(m, tensors.get(m.hf_key), m.hf_key, m.path)
+            values[m.path] = _place(host.astype(abstract[m.path].dtype), shardings[m.path])
+            del host  # one checkpoint tensor in flight at a time
+    finally:
+        tensors.close()
+    for path, value in replace.items():
+        values[path] = _place(np.asarray(value, abstract[path].dtype), shardings[path])
+    absent = sorted(set(abstract) - set(values))
+    if absent:
+        raise ValueError(f"{model_ref}: no checkpoint tensor or init for params {absent[:4]}")
+    return lora_lib.nested(values)
 
 
 def load_pretrained(
@@ -51,25 +113,22 @@ def load_pretrained(
     seed: int = 0,
     **overrides: Any,
 ) -> tuple[Any, nn.Module, dict[str, Any]]:
-    """(config, module, params) of `family` for `task_kind` from a checkpoint.
+    """(config, module, host params) of `family` for `task_kind` from a checkpoint.
 
-    `model_ref` is an HF directory, a `.gguf` file, or a name `model_files` resolves;
-    `overrides` set config fields (dtype, remat, lora, num_labels, dropout...). Params are
-    unboxed float32 numpy arrays on the host, so the caller decides their placement.
+    `overrides` set config fields (dtype, param_dtype, remat, lora, num_labels, dropout...).
+    For tests, tools and notebooks on one device: training streams params straight into
+    their shardings with `load_params` instead.
     """
-    hf_config, tensors = model_files.read_checkpoint(model_ref)
+    hf_config = model_files.read_config(model_ref)
+    config = model_config(family, hf_config, model_ref, **overrides)
+    module = family.module_for(config, task_kind)
+    params = load_params(family, config, str(model_ref), seed=seed)
+    return config, module, jax.tree.map(np.asarray, jax.device_get(params))
+
+
+def model_config(family: ModelFamily, hf_config: dict[str, Any], source: Any, **overrides) -> Any:
+    """The family's config from an HF config dict, checking the model type first."""
     model_type = hf_config.get("model_type", family.model_types[0])
     if model_type not in family.model_types:
-        raise ValueError(f"{model_ref} holds model_type {model_type!r}, not {family.model_types}")
-    config = family.config_from_hf(hf_config, **overrides)
-    module = family.module_for(config, task_kind)
-    params, missing = hf_mapping.params_from_hf(tensors, family, config)
-    del tensors
-    if missing:
-        logging.warning(
-            "%s has no weights for %s; keeping freshly initialised values.", model_ref, missing
-        )
-    fresh = fresh_paths(family, config, missing)
-    for path, value in init_values(family, config, seed, fresh).items():
-        tree_paths.set_path(params, path, value)
-    return config, module, params
+        raise ValueError(f"{source} holds model_type {model_type!r}, not {family.model_types}")
+    return family.config_from_hf(hf_config, **overrides)

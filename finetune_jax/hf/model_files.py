@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_dtypes  # noqa: F401  registers bfloat16/float8 with numpy so safetensors can read them
 import numpy as np
+import safetensors
 import safetensors.numpy
 
 from finetune_jax.hf import gguf_reader
@@ -120,6 +121,39 @@ def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
                 array = array.astype(np.float32)
             tensors[key] = array
     return tensors
+
+
+class SafetensorsTensors:
+    """An HF directory's tensors by name, read one at a time on `get` from the single
+    `model.safetensors` or the shards an index names (`safe_open` memory-maps each file;
+    nothing is read until asked). Values keep their stored dtype (bf16 stays bf16)."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self._files: dict[str, Any] = {}
+        self._file_of: dict[str, str] = {}
+        for file in _safetensors_files(pathlib.Path(model_dir)):
+            handle = safetensors.safe_open(str(file), framework="numpy")
+            self._files[str(file)] = handle
+            self._file_of.update(dict.fromkeys(handle.keys(), str(file)))
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._files[self._file_of[name]].get_tensor(name)
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+def open_tensors(model_ref: str | os.PathLike) -> tuple[dict[str, Any], Any]:
+    """(HF config dict, tensors by HF name read one at a time) of a GGUF file / alias or an
+    HF directory / name; the second has `keys()`, `get(name)` and `close()`."""
+    if is_gguf(str(model_ref)):
+        tensors = gguf_reader.GGUFTensors(resolve_gguf(model_ref))
+        return tensors.config, tensors
+    model_dir = resolve_model_dir(str(model_ref))
+    return read_hf_config(model_dir), SafetensorsTensors(model_dir)
 
 
 def write_safetensors(

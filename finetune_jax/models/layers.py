@@ -63,11 +63,12 @@ class RMSNorm(nn.Module):
     """Root-mean-square LayerNorm (no centring, no bias), as in HF's LlamaRMSNorm.
 
     Statistics are taken in float32 whatever the compute dtype; the normalised value is cast
-    to `dtype` before the (float32-stored) scale multiplies it, which is HF's order of casts.
+    to `dtype` before the scale (stored in `param_dtype`) multiplies it, which is HF's order of casts.
     """
 
     epsilon: float = 1e-6
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32  # storage dtype of the scale
 
     @nn.compact
     def __call__(self, x_BLD):
@@ -75,7 +76,7 @@ class RMSNorm(nn.Module):
             "scale",
             nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
             (x_BLD.shape[-1],),
-            jnp.float32,
+            self.param_dtype,
         )
         x32_BLD = x_BLD.astype(jnp.float32)
         variance_BL1 = jnp.mean(jnp.square(x32_BLD), axis=-1, keepdims=True)
@@ -106,13 +107,14 @@ class DenseND(nn.Module):
     in_axes: int = 1  # how many trailing dims of x are contracted
     dtype: Any = jnp.float32
     out_dtype: Any = None
+    param_dtype: Any = jnp.float32  # storage dtype of kernel, bias and LoRA params
     lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         in_shape = x.shape[x.ndim - self.in_axes :]
         kernel_shape = (*in_shape, *self.features)
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
         x = x.astype(self.dtype)
         contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
         y = jax.lax.dot_general(
@@ -122,7 +124,7 @@ class DenseND(nn.Module):
             preferred_element_type=self.out_dtype,
         )
         if self.bias_init is not None:
-            bias = self.param("bias", self.bias_init, self.features, jnp.float32)
+            bias = self.param("bias", self.bias_init, self.features, self.param_dtype)
             y = y + bias.astype(self.dtype)
         # The path the optimizer and sharding rules see for this kernel (a shared scope,
         # as in BertOutput, makes it the parent's path).
@@ -135,8 +137,8 @@ class DenseND(nn.Module):
         leaves every other param's init draw unchanged."""
         rank = self.lora.rank
         init_a, init_b = lora_initializers(self.kernel_init, kernel_shape, self.in_axes)
-        a = self.param(LORA_A, init_a, (*kernel_shape[: self.in_axes], rank), jnp.float32)
-        b = self.param(LORA_B, init_b, (rank, *kernel_shape[self.in_axes :]), jnp.float32)
+        a = self.param(LORA_A, init_a, (*kernel_shape[: self.in_axes], rank), self.param_dtype)
+        b = self.param(LORA_B, init_b, (rank, *kernel_shape[self.in_axes :]), self.param_dtype)
         if self.lora.dropout > 0:
             # Named: in a scope shared with the parent an auto-named Dropout_0 could clash.
             x = nn.Dropout(self.lora.dropout, name="lora_dropout")(x, deterministic=deterministic)

@@ -51,6 +51,7 @@ class LlamaAttention(nn.Module):
             return layers.DenseND(
                 features=(heads, cfg.head_dim),
                 dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
                 kernel_init=_normal(cfg, ("embed", axis, "kv")),
                 bias_init=_zeros((axis, "kv")) if cfg.attention_bias else None,
                 lora=cfg.lora,
@@ -63,6 +64,7 @@ class LlamaAttention(nn.Module):
             features=(cfg.hidden_size,),
             in_axes=2,
             dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             kernel_init=_normal(cfg, ("heads", "kv", "embed")),
             bias_init=_zeros(("embed",)) if cfg.o_proj_bias else None,
             lora=cfg.lora,
@@ -115,6 +117,7 @@ class LlamaMLP(nn.Module):
             return layers.DenseND(
                 features=(features,),
                 dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
                 kernel_init=_normal(cfg, names),
                 bias_init=_zeros(names[1:]) if cfg.mlp_bias else None,
                 lora=cfg.lora,
@@ -145,7 +148,9 @@ class LlamaDecoderLayer(nn.Module):
     ):
         """Returns x [B, T, D]; with `cache`, (x, new layer cache) (see LlamaAttention)."""
         cfg = self.config
-        norm = functools.partial(layers.RMSNorm, epsilon=cfg.rms_norm_eps, dtype=cfg.dtype)
+        norm = functools.partial(
+            layers.RMSNorm, epsilon=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+        )
         h_BTD = norm(name="input_layernorm")(x_BTD)
         attention = LlamaAttention(cfg, name="self_attn")
         attended = attention(h_BTD, cos_BTH, sin_BTH, mask_B1TT, deterministic, cache, cache_index)
@@ -169,13 +174,15 @@ class LlamaModel(nn.Module):
             cfg.vocab_size,
             cfg.hidden_size,
             dtype=cfg.dtype,
-            param_dtype=jnp.float32,
+            param_dtype=cfg.param_dtype,
             embedding_init=_normal(cfg, ("vocab", "embed")),
         )
         # static_argnums counts `self` as 0, so 5 is `deterministic` (a Python bool).
         block = layers.remat(LlamaDecoderLayer, cfg.remat, static_argnums=(5,))
         self.layers = [block(cfg) for _ in range(cfg.num_hidden_layers)]
-        self.norm = layers.RMSNorm(epsilon=cfg.rms_norm_eps, dtype=cfg.dtype)
+        self.norm = layers.RMSNorm(
+            epsilon=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+        )
 
     def __call__(
         self,
@@ -271,6 +278,7 @@ class LMHead(nn.Module):
         dense = layers.DenseND(
             features=(cfg.vocab_size,),
             dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             out_dtype=jnp.float32,  # as in `_logits`: float32 accumulation and logits
             kernel_init=_normal(cfg, ("embed", "vocab")),
             lora=cfg.lora,

@@ -50,7 +50,8 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     model_type: str = "llama"
-    dtype: str = "float32"  # compute dtype; params are always float32
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # storage dtype of the params (bfloat16 halves their memory)
     remat: str = "none"  # none | full | dots_saveable (see layers.remat)
     attention_impl: str | None = None  # jax.nn.dot_product_attention: None (XLA) or "cudnn"
     lora: lora_lib.LoraConfig | None = None  # LoRA on the DenseND kernels its targets match

@@ -1,4 +1,4 @@
-"""Build the pieces of a run from its config: task, tokenizer, model, optimizer, mesh, steps.
+"""Build a run's `Setup` from its config: task, tokenizer, model, optimizer, mesh, steps.
 
 `train`, `eval`, `export` and the tools all start here, so they can never disagree about
 how a config maps to a model, an optimizer or a sharding.
@@ -8,98 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
-import optax
 
 from finetune_jax import tree_paths
 from finetune_jax.cluster import sharding
 from finetune_jax.data import loaders, tasks
-from finetune_jax.evaluation.metrics import eval_metric_names, metric_mode
+from finetune_jax.evaluation.metrics import eval_metric_names
 from finetune_jax.hf import loading, model_files
 from finetune_jax.models import family_for
 from finetune_jax.models import lora as lora_lib
 from finetune_jax.models.family import ModelFamily
 from finetune_jax.training import checkpoints, optim, steps
 from finetune_jax.training.losses import loss_for
-from finetune_jax.training.state import TrainState, create_train_state
-
-
-@dataclasses.dataclass
-class Setup:
-    """Everything a train or eval loop needs, built once from the config."""
-
-    config: ml_collections.ConfigDict
-    task: tasks.Task | tasks.ChatTask
-    data: loaders.ClassificationData | loaders.ChatData
-    tokenizer: Any
-    model_ref: str  # the resolved model: an HF directory or a GGUF file
-    hf_config: dict[str, Any]  # the pretrained model's HF config (export starts from it)
-    family: ModelFamily  # the model's family (registry entry)
-    model_config: Any  # BertConfig / LlamaConfig
-    module: Any  # the flax module
-    params: Any  # pretrained params (host), unboxed
-    groups: optim.ParamGroups
-    tx: optax.GradientTransformation
-    lr_fn: optax.Schedule
-    mesh: jax.sharding.Mesh
-    state_sharding: Any
-    batch_sharding: jax.sharding.NamedSharding
-    train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated
-    eval_step: Callable  # jitted (params, batch) -> outputs
-
-    @property
-    def trainable_paths(self) -> list[str]:
-        """'/'-joined paths of the trainable leaves, in the order the step's grads use."""
-        paths = tree_paths.param_paths(self.params)
-        return [p for p, t in zip(paths, jax.tree.leaves(self.groups.trainable)) if t]
-
-    @property
-    def metric(self) -> str:
-        return self.config.train.metric or self.task.main_metric
-
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Host batch (this process's rows) -> global arrays sharded over the data axes."""
-        return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in batch.items()
-        }
-
-    def initial_state(self) -> TrainState:
-        """A fresh state around the pretrained params, placed on the mesh."""
-        return jax.device_put(
-            create_train_state(self.params, self.tx, self.config.seed), self.state_sharding
-        )
-
-    def pretrained_params(self) -> Any:
-        """The pretrained params placed on the mesh (no optimizer state built for them)."""
-        return jax.device_put(self.params, self.state_sharding.params)
-
-    def restore_params(self, workdir: str, which: str = "best") -> tuple[int, Any]:
-        """(step, params) of a finished checkpoint of `workdir`: 'best' (by the run's
-        metric), 'latest' or a step number; the manager is opened read-only."""
-        manager = checkpoints.make_manager(
-            workdir,
-            self.config.train.keep_checkpoints,
-            self.metric,
-            metric_mode(self.metric),
-            async_save=False,
-            read_only=True,
-        )
-        try:
-            step = checkpoints.pick_step(manager, which)
-            return step, checkpoints.restore(manager, step, self.abstract_state())[0].params
-        finally:
-            checkpoints.close(manager)
-
-    def abstract_state(self) -> TrainState:
-        """Shapes, dtypes and shardings of the state, for restoring without materialising it."""
-        shapes = jax.eval_shape(lambda: create_train_state(self.params, self.tx, self.config.seed))
-        return checkpoints.abstract_with_shardings(shapes, self.state_sharding)
+from finetune_jax.training.setup import Setup
+from finetune_jax.training.state import create_train_state
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
@@ -121,35 +47,47 @@ def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None
     return lora
 
 
-def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Setup:
-    """Resolve the model and task, load pretrained weights, and jit the steps.
+def build(
+    config: ml_collections.ConfigDict,
+    devices: list[jax.Device] | None = None,
+    hf_config: dict[str, Any] | None = None,
+) -> Setup:
+    """Resolve the model and task, lay out params and state on the mesh, and jit the steps.
 
+    No weights are read here: `Setup.pretrained_params` / `initial_state` stream them when a
+    run needs them (a resumed run never does). With `hf_config` (a model's config.json) the
+    build is abstract, for preflight: no checkpoint, tokenizer or data is touched at all.
     `devices` (default: all devices of all processes) is what `config.mesh` is laid over.
     """
     lora = lora_config(config)  # fail before any loading
     task = tasks.get_task(config.data.task)
     _check_task_options(config, task)
-    model_ref = _resolve_model(config.model.name)
-    hf_config = model_files.read_config(model_ref)
+    abstract = hf_config is not None
+    model_ref = "" if abstract else _resolve_model(config.model.name)
+    hf_config = hf_config if abstract else model_files.read_config(model_ref)
     family = family_for(hf_config.get("model_type", ""))
-    model_config, module, params = loading.load_pretrained(
+    model_config = loading.model_config(
         family,
-        model_ref,
-        task.kind,
-        seed=config.seed,
+        hf_config,
+        model_ref or "config.model",
         dtype=config.model.dtype,
+        param_dtype=config.model.param_dtype,
         remat=config.model.remat,
         lora=lora,
         **_task_overrides(config, task),
     )
-    params = jax.tree.map(np.asarray, params)
-    tokenizer = model_files.load_tokenizer(model_ref)
-    data = loaders.make_loader(config, task, tokenizer)
-    if config.model.head_bias_init == "prior":
-        params = with_prior_head_bias(params, family, data)
-    groups = optim.param_groups(config.optim, params)
+    module = family.module_for(model_config, task.kind)
+    tokenizer = None if abstract else model_files.load_tokenizer(model_ref)
+    data = None if abstract else loaders.make_loader(config, task, tokenizer)
+
+    mesh = sharding.make_mesh(config.mesh, devices, config.mesh_dcn)
+    rules = sharding.logical_rules(config)
+    boxed = jax.eval_shape(lambda: family.init_params(model_config, jax.random.key(0)))
+    params_sharding = sharding.param_shardings(boxed, mesh, rules)
+    abstract_params = checkpoints.abstract_with_shardings(nn.meta.unbox(boxed), params_sharding)
+    groups = optim.param_groups(config.optim, abstract_params)
     tx, lr_fn = optim.make_optimizer(config.optim, groups, config.train.max_steps)
-    placement = _placement(config, devices, family, model_config, params, tx)
+    placement = _placement(config, mesh, rules, params_sharding, abstract_params, tx)
     train_step, eval_step = _jit_steps(config, task, module, groups, tx, lr_fn, placement)
     return Setup(
         config=config,
@@ -161,11 +99,12 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
         family=family,
         model_config=model_config,
         module=module,
-        params=params,
+        abstract_params=abstract_params,
+        param_overrides=_head_bias_override(config, family, abstract_params, data),
         groups=groups,
         tx=tx,
         lr_fn=lr_fn,
-        mesh=placement.mesh,
+        mesh=mesh,
         state_sharding=placement.state,
         batch_sharding=placement.batch,
         train_step=train_step,
@@ -182,14 +121,12 @@ class _Placement:
     batch: jax.sharding.NamedSharding
 
 
-def _placement(config, devices, family, model_config, params, tx) -> _Placement:
-    """The mesh and the shardings of params, state and batches, from the config's rules."""
-    mesh = sharding.make_mesh(config.mesh, devices)
-    rules = sharding.logical_rules(config)
-    boxed = jax.eval_shape(lambda: family.init_params(model_config, jax.random.key(0)))
-    params_sharding = sharding.param_shardings(boxed, mesh, rules)
-    shapes = jax.eval_shape(lambda: create_train_state(params, tx, config.seed))
-    state_sharding = sharding.state_shardings(shapes, tx, params_sharding, mesh)
+def _placement(config, mesh, rules, params_sharding, abstract_params, tx) -> _Placement:
+    """The shardings of state and batches, from the params' and the config's rules."""
+    create = functools.partial(create_train_state, tx=tx, seed=config.seed)
+    state_sharding = sharding.state_shardings(
+        jax.eval_shape(create, abstract_params), tx, params_sharding, mesh
+    )
     batch_sharding = sharding.batch_sharding(mesh, rules)
     sharding.check_batch_size(config.train.batch_size, config.train.microbatches, batch_sharding)
     return _Placement(mesh, rules, params_sharding, state_sharding, batch_sharding)
@@ -244,17 +181,18 @@ def _check_task_options(config: ml_collections.ConfigDict, task) -> None:
         )
 
 
-def with_prior_head_bias(params: dict[str, Any], family: ModelFamily, data) -> dict[str, Any]:
-    """`params` with the new head's bias set to the train labels' prior (see config.py)."""
+def _head_bias_override(config, family: ModelFamily, abstract_params, data) -> dict[str, Any]:
+    """{head bias path: the train labels' prior} for `model.head_bias_init=prior`, else {}."""
+    if config.model.head_bias_init != "prior" or data is None:
+        return {}
     prior = data.label_prior()
-    bias = tree_paths.get_path(params, family.head_bias)
+    bias = tree_paths.get_path(abstract_params, family.head_bias)
     if bias.shape != prior.shape:
         raise ValueError(
             f"model.head_bias_init='prior': param {family.head_bias!r} has shape "
             f"{bias.shape} but task {data.task.name!r} has {prior.shape[0]} label(s)"
         )
-    tree_paths.set_path(params, family.head_bias, prior.astype(bias.dtype))
-    return params
+    return {family.head_bias: prior.astype(bias.dtype)}
 
 
 def _resolve_model(name: str) -> str:

@@ -138,7 +138,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written, or does not fit the run's config."""
 
 
-def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> None:
     """Compare saved param paths and shapes with the config's model; name the first mismatch."""
     saved = manager.item_metadata(step)[STATE]
     saved = getattr(saved, "tree", saved)
@@ -147,7 +147,7 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: 
         return  # unknown layout: leave it to Orbax
     want = {
         tree_paths.path_str(p): tuple(x.shape)
-        for p, x in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
+        for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
     }
     have = {
         tree_paths.path_str(p): tuple(x.shape)
@@ -177,7 +177,7 @@ def restore(
     manager: ocp.CheckpointManager, step: int, abstract_state: Any
 ) -> tuple[Any, dict[str, Any]]:
     """(state, progress) saved at `step`, after checking it fits the config's model."""
-    check_compatible(manager, step, abstract_state)
+    check_compatible(manager, step, abstract_state.params)
     args = ocp.args.Composite(
         **{STATE: ocp.args.StandardRestore(abstract_state), PROGRESS: ocp.args.JsonRestore()}
     )
@@ -190,6 +190,27 @@ def restore(
             f"was saved? Use a new workdir for a new setting): {e}"
         ) from e
     return restored[STATE], dict(restored[PROGRESS])
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
+    """Only the params saved at `step` (no optimizer state is read or allocated), restored
+    into the shardings `abstract_params` carries; for eval, export and the final eval."""
+    check_compatible(manager, step, abstract_params)
+    reader = ocp.CheckpointManager(
+        manager.directory,
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+    item = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(
+        item=item,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True,
+    )
+    try:
+        return reader.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]["params"]
+    finally:
+        close(reader)
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -33,7 +33,7 @@ def train(
     manifest.write_manifest(config, workdir, setup.mesh)
     say(
         f"parameter groups (optim.preset={config.optim.preset!r}):\n"
-        + optim.group_table(setup.groups, setup.params)
+        + optim.group_table(setup.groups, setup.abstract_params)
     )
     batches = setup.data.train_batches()
     manager = checkpoints.make_manager(
@@ -167,7 +167,7 @@ def _final_eval(run: _Run, state, split: str) -> dict[str, Any]:
         step = checkpoints.pick_step(manager, "best")
     params = state.params
     if step != int(state.step):
-        params = checkpoints.restore(manager, step, setup.abstract_state())[0].params
+        params = checkpoints.restore_params(manager, step, setup.abstract_params)
     batches = setup.data.eval_batches(setup.data.load(split))
     results = evaluate(setup.eval_step, params, batches, setup.task, setup.put_batch)
     say(f"final eval of step {step} on {split}: " + format_metrics(results))
@@ -185,7 +185,7 @@ def _summary(setup, state, stopper, log, wall_time) -> dict[str, Any]:
         "metric": setup.metric,
         "best": stopper.best,
         "best_step": stopper.best_step,
-        "trainable_params": optim.param_counts(setup.groups, setup.params)[0],
+        "trainable_params": optim.param_counts(setup.groups, setup.abstract_params)[0],
         "optimizer_state_bytes": optim.tree_bytes(state.opt_state),
         **peak_memory(),
     }

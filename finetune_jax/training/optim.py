@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -158,6 +159,30 @@ def schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedu
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])
 
 
+def with_state_dtype(
+    inner: optax.GradientTransformation, dtype: Any
+) -> optax.GradientTransformation:
+    """`inner` whose floating state leaves are stored in `dtype` (`optim.state_dtype`).
+
+    Adam's moments otherwise follow the params' dtype at init and the gradients' after a
+    step; a fixed dtype keeps the state tree (checkpoints, shardings, donation) stable.
+    """
+
+    def cast(tree: Any) -> Any:
+        return jax.tree.map(
+            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+        )
+
+    def init(params: Any) -> Any:
+        return cast(inner.init(params))
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        updates, state = inner.update(updates, state, params)
+        return updates, cast(state)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(
     optim: ml_collections.ConfigDict, groups: ParamGroups, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -168,13 +193,14 @@ def make_optimizer(
         if mult is None:
             transforms[name] = optax.set_to_zero()
         else:
-            transforms[name] = optax.adamw(
+            adamw = optax.adamw(
                 learning_rate=lambda step, m=mult: lr(step) * m,
                 b1=optim.b1,
                 b2=optim.b2,
                 eps=optim.eps,
                 weight_decay=optim.weight_decay if groups.decay[name] else 0.0,
             )
+            transforms[name] = with_state_dtype(adamw, jnp.dtype(optim.state_dtype))
     chain = []
     if optim.clip_norm > 0:
         chain.append(optax.masked(optax.clip_by_global_norm(optim.clip_norm), groups.trainable))

@@ -1,0 +1,113 @@
+"""`Setup`: everything a train, eval or export run needs, built once from the config
+(see builder.py), and the ways to get params and state into the mesh: streamed from the
+pretrained checkpoint, born sharded, or restored from a run's checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from finetune_jax import tree_paths
+from finetune_jax.data import loaders, tasks
+from finetune_jax.evaluation.metrics import metric_mode
+from finetune_jax.hf import loading
+from finetune_jax.models import lora as lora_lib
+from finetune_jax.models.family import ModelFamily
+from finetune_jax.training import checkpoints, optim
+from finetune_jax.training.state import TrainState, create_train_state
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a train or eval loop needs, built once from the config."""
+
+    config: ml_collections.ConfigDict
+    task: tasks.Task | tasks.ChatTask
+    data: loaders.ClassificationData | loaders.ChatData
+    tokenizer: Any
+    model_ref: str  # the resolved model: an HF directory or a GGUF file ("" if abstract)
+    hf_config: dict[str, Any]  # the pretrained model's HF config (export starts from it)
+    family: ModelFamily  # the model's family (registry entry)
+    model_config: Any  # BertConfig / LlamaConfig
+    module: Any  # the flax module
+    # Shapes, dtypes and shardings of the params (jax.ShapeDtypeStruct): no values are held;
+    # `pretrained_params` streams them from the checkpoint when a run needs them.
+    abstract_params: Any
+    param_overrides: dict[str, np.ndarray]  # host values replacing loaded ones (head prior)
+    groups: optim.ParamGroups
+    tx: optax.GradientTransformation
+    lr_fn: optax.Schedule
+    mesh: jax.sharding.Mesh
+    state_sharding: Any
+    batch_sharding: jax.sharding.NamedSharding
+    train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated
+    eval_step: Callable  # jitted (params, batch) -> outputs
+
+    @property
+    def trainable_paths(self) -> list[str]:
+        """'/'-joined paths of the trainable leaves, in the order the step's grads use."""
+        paths = tree_paths.param_paths(self.abstract_params)
+        return [p for p, t in zip(paths, jax.tree.leaves(self.groups.trainable)) if t]
+
+    @property
+    def metric(self) -> str:
+        return self.config.train.metric or self.task.main_metric
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Host batch (this process's rows) -> global arrays sharded over the data axes."""
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in batch.items()
+        }
+
+    def initial_state(self) -> TrainState:
+        """A fresh state around the pretrained params, born sharded: the optimizer state is
+        created inside jit with the state's shardings, the params' buffers donated to it."""
+        create = functools.partial(create_train_state, tx=self.tx, seed=self.config.seed)
+        init = jax.jit(create, out_shardings=self.state_sharding, donate_argnums=0)
+        return init(self.pretrained_params())
+
+    def pretrained_params(self) -> Any:
+        """The pretrained params streamed from the checkpoint into their shardings."""
+        shardings = {
+            path: leaf.sharding
+            for path, leaf in lora_lib.flat_paths(self.abstract_params).items()
+        }
+        return loading.load_params(
+            self.family,
+            self.model_config,
+            self.model_ref,
+            shardings,
+            self.config.seed,
+            replace=self.param_overrides,
+        )
+
+    def restore_params(self, workdir: str, which: str = "best") -> tuple[int, Any]:
+        """(step, params) of a finished checkpoint of `workdir`: 'best' (by the run's
+        metric), 'latest' or a step number; the manager is opened read-only."""
+        manager = checkpoints.make_manager(
+            workdir,
+            self.config.train.keep_checkpoints,
+            self.metric,
+            metric_mode(self.metric),
+            async_save=False,
+            read_only=True,
+        )
+        try:
+            step = checkpoints.pick_step(manager, which)
+            return step, checkpoints.restore_params(manager, step, self.abstract_params)
+        finally:
+            checkpoints.close(manager)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state, for restoring without materialising it."""
+        create = functools.partial(create_train_state, tx=self.tx, seed=self.config.seed)
+        shapes = jax.eval_shape(create, self.abstract_params)
+        return checkpoints.abstract_with_shardings(shapes, self.state_sharding)
