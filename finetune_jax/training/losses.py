@@ -77,11 +77,13 @@ def chunked_next_token_loss(
     head_fn(h_BCD, chunk_index) -> float32 logits [B, C, V] (the index lets it draw per-chunk
     dropout). A `lax.scan` over the chunks with `jax.checkpoint` around each: the forward
     keeps one chunk's logits at a time, and the backward recomputes them chunk by chunk
-    instead of storing all of them as residuals. A length that `chunk` does not divide gets
-    its last chunk padded with weight-0 positions.
+    instead of storing all of them as residuals (the price: the head's forward matmul runs
+    twice). A length that `chunk` does not divide gets its last chunk padded with weight-0
+    positions; a length of at most `chunk` is one plain `next_token_loss`.
     """
     batch, length = labels.shape
-    chunk = min(chunk, length)
+    if length <= chunk:  # one chunk holds no less than full logits: skip the recompute
+        return next_token_loss(head_fn(hidden_BTD, jnp.zeros((), jnp.int32)), labels, weights)
     num_chunks = -(-length // chunk)
     pad = num_chunks * chunk - length
 
