@@ -40,6 +40,13 @@ def _model() -> ml_collections.ConfigDict:
     s.param_dtype = "float32"
     s.remat = "none"  # none | full | dots_saveable: recompute activations in backward
     s.dropout = -1.0  # <0: keep the pretrained config's dropout
+    # Causal LMs: the loss applies the LM head to this many tokens of each row at a time
+    # (recomputed chunk by chunk in the backward pass), so no [batch, length, vocab] float32
+    # logits exist (17 GB for a 128k vocabulary at 8 x 4096 tokens); the loss's scratch is
+    # then ~2 x [batch, chunk, vocab] float32, at the price of one more head matmul. 0 = full
+    # logits (the plain form, for comparison); rows of at most `chunk` tokens take it anyway.
+    # A length it does not divide gets a weight-0 padded last chunk.
+    s.lm_loss_chunk = 512
     # The new head's bias: "zeros" (as HF) or "prior", the train labels' prior — their mean
     # for regression, log class frequencies for classification — so the first steps learn
     # the task instead of the label offset (STS-B's scores average 2.7, not 0).

@@ -311,3 +311,17 @@ def test_registry():
 def test_remat_and_bfloat16_variants():
     params = nn.meta.unbox(llama.init_params(TINY, jax.random.PRNGKey(0)))
     check_remat_and_bfloat16(llama.LlamaForCausalLM, TINY, params, bf16_atol=5e-2)
+
+
+def test_hidden_state_through_logits_from_hidden_equals_logits():
+    # The chunked causal-LM loss relies on this split of the forward pass (training/losses.py).
+    for config in (TINY, dataclasses.replace(TINY, tie_word_embeddings=True)):
+        module = llama.LlamaForCausalLM(config)
+        params = nn.meta.unbox(llama.init_params(config, jax.random.PRNGKey(0)))
+        ids = jnp.arange(12).reshape(2, 6) % config.vocab_size
+        logits = module.apply({"params": params}, ids)
+        hidden = module.apply({"params": params}, ids, return_hidden=True)
+        assert hidden.shape == (2, 6, config.hidden_size)
+        head = module.apply({"params": params}, hidden[:, 2:5], method="logits_from_hidden")
+        assert head.dtype == jnp.float32
+        np.testing.assert_allclose(head, logits[:, 2:5], rtol=1e-6, atol=1e-6)

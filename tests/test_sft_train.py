@@ -22,9 +22,11 @@ from tests.helpers import SHARED_DATA, run_steps, tiny_config
 
 
 def tiny_sft_config(model_dir, **overrides):
-    """The GSM8K LoRA config on the tiny model: 48 train / 8 test conversations, 4 steps."""
+    """The GSM8K LoRA config on the tiny model: 48 train / 8 test conversations, 4 steps;
+    the chunked LM loss over chunks of 96 of the 256-token rows (last one padded)."""
     config = sft_config()
     config.model.name = str(model_dir)
+    config.model.lm_loss_chunk = 96
     config.data.dir = str(SHARED_DATA / "gsm8k")
     config.data.max_train_rows = 48
     config.data.max_eval_rows = 8

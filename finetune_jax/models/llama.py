@@ -304,11 +304,20 @@ class LlamaForCausalLM(nn.Module):
     (left-padded prompts pass cumsum(mask) - 1). Returns (logits, new cache); packing is not
     supported. `last_logits_only` returns the last position's logits [B, 1, V]: a prefill
     needs no more, and [B, T, V] float32 is large for big vocabularies.
+
+    `return_hidden` returns the final (normed) hidden state [B, T, D] instead of logits, and
+    `logits_from_hidden` maps any slice of it to logits with the same head: a loss can then
+    apply the head chunk by chunk and never hold [B, T, V] (training/losses.py).
     """
 
     config: LlamaConfig
 
-    @nn.compact
+    def setup(self) -> None:
+        # setup, not compact: `logits_from_hidden` must reach the same head as `__call__`.
+        self.model = LlamaModel(self.config)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = LMHead(self.config)
+
     def __call__(
         self,
         input_ids,
@@ -319,19 +328,25 @@ class LlamaForCausalLM(nn.Module):
         cache=None,
         cache_index=None,
         last_logits_only=False,
+        return_hidden=False,
     ):
-        model = LlamaModel(self.config, name="model")
-        out = model(
+        out = self.model(
             input_ids, attention_mask, segment_ids, positions, deterministic, cache, cache_index
         )
         x_BTD, new_cache = (out, None) if cache is None else out
         if last_logits_only:
             x_BTD = x_BTD[:, -1:]
+        if return_hidden and not self.is_initializing():
+            result = x_BTD
+        else:  # init always builds the head, so its params exist for `logits_from_hidden`
+            result = self.logits_from_hidden(x_BTD, deterministic)
+        return result if cache is None else (result, new_cache)
+
+    def logits_from_hidden(self, x_BTD, deterministic=True):
+        """Final hidden state [B, T, D] (any T) -> float32 logits [B, T, V] via the head."""
         if self.config.tie_word_embeddings:
-            logits_BTV = model.attend_embedding(x_BTD)
-        else:
-            logits_BTV = LMHead(self.config, name="lm_head")(x_BTD, deterministic)
-        return logits_BTV if cache is None else (logits_BTV, new_cache)
+            return self.model.attend_embedding(x_BTD)
+        return self.lm_head(x_BTD, deterministic)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -134,18 +134,17 @@ def _placement(config, mesh, rules, params_sharding, abstract_params, tx) -> _Pl
 
 def _jit_steps(config, task, module, groups, tx, lr_fn, placement: _Placement):
     """The train step (state donated) and eval step, jitted with explicit shardings."""
-    loss_fn = loss_for(task)
+    objective = objective_for(config, task, module)
     train_fn = functools.partial(
         steps.train_step,
-        apply_fn=module.apply,
+        objective=objective,
         tx=tx,
-        loss_fn=loss_fn,
         lr_fn=lr_fn,
         trainable=groups.trainable,
         microbatches=config.train.microbatches,
         skip_nonfinite=config.train.nonfinite == "skip",
     )
-    eval_fn = functools.partial(steps.eval_step, apply_fn=module.apply, loss_fn=loss_fn)
+    eval_fn = functools.partial(steps.eval_step, objective=objective)
     replicated = sharding.replicated(placement.mesh)
     train_step = jax.jit(
         train_fn,
@@ -160,6 +159,23 @@ def _jit_steps(config, task, module, groups, tx, lr_fn, placement: _Placement):
     return bind(train_step), bind(eval_step)
 
 
+def objective_for(config: ml_collections.ConfigDict, task, module) -> steps.Objective:
+    """The step's objective, chosen here so the jitted steps hold no branch on the config.
+
+    Causal LMs with `model.lm_loss_chunk` > 0 take the chunked loss: the module returns its
+    hidden state (`return_hidden=True`) and `logits_from_hidden` applies its head per chunk.
+    """
+    chunk = config.model.lm_loss_chunk
+    if task.kind == "causal_lm" and chunk > 0:
+        return functools.partial(
+            steps.chunked_lm_objective,
+            hidden_fn=functools.partial(module.apply, return_hidden=True),
+            head_fn=functools.partial(module.apply, method="logits_from_hidden"),
+            chunk=chunk,
+        )
+    return functools.partial(steps.logits_objective, apply_fn=module.apply, loss_fn=loss_for(task))
+
+
 HEAD_BIAS_INITS = ("zeros", "prior")
 
 
@@ -171,6 +187,9 @@ def _check_task_options(config: ml_collections.ConfigDict, task) -> None:
             f"train.metric={config.train.metric!r} is not reported by task {task.name!r}; "
             f"choose one of {names} ('' = {task.main_metric!r})"
         )
+    chunk = config.model.lm_loss_chunk
+    if not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"model.lm_loss_chunk={chunk!r}: expected an int >= 0 (0 = full logits)")
     choice = config.model.head_bias_init
     if choice not in HEAD_BIAS_INITS:
         raise ValueError(f"model.head_bias_init={choice!r}: expected one of {HEAD_BIAS_INITS}")

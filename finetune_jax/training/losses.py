@@ -1,10 +1,18 @@
-"""Per-example-weighted losses. Padding rows of a fixed-shape batch carry weight 0."""
+"""Per-example-weighted losses. Padding rows of a fixed-shape batch carry weight 0.
+
+Causal LMs have two forms of the same loss: `next_token_loss` on full logits [B, T, V], and
+`chunked_next_token_loss`, which applies the LM head to `chunk` positions at a time so that
+neither pass holds [B, T, V] float32 (17 GB for a 128k vocabulary at 8 x 4096 tokens).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 
 def classification_loss(
@@ -55,3 +63,45 @@ def next_token_loss(
     targets and weights the loss mask, so the steps divide by the number of trained tokens.
     """
     return causal_lm_loss(logits, labels, weights)[0], jnp.argmax(logits, axis=-1)
+
+
+def chunked_next_token_loss(
+    hidden_BTD: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+    head_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`next_token_loss` from the final hidden state, the head applied `chunk` tokens at a time.
+
+    head_fn(h_BCD, chunk_index) -> float32 logits [B, C, V] (the index lets it draw per-chunk
+    dropout). A `lax.scan` over the chunks with `jax.checkpoint` around each: the forward
+    keeps one chunk's logits at a time, and the backward recomputes them chunk by chunk
+    instead of storing all of them as residuals (the price: the head's forward matmul runs
+    twice). A length that `chunk` does not divide gets its last chunk padded with weight-0
+    positions; a length of at most `chunk` is one plain `next_token_loss`.
+    """
+    batch, length = labels.shape
+    if length <= chunk:  # one chunk holds no less than full logits: skip the recompute
+        return next_token_loss(head_fn(hidden_BTD, jnp.zeros((), jnp.int32)), labels, weights)
+    num_chunks = -(-length // chunk)
+    pad = num_chunks * chunk - length
+
+    def by_chunk(x):  # [B, T, ...] -> [N, B, C, ...], zero-padded to N * C positions
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch, num_chunks, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_loss(h_BCD, labels_BC, weights_BC, index):
+        logits_BCV = head_fn(h_BCD, index)
+        loss_sum, _ = causal_lm_loss(logits_BCV, labels_BC, weights_BC)
+        return loss_sum, jnp.argmax(logits_BCV, axis=-1)
+
+    def body(total, xs):
+        loss_sum, predictions_BC = chunk_loss(*xs)
+        return total + loss_sum, predictions_BC
+
+    xs = (by_chunk(hidden_BTD), by_chunk(labels), by_chunk(weights), jnp.arange(num_chunks))
+    total, predictions_NBC = lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    predictions = jnp.moveaxis(predictions_NBC, 0, 1).reshape(batch, num_chunks * chunk)
+    return total, predictions[:, :length]

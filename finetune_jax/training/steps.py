@@ -1,5 +1,11 @@
-"""Pure train / eval steps. Model, optimizer, loss and schedule are bound with
-`functools.partial` at setup, so nothing from the config crosses into `jit`.
+"""Pure train / eval steps and the objectives they evaluate. Objective (model + loss),
+optimizer and schedule are bound with `functools.partial` at setup, so nothing from the
+config crosses into `jit`.
+
+An objective is `(params, batch, rng or None) -> (summed loss, predictions)`; rng None means
+deterministic (eval). `logits_objective` runs the model to its outputs and a loss on them;
+`chunked_lm_objective` runs a causal LM to its hidden state and applies the LM head chunk by
+chunk inside the loss, so no [B, T, V] logits exist.
 """
 
 from __future__ import annotations
@@ -11,10 +17,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from finetune_jax.training import losses
 from finetune_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "segment_ids", "positions")
+# (params, batch, rng or None) -> (summed loss, predictions)
+Objective = Callable[[Any, Batch, Any], tuple[jax.Array, jax.Array]]
 
 
 def _forward(apply_fn: Callable, params: Any, batch: Batch, rng: jax.Array | None) -> jax.Array:
@@ -22,6 +31,43 @@ def _forward(apply_fn: Callable, params: Any, batch: Batch, rng: jax.Array | Non
     if rng is None:
         return apply_fn({"params": params}, **inputs, deterministic=True)
     return apply_fn({"params": params}, **inputs, deterministic=False, rngs={"dropout": rng})
+
+
+def logits_objective(
+    params: Any, batch: Batch, rng: jax.Array | None, *, apply_fn: Callable, loss_fn: Callable
+) -> tuple[jax.Array, jax.Array]:
+    """The model's full outputs through `loss_fn(outputs, labels, weights)`."""
+    outputs = _forward(apply_fn, params, batch, rng)
+    return loss_fn(outputs, batch["labels"], batch["weights"])
+
+
+def chunked_lm_objective(
+    params: Any,
+    batch: Batch,
+    rng: jax.Array | None,
+    *,
+    hidden_fn: Callable,
+    head_fn: Callable,
+    chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`next_token_loss` with the LM head applied `chunk` tokens at a time.
+
+    hidden_fn: the model's apply returning the final hidden state [B, T, D]; head_fn: its
+    apply mapping hidden [B, C, D] to float32 logits [B, C, V] with the model's own head
+    (LoRA on it included). Each chunk draws its own dropout key (LoRA dropout on the head),
+    so only the deterministic forms equal `next_token_loss` exactly.
+    """
+    hidden_BTD = _forward(hidden_fn, params, batch, rng)
+
+    def head(h_BCD, index):
+        if rng is None:
+            return head_fn({"params": params}, h_BCD, deterministic=True)
+        chunk_rng = jax.random.fold_in(rng, index)
+        return head_fn({"params": params}, h_BCD, deterministic=False, rngs={"dropout": chunk_rng})
+
+    return losses.chunked_next_token_loss(
+        hidden_BTD, batch["labels"], batch["weights"], head, chunk
+    )
 
 
 def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
@@ -38,8 +84,7 @@ def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
 
 
 def trainable_grads(
-    apply_fn: Callable,
-    loss_fn: Callable,
+    objective: Objective,
     params: Any,
     trainable: Any,
     batch: Batch,
@@ -60,8 +105,7 @@ def trainable_grads(
     def loss_sum(train_leaves, mb, mb_rng):
         it = iter(train_leaves)
         merged = treedef.unflatten([next(it) if t else leaf for leaf, t in zip(leaves, mask)])
-        logits = _forward(apply_fn, merged, mb, mb_rng)
-        return loss_fn(logits, mb["labels"], mb["weights"])[0]
+        return objective(merged, mb, mb_rng)[0]
 
     train_leaves = [leaf for leaf, t in zip(leaves, mask) if t]
     grad_fn = jax.value_and_grad(loss_sum)
@@ -88,9 +132,8 @@ def train_step(
     state: TrainState,
     batch: Batch,
     *,
-    apply_fn: Callable,
+    objective: Objective,
     tx: optax.GradientTransformation,
-    loss_fn: Callable,
     lr_fn: optax.Schedule,
     trainable: Any,
     microbatches: int = 1,
@@ -105,9 +148,7 @@ def train_step(
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     weight_sum = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-    loss_sum, grads = trainable_grads(
-        apply_fn, loss_fn, state.params, trainable, batch, rng, microbatches
-    )
+    loss_sum, grads = trainable_grads(objective, state.params, trainable, batch, rng, microbatches)
     grads = [g / weight_sum for g in grads]
     # Frozen leaves get a zero gradient that no transform reads (set_to_zero ignores it).
     it = iter(grads)
@@ -132,16 +173,13 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(
-    params: Any, batch: Batch, *, apply_fn: Callable, loss_fn: Callable
-) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: Batch, *, objective: Objective) -> dict[str, jax.Array]:
     """Summed loss and weight, and the global batch's predictions, labels and weights.
 
     Labels and weights come back with the predictions so that, with several processes (each
     holding only its rows of the batch), every host computes metrics over the same global set.
     """
-    logits = _forward(apply_fn, params, batch, None)
-    loss_sum, predictions = loss_fn(logits, batch["labels"], batch["weights"])
+    loss_sum, predictions = objective(params, batch, None)
     return {
         "loss_sum": loss_sum,
         "weight_sum": jnp.sum(batch["weights"]),
