@@ -1,5 +1,6 @@
 """Workdirs through one path abstraction: a `gs://` workdir keeps its scheme end to end (train,
-resume, eval, export) against a fake bucket, and a local relative workdir works as before.
+resume, eval, export, sweeps' launch commands and reports) against a fake bucket, and a local
+relative workdir works as before.
 
 The fake bucket is fsspec's `gs`/`gcs` protocol (what epath uses for gs:// without
 TensorFlow) mapped onto a local directory; it refuses appends, as object stores do. Orbax
@@ -24,11 +25,13 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import _registry as fsspec_registry
 from orbax.checkpoint._src.path import gcs_utils
 
+from experiments import report, run, sweep
 from finetune_jax.eval import run_eval
 from finetune_jax.export import export
 from finetune_jax.train import train
 from finetune_jax.training import builder, checkpoints, workdir_files
-from tests.helpers import tiny_config
+from tests.helpers import REPO, tiny_config
+from tests.test_experiments import demo_sweep
 
 
 @pytest.fixture
@@ -147,3 +150,29 @@ def test_gs_workdir_trains_resumes_evaluates_and_exports_like_a_local_one(
     ).read_bytes()
     with pytest.raises(FileExistsError, match="--overwrite"):
         export(config, url, "gs://bucket/exports/sst2")
+
+
+def test_sweeps_launch_into_and_report_from_a_gs_runs_root(fake_gcs, capsys, monkeypatch):
+    root, _ = fake_gcs
+    runs = sweep.expand(demo_sweep(tasks={"sst2": {}}, seeds=(0,)), "gs://bucket/runs")
+    first = runs[0]
+    assert first.workdir == f"gs://bucket/runs/demo/{first.name}"
+    assert f"--workdir={first.workdir}" in sweep.train_args(first)
+    config = sweep.build_config(first)
+    assert run.run_status(first.workdir, config) == "new"
+
+    local = root / "bucket" / "runs" / "demo" / first.name
+    local.mkdir(parents=True)
+    (local / "config.json").write_text(json.dumps(config.to_dict(), default=str))
+    summary = {"final_step": config.train.max_steps, "final": {"accuracy": 0.9}}
+    (local / "summary.json").write_text(json.dumps(summary))
+    (local / "metrics.jsonl").write_text('{"step": 10, "kind": "eval", "accuracy": 0.9}\n')
+    assert run.run_status(first.workdir, config) == "finished"
+    assert run.config_conflicts(first.workdir, config) == []
+    (result,) = report.collect([first])
+    assert result["finished"] and result["metrics"][0]["accuracy"] == 0.9
+
+    # The in-process runner appends logs beside the workdirs: not on an object store.
+    monkeypatch.chdir(REPO)  # main moves to the repo root; this restores the cwd afterwards
+    assert run.main(["peft_glue", "--quick", "--runs-root=gs://bucket/runs"]) == 2
+    assert "is a URL: use it with --print-launch" in capsys.readouterr().err
