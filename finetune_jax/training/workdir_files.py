@@ -88,8 +88,12 @@ class LineFile:
         self._synced_at, self._dirty = time.monotonic(), False
 
     def read(self) -> list[str]:
-        """The file's lines (newline-terminated) as it is now; [] when it does not exist."""
-        return self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+        """The file's lines as it is now (the last one may lack its newline: a crash); []
+        when it does not exist. Split on "\n" only, as the file was written."""
+        if not self.path.exists():
+            return []
+        *lines, last = self.path.read_text().split("\n")
+        return [line + "\n" for line in lines] + ([last] if last else [])
 
     def start(self, lines: list[str]) -> None:
         """Begin the log with `lines` (what to keep of an earlier run's), rewriting if they
