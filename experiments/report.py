@@ -28,6 +28,7 @@ from experiments import plots
 from experiments import sweep as sweep_lib
 from experiments.run import config_conflicts, is_finished, read_json
 from finetune_jax.evaluation.metrics import metric_mode
+from finetune_jax.training import workdir_files
 from finetune_jax.training.manifest import read_manifest
 
 CSV_FIELDS = (
@@ -52,7 +53,7 @@ CSV_FIELDS = (
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
     """metrics.jsonl records; for a step logged twice (a resumed run) the last one wins."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = workdir_files.workdir_path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
     records = {}
@@ -72,7 +73,7 @@ def collect(runs: Sequence[sweep_lib.Run]) -> list[dict[str, Any]]:
     results = []
     for run in runs:
         config = sweep_lib.build_config(run)
-        summary = read_json(Path(run.workdir) / "summary.json")
+        summary = read_json(workdir_files.workdir_path(run.workdir) / "summary.json")
         results.append(
             {
                 "run": run,
@@ -361,11 +362,12 @@ def write_report(
 ) -> dict[str, Path]:
     """Aggregate the sweep's runs; write `<out>/<sweep>.md`, `.csv` and `<out>/<sweep>/*.png`."""
     results = collect(sweep_lib.expand(sweep, runs_root))
+    sweep_dir = workdir_files.workdir_path(runs_root) / sweep.name
     points = grid_points(results)
     selected = select(points)
     if not selected:
         raise FileNotFoundError(
-            f"no finished run of sweep {sweep.name} under {Path(runs_root) / sweep.name}; "
+            f"no finished run of sweep {sweep.name} under {sweep_dir}; "
             f"run `python -m experiments.run {sweep.path}{' --quick' if sweep.quick else ''}`"
         )
     rows = table_rows(selected)
@@ -373,7 +375,7 @@ def write_report(
     image_dir = out_dir / sweep.name
     image_dir.mkdir(exist_ok=True)
     images = plots.write_plots(selected, rows, image_dir)
-    info = provenance(results, Path(runs_root) / sweep.name)
+    info = provenance(results, sweep_dir)
     paths = {"md": out_dir / f"{sweep.name}.md", "csv": out_dir / f"{sweep.name}.csv"}
     write_csv(rows, paths["csv"])
     paths["md"].write_text(markdown(sweep, rows, points, info, images, out_dir, report_command))
@@ -396,7 +398,8 @@ def main(argv: Sequence[str]) -> int:
     command = shlex.join(["python", "-m", "experiments.report", *argv])
     try:
         sweep = sweep_lib.load(args.sweep, quick=args.quick)
-        paths = write_report(sweep, Path(args.runs_root).resolve(), Path(args.out_dir), command)
+        runs_root = workdir_files.workdir_path(args.runs_root)  # a local dir or gs:// URL
+        paths = write_report(sweep, runs_root, Path(args.out_dir), command)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

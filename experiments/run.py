@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import sweep as sweep_lib
+from finetune_jax.training import workdir_files
 
 LAUNCHERS = {
     "local": [],  # the plain train command
@@ -42,11 +43,11 @@ LAUNCHERS = {
 DEFAULT_CACHE = sweep_lib.RUNS_ROOT / ".jax_cache"
 
 
-def read_json(path: str | Path) -> Any:
-    """A JSON file's content, or None when it does not exist or is cut short."""
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content (a local path or an epath.Path, e.g. in a gs:// workdir), or
+    None when it does not exist or is cut short."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(workdir_files.workdir_path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -66,9 +67,10 @@ def is_finished(summary: dict[str, Any] | None, config) -> bool:
 
 def run_status(workdir: str | Path, config) -> str:
     """The run's state: finished (see `is_finished`), partial (started, resumable) or new."""
-    if is_finished(read_json(Path(workdir) / "summary.json"), config):
+    path = workdir_files.workdir_path(workdir)
+    if is_finished(read_json(path / "summary.json"), config):
         return "finished"
-    return "partial" if (Path(workdir) / "config.json").exists() else "new"
+    return "partial" if (path / "config.json").exists() else "new"
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -84,7 +86,7 @@ def config_conflicts(workdir: str | Path, config) -> list[str]:
     """Keys whose value in the workdir's config.json differs from `config` (resuming a
     run under another config would mix two experiments). Keys only one side has are
     ignored, so a newly added config key with its default does not orphan old runs."""
-    old = read_json(Path(workdir) / "config.json")
+    old = read_json(workdir_files.workdir_path(workdir) / "config.json")
     if old is None:
         return []
     new = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
@@ -144,7 +146,7 @@ def train_subprocess(
         ).returncode
     if code:
         raise RuntimeError(f"{shlex.join(args[1:4])} ... exited with status {code}")
-    return read_json(Path(run.workdir) / "summary.json")
+    return read_json(workdir_files.workdir_path(run.workdir) / "summary.json")
 
 
 def _record(sweep_dir: Path, entry: dict[str, Any]) -> None:
@@ -291,7 +293,7 @@ def load_runs(args: argparse.Namespace) -> tuple[sweep_lib.Sweep, Path, list, li
     """The sweep, its runs dir, its runs matching --only, and their configs (a bad override
     fails here, before any training)."""
     sweep = sweep_lib.load(args.sweep, quick=args.quick)
-    runs_root = Path(args.runs_root).resolve()
+    runs_root = workdir_files.workdir_path(args.runs_root)
     runs = [r for r in sweep_lib.expand(sweep, runs_root) if fnmatch.fnmatchcase(r.name, args.only)]
     if not runs:
         raise ValueError(f"no run of sweep {sweep.name} matches --only={args.only!r}")
@@ -306,6 +308,15 @@ def main(argv: Sequence[str]) -> int:
     except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
+        return 2
+    if workdir_files.is_url(sweep_dir) and not (args.print_launch or args.dry_run):
+        # This runner appends train.log and sweep.jsonl beside the workdirs, which an object
+        # store cannot do; launched jobs write their gs:// workdirs themselves.
+        print(
+            f"error: --runs-root={args.runs_root} is a URL: use it with --print-launch "
+            "(or --dry-run), or run the sweep with a local --runs-root",
+            file=sys.stderr,
+        )
         return 2
     if args.print_launch or args.dry_run:
         for run, config in zip(runs, configs):

@@ -26,6 +26,7 @@ from typing import Any
 import ml_collections
 
 from finetune_jax import config as config_lib
+from finetune_jax.training import workdir_files
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -186,7 +187,7 @@ def expand(sweep: Sweep, runs_root: str | Path = RUNS_ROOT) -> list[Run]:
                             seed=seed,
                             config=sweep.config.format(task=task),
                             overrides=overrides,
-                            workdir=str(Path(runs_root) / sweep.name / name),
+                            workdir=_join(runs_root, sweep.name, name),
                             source=sweep.path or sweep.name,
                         )
                     )
@@ -217,11 +218,19 @@ def flag_value(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def _join(runs_root: str | Path, *parts: str) -> str:
+    """A workdir under `runs_root`, a local path or a gs:// URL (which `Path` would mangle)."""
+    if workdir_files.is_url(runs_root):
+        return "/".join([str(runs_root).rstrip("/"), *parts])
+    return str(Path(runs_root).joinpath(*parts))
+
+
 def train_args(run: Run) -> list[str]:
     """`python -m finetune_jax.train` arguments for the run (paths relative to the repo)."""
-    workdir = Path(run.workdir)
-    if workdir.is_absolute() and workdir.is_relative_to(REPO):
-        workdir = workdir.relative_to(REPO)
+    workdir = run.workdir
+    if not workdir_files.is_url(workdir) and Path(workdir).is_absolute():
+        if Path(workdir).is_relative_to(REPO):
+            workdir = str(Path(workdir).relative_to(REPO))
     return [
         f"--config={run.config}",
         f"--workdir={workdir}",

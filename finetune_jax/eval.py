@@ -9,7 +9,6 @@ writes sample generations (`generations_<split>_step<step>.jsonl`), with GSM8K e
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
@@ -68,11 +67,13 @@ def run_eval(
         )
         results.update(generated_answers.summarize(samples))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"eval_{split}_{tag}.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        path = workdir_files.workdir_path(workdir)
+        workdir_files.write_text_atomic(
+            path / f"eval_{split}_{tag}.json", json.dumps(results, indent=2)
+        )
         if samples:
-            with open(os.path.join(workdir, f"generations_{split}_{tag}.jsonl"), "w") as f:
-                f.writelines(json.dumps(s) + "\n" for s in samples)
+            lines = "".join(json.dumps(s) + "\n" for s in samples)
+            workdir_files.write_text_atomic(path / f"generations_{split}_{tag}.jsonl", lines)
     return results
 
 

@@ -6,13 +6,15 @@ LoRA is merged into the base weights, so DIR loads with plain transformers
 `model.safetensors` (float32) and the tokenizer files. A LoRA run also gets its adapter in HF
 PEFT format in `DIR/adapter` for use on top of the original base model. DIR is written
 through a temporary sibling and renamed, and an existing DIR is never overwritten unless
-asked: an export never destroys an earlier one halfway.
+asked: an export never destroys an earlier one halfway. DIR may be a `gs://` URL: the model is
+written locally, then copied up (not atomically: object stores cannot rename a directory).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -25,11 +27,34 @@ from finetune_jax.cli import quiet_libraries, run_main
 from finetune_jax.hf import adapters, saving
 from finetune_jax.models import hf_mapping
 from finetune_jax.models import lora as lora_lib
-from finetune_jax.training import builder
+from finetune_jax.training import builder, workdir_files
 
 
 def write_hf_model(setup: builder.Setup, params: Any, out_dir: str, overwrite: bool = False) -> str:
-    """Writes `params` (LoRA merged) + config + tokenizer as an HF model directory."""
+    """Writes `params` (LoRA merged) + config + tokenizer as an HF model directory.
+
+    A URL `out_dir` (`gs://...`) is written to a local temporary directory first (safetensors
+    and the tokenizer write local files only), then copied up with config.json last.
+    """
+    if not workdir_files.is_url(out_dir):
+        return _write_local(setup, params, out_dir, overwrite)
+    dest = workdir_files.workdir_path(out_dir)
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"export directory {dest} exists and is not empty; choose another --out or "
+            "pass --overwrite"
+        )
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        local = _write_local(setup, params, os.path.join(tmp, "model"))
+        if dest.exists():
+            dest.rmtree()  # --overwrite: no files of the old export mix with the new
+        # An object store cannot rename a directory, so the copy is not atomic; without
+        # config.json an interrupted one does not load as a model.
+        workdir_files.upload_tree(local, dest, last=("config.json",))
+    return os.fspath(dest)
+
+
+def _write_local(setup: builder.Setup, params: Any, out_dir: str, overwrite: bool = False) -> str:
     params = jax.tree.map(np.asarray, jax.device_get(params))
     lora = builder.lora_config(setup.config)
     merged = params if lora is None else jax.tree.map(np.asarray, lora_lib.merge(params, lora))
@@ -38,7 +63,13 @@ def write_hf_model(setup: builder.Setup, params: Any, out_dir: str, overwrite: b
     def write_adapter(model_dir: str) -> None:
         adapter_dir = os.path.join(model_dir, "adapter")
         adapters.save_hf_peft(
-            params, lora, family, setup.model_config, task.kind, adapter_dir, setup.config.model.name
+            params,
+            lora,
+            family,
+            setup.model_config,
+            task.kind,
+            adapter_dir,
+            setup.config.model.name,
         )
 
     causal = task.kind == "causal_lm"
@@ -74,7 +105,7 @@ def main() -> None:
         "config", None, "Experiment config file (configs/**.py)."
     )
     workdir = flags.DEFINE_string("workdir", None, "Workdir of the training run.")
-    out = flags.DEFINE_string("out", None, "Directory to write the HF model to.")
+    out = flags.DEFINE_string("out", None, "Directory (or gs:// URL) to write the HF model to.")
     which = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
     overwrite = flags.DEFINE_bool("overwrite", False, "Replace an existing --out directory.")
     flags.mark_flags_as_required(["config", "workdir", "out"])

@@ -98,6 +98,7 @@ def test_tpu_setup_command_installs_on_every_worker():
         ["python", "-m", "pip", "install", "jax[tpu]"],
     ):
         assert any(tokens[i : i + len(step)] == step for i in range(len(tokens))), step
+    assert {"gcsfs", "google-cloud-storage"} <= set(tokens)  # a gs:// workdir needs them
     assert "finetune_jax.train" not in tokens
 
 

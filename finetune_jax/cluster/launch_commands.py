@@ -91,14 +91,16 @@ def tpu_pod_command(
     Every worker runs the same command; `jax.distributed.initialize()` in the train script
     detects the pod, so no coordinator flags are passed. `venv` is relative to `repo_dir`
     unless absolute. With `setup=True` it is instead the one-time setup command (run it
-    before training; `train_args` unused): create the venv, `tools/install.sh`, `jax[tpu]`.
+    before training; `train_args` unused): create the venv, `tools/install.sh`, `jax[tpu]` and
+    the packages for a gs:// workdir.
     """
     repo, activate = remote_path(repo_dir), f". {remote_path(venv)}/bin/activate"
     if setup:
-        # install.sh installs the CPU jax from pyproject; jax[tpu] adds the matching libtpu.
+        # install.sh installs the CPU jax from pyproject; jax[tpu] adds the matching libtpu,
+        # and the `gcs` extra's packages let a gs:// workdir be read and written.
         remote = (
             f"cd {repo} && python3 -m venv {remote_path(venv)} && {activate} && "
-            "bash tools/install.sh && python -m pip install 'jax[tpu]'"
+            "bash tools/install.sh && python -m pip install 'jax[tpu]' gcsfs google-cloud-storage"
         )
     else:
         check_train_args(train_args)

@@ -17,19 +17,24 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from finetune_jax import tree_paths
+from finetune_jax.training import workdir_files
 
 STATE, PROGRESS = "state", "progress"
 
 
 def make_manager(
-    workdir: str,
+    workdir: str | os.PathLike,
     keep: int,
     metric: str | None,
     mode: str = "max",
     async_save: bool = True,
     read_only: bool = False,
 ) -> ocp.CheckpointManager:
-    """A manager that keeps the latest `keep` checkpoints plus the best one by `metric`."""
+    """A manager that keeps the latest `keep` checkpoints plus the best one by `metric`.
+
+    The directory is an epath.Path, so a `gs://` workdir stays a URL for Orbax (and TensorStore
+    writes the arrays with its GCS driver); a local one is made absolute, as Orbax requires.
+    """
     keep_policies: list[Any] = [policies.LatestN(n=max(keep, 1))]
     if metric:
         keep_policies.append(
@@ -48,14 +53,21 @@ def make_manager(
         create=not read_only,
         read_only=read_only,
     )
-    return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=options,
-        item_handlers={
-            STATE: ocp.StandardCheckpointHandler(),
-            PROGRESS: ocp.JsonCheckpointHandler(),
-        },
-    )
+    directory = workdir_files.workdir_path(workdir) / "checkpoints"
+    try:
+        return ocp.CheckpointManager(
+            directory,
+            options=options,
+            item_handlers={
+                STATE: ocp.StandardCheckpointHandler(),
+                PROGRESS: ocp.JsonCheckpointHandler(),
+            },
+        )
+    except ImportError as e:  # Orbax lists gs:// steps through google-cloud-storage
+        raise ImportError(
+            f"checkpoints in {directory} need a package that is not installed ({e}); "
+            f"{workdir_files.URL_PACKAGES_HINT}"
+        ) from e
 
 
 def save(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any
 
@@ -68,8 +67,8 @@ def train(
     if final is not None:
         summary["final"] = final
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        path = workdir_files.workdir_path(workdir) / "summary.json"
+        workdir_files.write_text_atomic(path, json.dumps(summary, indent=2))
     return summary
 
 
@@ -101,6 +100,7 @@ def _steps(run: _Run, state, start: int, end: int, guard) -> tuple[Any, str | No
         preempted = guard.should_stop(step % train_cfg.log_every == 0 or step == end)
         if results or step % train_cfg.checkpoint_every == 0 or stopper.should_stop or preempted:
             log.flush()  # sees every step's metrics (non-finite check) before saving
+            log.sync()  # and a resume from this checkpoint finds them in the workdir
             progress = {"data": run.batches.state(), "early_stopping": stopper.to_dict()}
             checkpoints.save(run.manager, state, progress, metrics=results)
             log.restart_timer()

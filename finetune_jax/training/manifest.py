@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from finetune_jax.training import workdir_files
+
 MANIFEST = "manifest.json"
 # Distribution names (as pip knows them) whose versions decide what a run computes.
 PACKAGES = (
@@ -134,18 +136,15 @@ def collect(
     }
 
 
-def read_manifest(workdir: str) -> list[dict[str, Any]]:
+def read_manifest(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """The manifest records of a workdir, oldest first ([] when there is none)."""
-    path = os.path.join(workdir, MANIFEST)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return json.load(f)["starts"]
+    manifest = workdir_files.read_json(workdir_files.workdir_path(workdir) / MANIFEST)
+    return [] if manifest is None else manifest["starts"]
 
 
 def write_manifest(
     config: ml_collections.ConfigDict,
-    workdir: str,
+    workdir: str | os.PathLike,
     mesh: jax.sharding.Mesh | None,
     argv: Sequence[str] | None = None,
 ) -> str:
@@ -153,13 +152,9 @@ def write_manifest(
 
     `argv` defaults to `sys.argv`. Returns the manifest's path.
     """
-    path = os.path.join(workdir, MANIFEST)
-    if jax.process_index() != 0:
-        return path
-    starts = [*read_manifest(workdir), collect(config, mesh, argv)]
-    os.makedirs(workdir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"starts": starts}, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    path = workdir_files.workdir_path(workdir) / MANIFEST
+    if jax.process_index() == 0:
+        starts = [*read_manifest(workdir), collect(config, mesh, argv)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        workdir_files.write_text_atomic(path, json.dumps({"starts": starts}, indent=2))
+    return os.fspath(path)

@@ -3,6 +3,7 @@ stays asynchronous), steady-state timing, JSONL/TensorBoard records and the prog
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -42,7 +43,7 @@ class TrainLog:
 
     def __init__(
         self,
-        workdir: str,
+        workdir: str | os.PathLike,
         start: int,
         end: int,
         log_every: int,
@@ -98,6 +99,10 @@ class TrainLog:
     def record(self, step: int, kind: str, results: dict[str, Any]) -> None:
         """Write a non-periodic record (e.g. kind "final") to the metric files."""
         self.writer.write(step, kind, {k: v for k, v in results.items() if k != "split"})
+
+    def sync(self) -> None:
+        """Make the metric files durable in the workdir (uploads them for a URL workdir)."""
+        self.writer.sync()
 
     def message(self, text: str) -> None:
         self.bar.log(text)
