@@ -35,6 +35,10 @@ def _model() -> ml_collections.ConfigDict:
     s.name = "all-minilm-l6-v2"  # local HF dir, packaged alias, or hub id
     s.dtype = "float32"  # compute dtype; params stay float32
     s.remat = "none"  # none | full | dots_saveable: recompute activations in backward
+    # Run the layers as one nn.scan over params stacked along a leading `layers` axis:
+    # compile time and program size stop growing with depth. Params then sit at
+    # `model/layers/...` (not `model/layers_{i}/...`); rules still see per-layer paths.
+    s.scan_layers = False
     s.dropout = -1.0  # <0: keep the pretrained config's dropout
     # The new head's bias: "zeros" (as HF) or "prior", the train labels' prior — their mean
     # for regression, log class frequencies for classification — so the first steps learn
@@ -172,6 +176,7 @@ def _sharding() -> ml_collections.ConfigDict:
         ("token_type", None),
         ("classes", None),
         ("lora_rank", None),  # LoRA's rank dim; its other dims follow the base weight's
+        ("layers", None),  # leading layer axis of stacked params (model.scan_layers)
     )
     return s
 

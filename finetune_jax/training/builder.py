@@ -139,6 +139,7 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
         seed=config.seed,
         dtype=config.model.dtype,
         remat=config.model.remat,
+        scan_layers=config.model.scan_layers,
         lora=lora,
         **_task_overrides(config, task),
     )
