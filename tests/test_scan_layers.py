@@ -1,7 +1,7 @@
 """`scan_layers` contracts: the scanned layout computes what the unrolled one does (logits,
 gradients, KV-cache generation; Llama with GQA, sliding windows, LoRA and remat; BERT), its
 stacked params carry a `layers` axis, load from / export to HF like the unrolled ones
-re-stacked, and a train run works end to end."""
+re-stacked, per-layer optimizer presets step alike, and a train run works end to end."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from finetune_jax.evaluation.generation import Generator, SamplingConfig
 from finetune_jax.hf import adapters
 from finetune_jax.models import bert, hf_mapping, llama, llama_config
 from finetune_jax.models import lora as lora_lib
+from finetune_jax.training import optim
 from tests import test_llama
 from tests.helpers import load_bert, load_llama, run_steps, tiny_config
 from tests.test_sft_train import tiny_sft_config
@@ -223,6 +224,35 @@ def _bert_run_config(model_dir, data_dir, scan: bool, **optim_values):
     for key, value in optim_values.items():
         config.optim[key] = value
     return config
+
+
+@pytest.mark.parametrize(
+    "preset", [{"preset": "top_k_layers", "top_k": 1}, {"preset": "llrd", "llrd_decay": 0.5}]
+)
+def test_per_layer_presets_step_like_unrolled(tiny_bert_dir, sst2_slice, preset):
+    """Layers of one stacked leaf with different labels (a frozen layer, llrd multipliers)
+    get a per-layer group; one step moves params exactly as the unrolled layout does,
+    clipping included, and the group table says what happened."""
+    steps = {}
+    for scan in (False, True):
+        config = _bert_run_config(tiny_bert_dir, sst2_slice, scan, **preset)
+        exp, state, _ = run_steps(config, 1)
+        steps[scan] = (exp, jax.device_get(state.params))
+    (exp, params), (scanned_exp, scanned_params) = steps[False], steps[True]
+    assert_trees_close(scanned_exp.params, restack(exp.params, BERT_STACK), atol=0)
+    assert_trees_close(scanned_params, restack(params, BERT_STACK), atol=1e-6)
+    moved = lambda a, b, path: not np.array_equal(a[path], b[path])
+    before, after = lora_lib.flat_paths(scanned_exp.params), lora_lib.flat_paths(scanned_params)
+    assert moved(before, after, f"{BERT_STACK}/intermediate/kernel")
+    assert optim.param_counts(scanned_exp.groups, scanned_exp.params) == optim.param_counts(
+        exp.groups, exp.params
+    )
+    table = optim.group_table(scanned_exp.groups, scanned_exp.params)
+    assert re.search(r"per-layer lr x[\d.]+\.\.[\d.]+ .*\(2 layers, stacked\)", table), table
+    if preset["preset"] == "top_k_layers":
+        layer0 = lambda p: lora_lib.flat_paths(p)[f"{BERT_STACK}/intermediate/kernel"][0]
+        np.testing.assert_array_equal(layer0(scanned_params), layer0(scanned_exp.params))
+        assert "keep optimizer state and compute gradients for their frozen layers" in table
 
 
 def test_train_runs_end_to_end_with_scan_layers(tiny_bert_dir, sst2_slice, tmp_path):

@@ -148,7 +148,7 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
     data = loaders.make_loader(config, task, tokenizer)
     if config.model.head_bias_init == "prior":
         params = with_prior_head_bias(params, family, data)
-    groups = optim.param_groups(config.optim, params)
+    groups = optim.param_groups(config.optim, params, family.layer_stacks(model_config))
     tx, lr_fn = optim.make_optimizer(config.optim, groups, config.train.max_steps)
     placement = _placement(config, devices, family, model_config, params, tx)
     train_step, eval_step = _jit_steps(config, task, module, groups, tx, lr_fn, placement)
