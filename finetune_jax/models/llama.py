@@ -217,7 +217,12 @@ class LlamaModel(nn.Module):
             seq_len=jnp.max(positions) + 1,
         )
         cos_BTH, sin_BTH = rope.rope_cos_sin(positions, inv_freq_K, cfg.dtype)
-        masks = _window_masks(cfg, attention_mask, segment_ids, length, cache, cache_index)
+        windows = {cfg.window(i) for i in range(cfg.num_hidden_layers)}
+        # Cache slots: axis -3 of k, stacked over the layers ([L, B, S, K, H]) or not.
+        slots = None if cache is None else jax.tree.leaves(cache)[0].shape[-3]
+        masks = attention.window_masks(
+            windows, attention_mask, segment_ids, length, slots, cache_index
+        )
         x_BTD = nn.with_logical_constraint(self.embed_tokens(input_ids), ACTIVATION_AXES)
         run = self._scanned if cfg.scan_layers else self._unrolled
         x_BTD, new_cache = run(x_BTD, cos_BTH, sin_BTH, masks, deterministic, cache, cache_index)
@@ -244,7 +249,7 @@ class LlamaModel(nn.Module):
         same way and scanned with the layers; each layer's window selects its mask."""
         cfg = self.config
         windows = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
-        mask_stack, index_L = _per_layer_masks(masks, windows)
+        mask_stack, index_L = attention.stack_window_masks(masks, windows)
 
         def body(layer, x_BTD, xs):
             index, layer_cache = xs
@@ -259,36 +264,6 @@ class LlamaModel(nn.Module):
     def attend_embedding(self, x_BTD):
         """Tied output head: logits = x @ embedding.T, float32."""
         return _logits(x_BTD, self.embed_tokens.embedding.T, self.config.dtype)
-
-
-def _window_masks(cfg: LlamaConfig, attention_mask, segment_ids, length, cache, cache_index):
-    """One attention mask per distinct window of the layers, None meaning causality alone."""
-    windows = {cfg.window(i) for i in range(cfg.num_hidden_layers)}
-    if cache is None:
-        return {
-            w: attention.attention_mask(attention_mask, segment_ids, length, w) for w in windows
-        }
-    if segment_ids is not None:
-        raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
-    slots = cache["k"].shape[2] if cfg.scan_layers else cache[0]["k"].shape[1]
-    return {
-        w: attention.cache_attention_mask(attention_mask, cache_index, length, slots, w)
-        for w in windows
-    }
-
-
-def _per_layer_masks(masks: dict, windows: list) -> tuple[Any, jax.Array | None]:
-    """The per-layer data a scan needs: (the mask, None) when all layers share one, else
-    (the distinct masks stacked [W, ...], each layer's index into them [L]) -- a mask per
-    window rather than a mask per layer."""
-    if len(masks) == 1:
-        return next(iter(masks.values())), None
-    order = list(masks)
-    shape = jnp.broadcast_shapes(*(m.shape for m in masks.values() if m is not None))
-    stack = jnp.stack(
-        [jnp.ones(shape, bool) if m is None else jnp.broadcast_to(m, shape) for m in masks.values()]
-    )
-    return stack, jnp.asarray([order.index(w) for w in windows], jnp.int32)
 
 
 Cache = tuple[dict[str, jax.Array], ...] | dict[str, jax.Array]
