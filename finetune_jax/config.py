@@ -39,6 +39,10 @@ def _model() -> ml_collections.ConfigDict:
     # bf16 params lose precision, so train in float32 unless memory forces it.
     s.param_dtype = "float32"
     s.remat = "none"  # none | full | dots_saveable: recompute activations in backward
+    # Run the layers as one nn.scan over params stacked along a leading `layers` axis:
+    # compile time and program size stop growing with depth. Params then sit at
+    # `model/layers/...` (not `model/layers_{i}/...`); rules still see per-layer paths.
+    s.scan_layers = False
     s.dropout = -1.0  # <0: keep the pretrained config's dropout
     # Causal LMs: the loss applies the LM head to this many tokens of each row at a time
     # (recomputed chunk by chunk in the backward pass), so no [batch, length, vocab] float32
@@ -194,6 +198,7 @@ def _sharding() -> ml_collections.ConfigDict:
         ("token_type", None),
         ("classes", None),
         ("lora_rank", None),  # LoRA's rank dim; its other dims follow the base weight's
+        ("layers", None),  # leading layer axis of stacked params (model.scan_layers)
     )
     return s
 

@@ -48,3 +48,29 @@ def set_path(tree: dict[str, Any], path: str, value: Any) -> None:
     for part in parents:
         node = node.setdefault(part, {})
     node[leaf] = value
+
+
+# Stacked layers (`model.scan_layers`): one leaf holds every layer of a stack along a leading
+# axis. `stacks` maps a stack's path (e.g. "model/layers") to its layer count; layer i of it
+# is named as in the unrolled layout ("model/layers_3/..."), so rules written against
+# per-layer paths keep meaning the same thing in both layouts.
+
+
+def layer_path(stack: str, index: int) -> str:
+    """The unrolled-layout name of layer `index` of `stack` ("model/layers" -> "model/layers_3")."""
+    return f"{stack}_{index}"
+
+
+def stack_of(path: str, stacks: Mapping[str, int]) -> str | None:
+    """The stack whose stacked leaves `path` lies under, or None."""
+    return next((s for s in stacks if path.startswith(s + "/")), None)
+
+
+def virtual_paths(path: str, stacks: Mapping[str, int]) -> list[str]:
+    """The per-layer paths a leaf stands for: one per layer for a stacked leaf
+    ("model/layers/mlp/up_proj/kernel" -> "model/layers_0/mlp/up_proj/kernel", ...), else [path]."""
+    stack = stack_of(path, stacks)
+    if stack is None:
+        return [path]
+    rest = path[len(stack) :]
+    return [layer_path(stack, i) + rest for i in range(stacks[stack])]

@@ -233,3 +233,47 @@ def test_group_table_warns_about_rules_that_decide_nothing():
         groups, params
     )
     assert optim.param_groups(optim_config(preset="bitfit"), params).unused_rules == ()
+
+
+def stacked(tree):
+    """bert_like_params-shaped tree with its layers stacked as `model.scan_layers` holds them."""
+    encoder = tree["bert"]["encoder"]
+    layers = [encoder[f"layer_{i}"] for i in range(N_LAYERS)]
+    rest = {**tree["bert"], "encoder": {"layer": jax.tree.map(lambda *x: jnp.stack(x), *layers)}}
+    return {**tree, "bert": rest}
+
+
+STACKS = {"bert/encoder/layer": N_LAYERS}
+
+
+@pytest.mark.parametrize(
+    "preset", [dict(preset="top_k_layers", top_k=1), dict(preset="llrd", llrd_decay=0.5)]
+)
+def test_stacked_layers_resolve_rules_per_layer_and_step_like_unrolled(preset):
+    """Rules see a stacked leaf's per-layer paths; layers that disagree form a per-layer
+    group whose update equals the unrolled layers' updates, clipping included: huge
+    gradients on frozen layers of a stacked leaf change nothing, as on frozen leaves."""
+    params = jax.tree.map(jnp.asarray, bert_like_params())
+    config = optim_config(clip_norm=1.0, warmup_fraction=0.0, schedule="constant", **preset)
+    groups = optim.param_groups(config, params)
+    stacked_groups = optim.param_groups(config, stacked(params), STACKS)
+    per_layer = stacked_groups.per_layer
+    assert per_layer and all(len(g.multipliers) == N_LAYERS for g in per_layer.values())
+    assert optim.param_counts(stacked_groups, stacked(params)) == optim.param_counts(groups, params)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-2), params)
+    if preset["preset"] == "top_k_layers":  # frozen layers 0 and 1: gradients no one reads
+        for i in range(N_LAYERS - 1):
+            layer = grads["bert"]["encoder"][f"layer_{i}"]
+            grads["bert"]["encoder"][f"layer_{i}"] = jax.tree.map(lambda g: g * 1e9, layer)
+    updates = []
+    for g, p, gr in ((groups, params, grads), (stacked_groups, stacked(params), stacked(grads))):
+        tx, _ = optim.make_optimizer(config, g, total_steps=10)
+        updates.append(tx.update(gr, tx.init(p), p)[0])
+    for path, expected, actual in zip(
+        tree_paths.param_paths(updates[1]),
+        jax.tree.leaves(stacked(updates[0])),
+        jax.tree.leaves(updates[1]),
+    ):
+        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-12, err_msg=path)
+    table = optim.group_table(stacked_groups, stacked(params))
+    assert f"({N_LAYERS} layers, stacked)" in table

@@ -14,7 +14,7 @@ import numpy as np
 import safetensors.numpy
 
 from finetune_jax.models.family import ModelFamily
-from finetune_jax.models.hf_mapping import HFMapping, param_to_hf
+from finetune_jax.models.hf_mapping import HFMapping, param_to_hf, row_value
 from finetune_jax.models.lora import (
     LORA_A,
     LORA_B,
@@ -66,6 +66,7 @@ def hf_lora_tensors(
     `mappings` are `HFMapping` rows with full paths and keys. Our kernel flattened to
     [in, out] is the HF Linear weight transposed, so A [*in, r] -> [in, r] -> A.T and
     B [r, *out] -> [r, out] -> B.T; split-head kernels flatten in HF's row-major order.
+    Stacked LoRA leaves (scanned layers) give one HF module's tensors per layer.
     """
     flat = flat_paths(params)
     tensors, mapped = {}, set()
@@ -76,8 +77,8 @@ def hf_lora_tensors(
         if not m.transpose or len(m.hf_shape) != 2:
             raise ValueError(f"{m.path} is not a torch Linear weight; HF PEFT cannot adapt it")
         out_features, in_features = m.hf_shape
-        a = np.asarray(flat[layer + LORA_A], np.float32).reshape(in_features, -1)
-        b = np.asarray(flat[layer + LORA_B], np.float32).reshape(-1, out_features)
+        a = np.asarray(row_value(m, flat[layer + LORA_A]), np.float32).reshape(in_features, -1)
+        b = np.asarray(row_value(m, flat[layer + LORA_B]), np.float32).reshape(-1, out_features)
         module = HF_PREFIX + m.hf_key.removesuffix(".weight")
         tensors[module + ".lora_A.weight"] = np.ascontiguousarray(a.T)
         tensors[module + ".lora_B.weight"] = np.ascontiguousarray(b.T)
@@ -114,7 +115,7 @@ def save_hf_peft(
     flat, saved = flat_paths(params), set()
     for m in mappings:
         if m.path in flat and any(m.path.startswith(p + "/") for p in modules_to_save):
-            tensors[HF_PREFIX + m.hf_key] = param_to_hf(m, flat[m.path])
+            tensors[HF_PREFIX + m.hf_key] = param_to_hf(m, row_value(m, flat[m.path]))
             saved.add(m.hf_key.rsplit(".", 1)[0])
     adapter_config = {
         "peft_type": "LORA",

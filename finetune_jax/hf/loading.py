@@ -16,6 +16,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from finetune_jax import tree_paths
@@ -63,6 +64,20 @@ def _place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def _drop_leading_axis(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one layer of a param stacked along its leading (layer) axis."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:])
+        )
+    return sharding
+
+
+def _stack(arrays: list[jax.Array], sharding: jax.sharding.Sharding) -> jax.Array:
+    """One stacked param from its sharded layers, stacked on device into its sharding."""
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*arrays)
+
+
 def load_params(
     family: ModelFamily,
     config: Any,
@@ -90,14 +105,23 @@ def load_params(
                 "%s has no weights for %s; keeping freshly initialised values.", model_ref, missing
             )
         values = init_values(family, config, seed, fresh_paths(family, config, missing), shardings)
+        layers: dict[str, dict[int, jax.Array]] = {}  # stacked params, layer by layer
         for m in rows:
             if m.path in replace:
                 continue
-            host = hf_mapping.hf_to_param(m, tensors.get(m.hf_key), m.hf_key, m.path)
-            values[m.path] = _place(host.astype(abstract[m.path].dtype), shardings[m.path])
+            name = hf_mapping.row_name(m)
+            host = hf_mapping.hf_to_param(m, tensors.get(m.hf_key), m.hf_key, name)
+            host = host.astype(abstract[m.path].dtype)
+            if m.layer is None:
+                values[m.path] = _place(host, shardings[m.path])
+            else:
+                layer_sharding = _drop_leading_axis(shardings[m.path])
+                layers.setdefault(m.path, {})[m.layer] = _place(host, layer_sharding)
             del host  # one checkpoint tensor in flight at a time
     finally:
         tensors.close()
+    for path, by_layer in layers.items():
+        values[path] = _stack([by_layer[i] for i in sorted(by_layer)], shardings[path])
     for path, value in replace.items():
         values[path] = _place(np.asarray(value, abstract[path].dtype), shardings[path])
     absent = sorted(set(abstract) - set(values))

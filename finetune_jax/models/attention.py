@@ -88,3 +88,39 @@ def cache_attention_mask(
         )
     valid_B1TS = attention_mask_BS.astype(bool)[:, None, None, :] | (key_1S == query_T1)
     return mask_TS[None, None] & valid_B1TS
+
+
+def window_masks(
+    windows: set[int | None],
+    attention_mask_BL: jax.Array | None,
+    segment_ids_BL: jax.Array | None,
+    length: int,
+    slots: int | None = None,
+    cache_index: jax.Array | int | None = None,
+) -> dict[int | None, jax.Array | None]:
+    """One mask per distinct sliding window (None: full attention): `attention_mask`'s
+    without a KV cache, `cache_attention_mask`'s over `slots` cache slots with one."""
+    if slots is None:
+        return {w: attention_mask(attention_mask_BL, segment_ids_BL, length, w) for w in windows}
+    if segment_ids_BL is not None:
+        raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+    return {
+        w: cache_attention_mask(attention_mask_BL, cache_index, length, slots, w) for w in windows
+    }
+
+
+def stack_window_masks(
+    masks: dict[int | None, jax.Array | None], windows: list[int | None]
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """What a scan over layers with these `windows` needs of `window_masks`' result: (the
+    mask, None) when all layers share one, else (the distinct masks stacked [W, ...], each
+    layer's index into them [L]) -- a mask per window, not per layer. A None mask (causality
+    alone) is stacked as all True, which `attend`'s causal masking makes equivalent."""
+    if len(masks) == 1:
+        return next(iter(masks.values())), None
+    order = list(masks)
+    shape = jnp.broadcast_shapes(*(m.shape for m in masks.values() if m is not None))
+    stack = jnp.stack(
+        [jnp.ones(shape, bool) if m is None else jnp.broadcast_to(m, shape) for m in masks.values()]
+    )
+    return stack, jnp.asarray([order.index(w) for w in windows], jnp.int32)

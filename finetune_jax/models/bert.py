@@ -47,6 +47,7 @@ class BertConfig:
     param_dtype: str = "float32"  # storage dtype of the params (bfloat16 halves their memory)
     remat: str = "none"  # none | full | dots_saveable (see layers.remat)
     lora: lora_lib.LoraConfig | None = None  # LoRA on the DenseND kernels its targets match
+    scan_layers: bool = False  # one nn.scan over params stacked along a `layers` axis
 
     def __post_init__(self) -> None:
         layers.get_activation(self.hidden_act)  # fail at config time, not mid-trace
@@ -223,7 +224,11 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """The stack of `layer_{i}` blocks; returns the last hidden state [B, L, D]."""
+    """The stack of `layer_{i}` blocks; returns the last hidden state [B, L, D].
+
+    With `scan_layers`, one `nn.scan` over a single `layer` block whose params are stacked
+    along a leading `layers` axis: one layer in the program whatever the depth.
+    """
 
     config: BertConfig
 
@@ -231,8 +236,13 @@ class BertEncoder(nn.Module):
     def __call__(self, x_BLD, attention_mask_BL, deterministic: bool = True):
         cfg = self.config
         # static_argnums counts `self` as 0, so 3 is `deterministic` (a Python bool).
-        block = layers.remat(BertLayer, cfg.remat, static_argnums=(3,))
+        block = layers.remat(BertLayer, cfg.remat, static_argnums=(3,), scanned=cfg.scan_layers)
         mask_bias_B11L = attention.additive_attention_mask(attention_mask_BL)
+        if cfg.scan_layers:
+            stack = "/".join((*self.scope.path, "layer"))
+            layer = block(lora_lib.for_layer_stack(cfg, stack), name="layer")
+            body = lambda layer, x_BLD, _: (layer(x_BLD, mask_bias_B11L, deterministic), None)
+            return layers.scan_layers(body, cfg.num_hidden_layers)(layer, x_BLD, None)[0]
         for i in range(cfg.num_hidden_layers):
             x_BLD = block(cfg, name=f"layer_{i}")(x_BLD, mask_bias_B11L, deterministic)
         return x_BLD
@@ -323,6 +333,7 @@ FAMILY = ModelFamily(
     heads={"classification": BertForSequenceClassification},
     init_params=init_params,
     hf_param_mappings=bert_hf.hf_param_mappings,
+    layer_stacks=bert_hf.layer_stacks,
     new_params=("classifier",),
     optional_params=("bert/pooler",),  # some checkpoints drop the pooler
     bare_prefix="bert.",  # a bare BertModel checkpoint names its tensors without it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from finetune_jax.models.hf_mapping import HFMapping
+from finetune_jax.models.hf_mapping import HFMapping, stack_layers
 
 if TYPE_CHECKING:
     from finetune_jax.models.bert import BertConfig
@@ -61,13 +61,20 @@ def hf_mappings(config: BertConfig) -> list[HFMapping]:
     return rows + dense("pooler.dense", "pooler/dense", d, d, (d, d), (d,))
 
 
+def layer_stacks(config: BertConfig) -> dict[str, int]:
+    """Stacked layer params of the BERT models (`scan_layers`): stack path -> layer count."""
+    return {"bert/encoder/layer": config.num_hidden_layers} if config.scan_layers else {}
+
+
 def hf_param_mappings(config: BertConfig) -> list[HFMapping]:
-    """Every param of BertForSequenceClassification: full paths and full HF keys."""
+    """Every param of BertForSequenceClassification: full paths and full HF keys (stacked
+    rows, one per layer, with `scan_layers`)."""
     rows = [
         m._replace(hf_key="bert." + m.hf_key, path="bert/" + m.path) for m in hf_mappings(config)
     ]
     labels, d = config.num_labels, config.hidden_size
-    return rows + [
+    rows += [
         HFMapping("classifier.weight", "classifier/kernel", (labels, d), (d, labels), True),
         HFMapping("classifier.bias", "classifier/bias", (labels,), (labels,)),
     ]
+    return stack_layers(rows, layer_stacks(config))

@@ -28,7 +28,11 @@ class ModelFamily:
       heads: task kind ("classification", "causal_lm", ...) -> the Flax module class that
         computes that task's outputs; a task kind missing here is an error at build.
       init_params: (config, rng) -> boxed params (logical axis names attached).
-      hf_param_mappings: config -> one `HFMapping` per param (full path, full HF key).
+      hf_param_mappings: config -> one `HFMapping` per param (full path, full HF key); per
+        layer of a stacked param (`layer` set) in the scanned layout.
+      layer_stacks: config -> {stack path: layer count} of the stacked layer params in the
+        scanned layout (`scan_layers`), {} unrolled; rules see a stacked leaf's layers as
+        `<stack>_<i>/...`, the unrolled layout's paths.
       new_params: param path prefixes a fine-tune creates (a new task head): initialised
         from the seed, never read from the checkpoint.
       optional_params: path prefixes read when the checkpoint has them and initialised
@@ -52,6 +56,7 @@ class ModelFamily:
     heads: Mapping[str, type]
     init_params: Callable[[Any, jax.Array], Any]
     hf_param_mappings: Callable[[Any], list[HFMapping]]
+    layer_stacks: Callable[[Any], Mapping[str, int]] = lambda config: {}
     new_params: tuple[str, ...] = ()
     optional_params: tuple[str, ...] = ()
     bare_prefix: str = ""

@@ -1,13 +1,14 @@
 """How a model's params correspond to HF checkpoint tensors: mapping rows and their conversion.
 
 A model file describes its checkpoint layout as data, a list of `HFMapping` rows (HF key, our
-'/'-joined path, both shapes, whether the torch Linear weight is transposed); the functions
-here apply those rows to in-memory numpy arrays, with the same shape checks and error
-messages for every architecture. Reading and writing files is `finetune_jax.hf`'s job.
+'/'-joined path, both shapes, whether the torch Linear weight is transposed, the layer of a
+stacked param); the functions here apply those rows to in-memory numpy arrays, with the same
+shape checks and error messages for every architecture. Reading and writing files is `finetune_jax.hf`'s job.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -24,6 +25,8 @@ class HFMapping(NamedTuple):
 
     `transpose` marks torch `nn.Linear` weights ([out, in]) that become Flax kernels
     ([in, out]); after transposing, the array is reshaped to our (possibly split-head) shape.
+    `layer` is set for a stacked param (`scan_layers`): the HF tensor fills index `layer`
+    along the param's leading layer axis, and `shape` is one layer's slice.
     """
 
     hf_key: str
@@ -31,6 +34,39 @@ class HFMapping(NamedTuple):
     hf_shape: tuple[int, ...]
     shape: tuple[int, ...]
     transpose: bool = False
+    layer: int | None = None
+
+
+def stack_layers(rows: list[HFMapping], stacks: Mapping[str, int]) -> list[HFMapping]:
+    """Rows of the unrolled layout moved to the stacked one: a row for `<stack>_<i>/rest`
+    becomes one for `<stack>/rest` with `layer=i` (`stacks`: stack path -> layer count)."""
+    out = []
+    for m in rows:
+        for stack in stacks:
+            if found := re.fullmatch(re.escape(stack) + r"_(\d+)/(.*)", m.path):
+                m = m._replace(path=f"{stack}/{found.group(2)}", layer=int(found.group(1)))
+                break
+        out.append(m)
+    return out
+
+
+def layer_counts(rows: Iterable[HFMapping]) -> dict[str, int]:
+    """Stacked param path -> its number of layers (the length of its leading axis)."""
+    counts: dict[str, int] = {}
+    for m in rows:
+        if m.layer is not None:
+            counts[m.path] = max(counts.get(m.path, 0), m.layer + 1)
+    return counts
+
+
+def row_value(mapping: HFMapping, value: Any) -> Any:
+    """The part of our param `value` that `mapping`'s HF tensor holds (one layer if stacked)."""
+    return value if mapping.layer is None else value[mapping.layer]
+
+
+def row_name(mapping: HFMapping) -> str:
+    """Our param path as messages name it, with the layer index of a stacked row."""
+    return mapping.path if mapping.layer is None else f"{mapping.path}[{mapping.layer}]"
 
 
 def hf_to_param(mapping: HFMapping, tensor: np.ndarray, hf_name: str, path_name: str) -> np.ndarray:
@@ -100,7 +136,7 @@ def checkpoint_rows(
                 missing.append(optional)
             continue
         raise ValueError(
-            f"HF tensor {m.hf_key!r} (HF shape {m.hf_shape}) for our param {m.path!r} "
+            f"HF tensor {m.hf_key!r} (HF shape {m.hf_shape}) for our param {row_name(m)!r} "
             f"(shape {m.shape}) is missing from the checkpoint."
         )
     return found, missing
@@ -109,18 +145,32 @@ def checkpoint_rows(
 def params_from_hf(
     tensors: Mapping[str, np.ndarray], family: ModelFamily, config: Any
 ) -> tuple[dict[str, Any], list[str]]:
-    """HF tensors -> (nested params of every row `checkpoint_rows` finds, absent prefixes)."""
+    """HF tensors -> (nested params of every row `checkpoint_rows` finds, absent prefixes).
+
+    Stacked params (rows with `layer`) are filled layer by layer into one array.
+    """
     rows, missing = checkpoint_rows(tensors.keys(), family, config)
     params: dict[str, Any] = {}
+    counts = layer_counts(rows)
     for m in rows:
-        set_path(params, m.path, hf_to_param(m, tensors[m.hf_key], m.hf_key, m.path))
+        value = hf_to_param(m, tensors[m.hf_key], m.hf_key, row_name(m))
+        if m.layer is None:
+            set_path(params, m.path, value)
+            continue
+        try:
+            stacked = get_path(params, m.path)
+        except KeyError:
+            stacked = np.zeros((counts[m.path], *m.shape), np.float32)
+            set_path(params, m.path, stacked)
+        stacked[m.layer] = value
     return params, missing
 
 
 def params_to_hf(params: Mapping[str, Any], family: ModelFamily, config: Any) -> dict[str, np.ndarray]:
     """Our unboxed params -> HF tensors with the task model's keys (float32 numpy).
 
-    Rows whose param is absent (e.g. LoRA merged away, a head not built) are skipped.
+    Rows whose param is absent (e.g. LoRA merged away, a head not built) are skipped; a
+    stacked param gives one tensor per layer.
     """
     tensors: dict[str, np.ndarray] = {}
     for m in family.hf_param_mappings(config):
@@ -128,5 +178,5 @@ def params_to_hf(params: Mapping[str, Any], family: ModelFamily, config: Any) ->
             value = get_path(params, m.path)
         except KeyError:
             continue
-        tensors[m.hf_key] = param_to_hf(m, value)
+        tensors[m.hf_key] = param_to_hf(m, row_value(m, value))
     return tensors

@@ -41,11 +41,13 @@ REMAT_POLICIES = {
 }
 
 
-def remat(module_cls, policy: str, static_argnums: tuple[int, ...] = ()):
+def remat(module_cls, policy: str, static_argnums: tuple[int, ...] = (), scanned: bool = False):
     """`module_cls` wrapped in `nn.remat` with a named policy; 'none' returns it unchanged.
 
     'full' keeps only the block's inputs for the backward pass; 'dots_saveable' also keeps
-    the results of weight matmuls, recomputing only cheap elementwise work.
+    the results of weight matmuls, recomputing only cheap elementwise work. Inside a scan
+    (`scanned`) the loop already keeps XLA from merging the recomputation into the forward
+    pass, so remat's own CSE barriers are left out (they cost speed there).
     """
     if policy in ("none", "", None, False):
         return module_cls
@@ -53,7 +55,33 @@ def remat(module_cls, policy: str, static_argnums: tuple[int, ...] = ()):
         policy = "full"
     if policy not in REMAT_POLICIES:
         raise ValueError(f"model.remat={policy!r} is not one of none, {', '.join(REMAT_POLICIES)}")
-    return nn.remat(module_cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
+    return nn.remat(
+        module_cls,
+        policy=REMAT_POLICIES[policy],
+        static_argnums=static_argnums,
+        prevent_cse=not scanned,
+    )
+
+
+# Logical axis name of the leading layer axis of stacked (scanned) params.
+LAYER_AXIS = "layers"
+
+
+def scan_layers(body: Callable, length: int) -> Callable:
+    """`body(layer, carry, xs) -> (carry, ys)` run over `length` layers by `nn.scan`.
+
+    The returned function takes (layer module, carry, xs). The layer's params are created
+    and read stacked along a leading axis named LAYER_AXIS (one program whatever the
+    depth); xs / ys are sliced / stacked along their leading axis; every layer draws its own
+    init and dropout randomness.
+    """
+    return nn.scan(
+        body,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        length=length,
+        metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
+    )
 
 
 # ----------------------------------------------------------------------------- RMSNorm, RoPE

@@ -14,6 +14,10 @@ in tests/test_llama.py.
 Generation uses an optional, purely functional KV cache (`init_cache`; the `cache` and
 `cache_index` arguments of `LlamaForCausalLM`): a call writes its chunk's keys and values at
 slots `cache_index ...` and returns the new cache beside the logits (see evaluation/generation.py).
+
+With `scan_layers` the decoder layers run as one `nn.scan`: their params (and the cache) are
+stacked along a leading axis named `layers` (`model/layers/...` instead of `model/layers_{i}/...`),
+so compile time and program size do not grow with depth.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from finetune_jax.models import attention, layers, llama_hf, rope
+from finetune_jax.models import lora as lora_lib
 from finetune_jax.models.family import ModelFamily
 from finetune_jax.models.llama_config import ACTIVATION_AXES, MODEL_TYPES, LlamaConfig
 
@@ -178,8 +183,14 @@ class LlamaModel(nn.Module):
             embedding_init=_normal(cfg, ("vocab", "embed")),
         )
         # static_argnums counts `self` as 0, so 5 is `deterministic` (a Python bool).
-        block = layers.remat(LlamaDecoderLayer, cfg.remat, static_argnums=(5,))
-        self.layers = [block(cfg) for _ in range(cfg.num_hidden_layers)]
+        block = layers.remat(
+            LlamaDecoderLayer, cfg.remat, static_argnums=(5,), scanned=cfg.scan_layers
+        )
+        if cfg.scan_layers:  # one module, its params stacked over the layers (`_scanned`)
+            stack = "/".join((*self.scope.path, "layers"))
+            self.layers = block(lora_lib.for_layer_stack(cfg, stack))
+        else:
+            self.layers = [block(cfg) for _ in range(cfg.num_hidden_layers)]
         self.norm = layers.RMSNorm(
             epsilon=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype
         )
@@ -213,40 +224,65 @@ class LlamaModel(nn.Module):
             seq_len=jnp.max(positions) + 1,
         )
         cos_BTH, sin_BTH = rope.rope_cos_sin(positions, inv_freq_K, cfg.dtype)
-        windows = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
-        if cache is None:
-            masks = {  # one mask per distinct window, None meaning causality alone
-                w: attention.attention_mask(attention_mask, segment_ids, length, w)
-                for w in set(windows)
-            }
-        else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
-            slots = cache[0]["k"].shape[1]
-            masks = {
-                w: attention.cache_attention_mask(attention_mask, cache_index, length, slots, w)
-                for w in set(windows)
-            }
+        windows = {cfg.window(i) for i in range(cfg.num_hidden_layers)}
+        # Cache slots: axis -3 of k, stacked over the layers ([L, B, S, K, H]) or not.
+        slots = None if cache is None else jax.tree.leaves(cache)[0].shape[-3]
+        masks = attention.window_masks(
+            windows, attention_mask, segment_ids, length, slots, cache_index
+        )
         x_BTD = nn.with_logical_constraint(self.embed_tokens(input_ids), ACTIVATION_AXES)
+        run = self._scanned if cfg.scan_layers else self._unrolled
+        x_BTD, new_cache = run(x_BTD, cos_BTH, sin_BTH, masks, deterministic, cache, cache_index)
+        x_BTD = self.norm(x_BTD)
+        return x_BTD if cache is None else (x_BTD, new_cache)
+
+    def _unrolled(self, x_BTD, cos_BTH, sin_BTH, masks, deterministic, cache, cache_index):
+        """Layer after layer, each with its own params (`layers_{i}`) and cache entry."""
         new_cache = []
-        for i, (layer, window) in enumerate(zip(self.layers, windows)):
+        for i, layer in enumerate(self.layers):
+            mask = masks[self.config.window(i)]
             if cache is None:
-                x_BTD = layer(x_BTD, cos_BTH, sin_BTH, masks[window], deterministic)
+                x_BTD = layer(x_BTD, cos_BTH, sin_BTH, mask, deterministic)
             else:
                 x_BTD, layer_cache = layer(
-                    x_BTD, cos_BTH, sin_BTH, masks[window], deterministic, cache[i], cache_index
+                    x_BTD, cos_BTH, sin_BTH, mask, deterministic, cache[i], cache_index
                 )
                 new_cache.append(layer_cache)
-        x_BTD = self.norm(x_BTD)
-        return x_BTD if cache is None else (x_BTD, tuple(new_cache))
+        return x_BTD, tuple(new_cache)
+
+    def _scanned(self, x_BTD, cos_BTH, sin_BTH, masks, deterministic, cache, cache_index):
+        """One `nn.scan` over the stacked params (`layers/...`, leading layer axis): the
+        program has one layer in it whatever the depth. The cache, if any, is stacked the
+        same way and scanned with the layers; each layer's window selects its mask."""
+        cfg = self.config
+        windows = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
+        mask_stack, index_L = attention.stack_window_masks(masks, windows)
+
+        def body(layer, x_BTD, xs):
+            index, layer_cache = xs
+            mask = mask_stack if index is None else mask_stack[index]
+            if layer_cache is None:
+                return layer(x_BTD, cos_BTH, sin_BTH, mask, deterministic), None
+            return layer(x_BTD, cos_BTH, sin_BTH, mask, deterministic, layer_cache, cache_index)
+
+        scan = layers.scan_layers(body, cfg.num_hidden_layers)
+        return scan(self.layers, x_BTD, (index_L, cache))
 
     def attend_embedding(self, x_BTD):
         """Tied output head: logits = x @ embedding.T, float32."""
         return _logits(x_BTD, self.embed_tokens.embedding.T, self.config.dtype)
 
-def init_cache(config: LlamaConfig, batch: int, length: int) -> tuple[dict[str, jax.Array], ...]:
-    """An empty KV cache: per layer {"k", "v"} zeros [batch, length, K, H], compute dtype."""
+
+Cache = tuple[dict[str, jax.Array], ...] | dict[str, jax.Array]
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int) -> Cache:
+    """An empty KV cache in the compute dtype: per layer {"k", "v"} zeros [batch, length, K,
+    H]; with `scan_layers` one {"k", "v"} stacked over the layers [L, batch, length, K, H]."""
     shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    if config.scan_layers:
+        stacked = (config.num_hidden_layers, *shape)
+        return {"k": jnp.zeros(stacked, config.dtype), "v": jnp.zeros(stacked, config.dtype)}
     return tuple(
         {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
         for _ in range(config.num_hidden_layers)
@@ -367,6 +403,7 @@ FAMILY = ModelFamily(
     heads={"causal_lm": LlamaForCausalLM},
     init_params=init_params,
     hf_param_mappings=llama_hf.hf_param_mappings,
+    layer_stacks=llama_hf.layer_stacks,
     strict=True,  # every tensor of a decoder checkpoint has a place; others mean a mismatch
     # RoPE buffers some checkpoints carry; a tied model's file may still hold its lm_head copy.
     ignored_tensors=("inv_freq", "lm_head.weight"),

@@ -55,6 +55,7 @@ class LlamaConfig:
     remat: str = "none"  # none | full | dots_saveable (see layers.remat)
     attention_impl: str | None = None  # jax.nn.dot_product_attention: None (XLA) or "cudnn"
     lora: lora_lib.LoraConfig | None = None  # LoRA on the DenseND kernels its targets match
+    scan_layers: bool = False  # one nn.scan over params stacked along a `layers` axis
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)

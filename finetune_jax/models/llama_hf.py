@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from finetune_jax.models.hf_mapping import HFMapping
+from finetune_jax.models.hf_mapping import HFMapping, stack_layers
 
 if TYPE_CHECKING:
     from finetune_jax.models.llama import LlamaConfig
@@ -57,10 +57,17 @@ def _head_mapping(config: LlamaConfig) -> list[HFMapping]:
     return [HFMapping("weight", "kernel", shape, shape[::-1], True)]
 
 
+def layer_stacks(config: LlamaConfig) -> dict[str, int]:
+    """Stacked layer params of LlamaForCausalLM (`scan_layers`): stack path -> layer count."""
+    return {"model/layers": config.num_hidden_layers} if config.scan_layers else {}
+
+
 def hf_param_mappings(config: LlamaConfig) -> list[HFMapping]:
-    """Every param of LlamaForCausalLM: full paths and full HF keys."""
+    """Every param of LlamaForCausalLM: full paths and full HF keys (stacked rows, one per
+    layer, with `scan_layers`)."""
     rows = [
         m._replace(hf_key="model." + m.hf_key, path="model/" + m.path) for m in hf_mappings(config)
     ]
     head = _head_mapping(config)
-    return rows + [m._replace(hf_key="lm_head." + m.hf_key, path="lm_head/" + m.path) for m in head]
+    rows += [m._replace(hf_key="lm_head." + m.hf_key, path="lm_head/" + m.path) for m in head]
+    return stack_layers(rows, layer_stacks(config))

@@ -12,6 +12,7 @@ Adapter files (our safetensors, HF PEFT) are written and read by `finetune_jax.h
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+
+from finetune_jax import tree_paths
 
 LORA_A, LORA_B = "lora_a", "lora_b"
 RANK_AXIS = "lora_rank"  # logical axis name of the rank dimension (replicated by default)
@@ -32,12 +35,17 @@ class LoraConfig:
 
     `targets` is a regex that must full-match a kernel's '/'-joined param path (the same
     path string the optimizer rules see), e.g. r".*/attention/(query|value)/kernel".
+    In a scanned model (`scan_layers`) the kernels of the layer stack are matched on their
+    per-layer paths (`model/layers_3/...`), as in the unrolled layout.
     """
 
     rank: int
     alpha: float = 16.0
     dropout: float = 0.0
     targets: str = r".*/attention/(query|value)/kernel"
+    # Set by models that scan their layers (`for_layer_stack`), not by users: (stack path,
+    # layer count) pairs whose stacked kernels are matched on their per-layer paths.
+    layer_stacks: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -54,8 +62,20 @@ class LoraConfig:
         return self.alpha / self.rank
 
     def matches(self, kernel_path: str) -> bool:
-        """Whether the kernel at this '/'-joined param path gets a LoRA update."""
-        return re.fullmatch(self.targets, kernel_path) is not None
+        """Whether the kernel at this '/'-joined param path gets a LoRA update.
+
+        A stacked kernel is adapted when `targets` matches every one of its per-layer paths;
+        matching only some is an error: a stacked adapter covers all layers or none.
+        """
+        paths = tree_paths.virtual_paths(kernel_path, dict(self.layer_stacks))
+        hits = [re.fullmatch(self.targets, p) is not None for p in paths]
+        if any(hits) and not all(hits):
+            raise ValueError(
+                f"peft.targets={self.targets!r} matches {sum(hits)} of the {len(hits)} layers "
+                f"of the stacked kernel {kernel_path!r}; with model.scan_layers=True an adapter "
+                "covers every layer of the stack (use model.scan_layers=False for per-layer ones)"
+            )
+        return hits[0]
 
     @classmethod
     def from_config(cls, peft: Mapping[str, Any]) -> LoraConfig | None:
@@ -68,6 +88,15 @@ class LoraConfig:
             dropout=float(peft["dropout"]),
             targets=str(peft["targets"]),
         )
+
+
+def for_layer_stack(config: Any, stack: str) -> Any:
+    """`config` (a model config with `lora` and `num_hidden_layers`) as seen by the layers
+    of the scanned stack at `stack`: LoRA targets then match their per-layer paths."""
+    if config.lora is None:
+        return config
+    lora = dataclasses.replace(config.lora, layer_stacks=((stack, config.num_hidden_layers),))
+    return dataclasses.replace(config, lora=lora)
 
 
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, in_axes: int) -> jax.Array:
@@ -141,16 +170,18 @@ def merge(params: Mapping[str, Any], lora: LoraConfig) -> dict[str, Any]:
     """W + scale * A @ B for every adapted kernel, LoRA leaves removed.
 
     The result loads into the same model built without LoRA. The product is taken at full
-    float32 precision (TPUs default to bf16 passes for matmuls).
+    float32 precision (TPUs default to bf16 passes for matmuls). Stacked leaves (a leading
+    layer axis on kernel, A and B) are merged layer by layer.
     """
     flat = flat_paths(params)
     merged = {p: v for p, v in flat.items() if not is_lora_path(p)}
+    product = functools.partial(jnp.tensordot, axes=1, precision=jax.lax.Precision.HIGHEST)
     for path in (p for p in flat if p.endswith("/" + LORA_A)):
         layer = path[: -len(LORA_A)]
-        kernel = flat[layer + "kernel"]
-        delta = jnp.tensordot(
-            flat[path], flat[layer + LORA_B], axes=1, precision=jax.lax.Precision.HIGHEST
-        )
+        kernel, a, b = flat[layer + "kernel"], flat[path], flat[layer + LORA_B]
+        # A [*in, r] @ B [r, *out] has the kernel's rank; stacked, all three have one more dim.
+        stacked = kernel.ndim == a.ndim + b.ndim - 3
+        delta = jax.vmap(product)(a, b) if stacked else product(a, b)
         merged[layer + "kernel"] = (kernel + lora.scale * delta).astype(kernel.dtype)
     return nested(merged)
 

@@ -73,6 +73,7 @@ def build(
         dtype=config.model.dtype,
         param_dtype=config.model.param_dtype,
         remat=config.model.remat,
+        scan_layers=config.model.scan_layers,
         lora=lora,
         **_task_overrides(config, task),
     )
@@ -85,7 +86,9 @@ def build(
     boxed = jax.eval_shape(lambda: family.init_params(model_config, jax.random.key(0)))
     params_sharding = sharding.param_shardings(boxed, mesh, rules)
     abstract_params = checkpoints.abstract_with_shardings(nn.meta.unbox(boxed), params_sharding)
-    groups = optim.param_groups(config.optim, abstract_params)
+    groups = optim.param_groups(
+        config.optim, abstract_params, family.layer_stacks(model_config)
+    )
     tx, lr_fn = optim.make_optimizer(config.optim, groups, config.train.max_steps)
     placement = _placement(config, mesh, rules, params_sharding, abstract_params, tx)
     train_step, eval_step = _jit_steps(config, task, module, groups, tx, lr_fn, placement)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -22,6 +23,7 @@ import numpy as np
 import optax
 
 from finetune_jax import tree_paths
+from finetune_jax.training import layer_groups
 from finetune_jax.training import rules as rules_lib
 
 FROZEN = "frozen"
@@ -110,27 +112,52 @@ class ParamGroups:
     decay: dict[str, bool]
     # `optim.rules` regexes that decide no parameter (a typo, or shadowed by an earlier rule).
     unused_rules: tuple[str, ...] = ()
+    # Groups of stacked leaves whose layers got different labels (`layer_groups`); their
+    # `multipliers` / `decay` entries hold the largest multiplier / whether any layer decays.
+    per_layer: dict[str, layer_groups.LayerLabels] = dataclasses.field(default_factory=dict)
 
 
-def param_groups(optim: ml_collections.ConfigDict, params: Any) -> ParamGroups:
-    """Resolve the trainability and decay rules over `params` into group labels."""
+def param_groups(
+    optim: ml_collections.ConfigDict, params: Any, layer_stacks: Mapping[str, int] | None = None
+) -> ParamGroups:
+    """Resolve the trainability and decay rules over `params` into group labels.
+
+    `layer_stacks` (the family's, in the scanned layout) names the stacked leaves: the rules
+    are resolved on each of their per-layer paths, so they mean what they mean unrolled.
+    """
     paths = tree_paths.param_paths(params)
-    train_rules = preset_rules(optim, paths)
-    mults = rules_lib.resolve(train_rules, params, name="optim.rules", transform=lr_multiplier)
-    decays = rules_lib.resolve(
-        rules_lib.as_pairs(optim.decay_rules), params, name="optim.decay_rules"
+    per_leaf = [tree_paths.virtual_paths(p, layer_stacks or {}) for p in paths]
+    virtual = [v for vs in per_leaf for v in vs]
+    train_rules = preset_rules(optim, virtual)
+    mults = iter(
+        rules_lib.resolve_paths(train_rules, virtual, name="optim.rules", transform=lr_multiplier)
     )
-    multipliers, decay = {}, {}
+    decays = iter(
+        rules_lib.resolve_paths(
+            rules_lib.as_pairs(optim.decay_rules), virtual, name="optim.decay_rules"
+        )
+    )
+    multipliers, decay, per_layer = {}, {}, {}
 
-    def label(mult: float | None, dec: bool) -> str:
-        if mult is None:
+    def label(leaf_paths: list[str]) -> str:
+        mult = [next(mults) for _ in leaf_paths]
+        dec = [next(decays) for _ in leaf_paths]
+        layers = layer_groups.layer_labels(mult, dec)
+        if layers is not None:
+            name = layers.group_name(per_layer)
+            per_layer[name] = layers
+            multipliers[name] = max(m for m in mult if m is not None)
+            decay[name] = any(layers.decay)
+        elif mult[0] is None:
             name = FROZEN
+            multipliers[name], decay[name] = None, False
         else:
-            name = f"lr x{mult:.4g}" + ("" if dec else " no-decay")
-        multipliers[name], decay[name] = mult, bool(dec) and mult is not None
+            name = f"lr x{mult[0]:.4g}" + ("" if dec[0] else " no-decay")
+            multipliers[name], decay[name] = mult[0], bool(dec[0])
         return name
 
-    labels = jax.tree.map(label, mults, decays, is_leaf=lambda x: x is None)
+    treedef = jax.tree.structure(params)
+    labels = jax.tree.unflatten(treedef, [label(vs) for vs in per_leaf])
     trainable = jax.tree.map(lambda label: label != FROZEN, labels)
     if not any(jax.tree.leaves(trainable)):
         raise ValueError(
@@ -138,8 +165,10 @@ def param_groups(optim: ml_collections.ConfigDict, params: Any) -> ParamGroups:
             + (f", optim.rules={optim.rules!r}" if optim.preset == "rules" else "")
             + ") leaves no parameter trainable: nothing would learn"
         )
-    unused = rules_lib.unused_rules(train_rules, params) if optim.preset == "rules" else []
-    return ParamGroups(labels, trainable, multipliers, decay, tuple(unused))
+    unused = []
+    if optim.preset == "rules":
+        unused = rules_lib.unused_rules_of_paths(train_rules, virtual)
+    return ParamGroups(labels, trainable, multipliers, decay, tuple(unused), per_layer)
 
 
 def schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -186,11 +215,14 @@ def with_state_dtype(
 def make_optimizer(
     optim: ml_collections.ConfigDict, groups: ParamGroups, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """One optax transform: masked clipping, then an AdamW per group, set_to_zero if frozen."""
+    """One optax transform: masked clipping, then an AdamW per group, set_to_zero if frozen
+    (a per-layer AdamW for per-layer groups, whose frozen layers' gradients are zeroed first)."""
     lr = schedule(optim, total_steps)
     transforms = {}
     for name, mult in groups.multipliers.items():
-        if mult is None:
+        if name in groups.per_layer:
+            transforms[name] = layer_groups.per_layer_adamw(optim, lr, groups.per_layer[name])
+        elif mult is None:
             transforms[name] = optax.set_to_zero()
         else:
             adamw = optax.adamw(
@@ -202,6 +234,8 @@ def make_optimizer(
             )
             transforms[name] = with_state_dtype(adamw, jnp.dtype(optim.state_dtype))
     chain = []
+    if any(not all(layers.trained) for layers in groups.per_layer.values()):
+        chain.append(layer_groups.zero_frozen_layers(groups.labels, groups.per_layer))
     if optim.clip_norm > 0:
         chain.append(optax.masked(optax.clip_by_global_norm(optim.clip_norm), groups.trainable))
     chain.append(optax.multi_transform(transforms, groups.labels))
@@ -215,19 +249,33 @@ def group_table(groups: ParamGroups, params: Any) -> str:
         counts[label][0] += int(np.prod(leaf.shape))
         counts[label][1] += 1
     total = sum(c[0] for c in counts.values())
-    trainable = sum(c[0] for n, c in counts.items() if groups.multipliers[n] is not None)
-    lines = [f"{'group':<22}{'#params':>12}{'#tensors':>10}{'lr mult':>10}{'decay':>7}"]
+    trainable = param_counts(groups, params)[0]
+    # Per-layer groups (stacked layers) have long names and a range of multipliers.
+    width = max([22, *(len(name) + 2 for name in counts)])
+    mult_width = max([10, *(len(p.span) + 2 for p in groups.per_layer.values())])
+    lines = [
+        f"{'group':<{width}}{'#params':>12}{'#tensors':>10}{'lr mult':>{mult_width}}{'decay':>7}"
+    ]
     for name in sorted(
         counts, key=lambda n: (groups.multipliers[n] is None, -(groups.multipliers[n] or 0))
     ):
         mult = groups.multipliers[name]
+        shown = "-" if mult is None else f"{mult:.4g}"
+        if name in groups.per_layer:
+            shown = groups.per_layer[name].span
         lines.append(
-            f"{name:<22}{counts[name][0]:>12,}{counts[name][1]:>10}"
-            f"{'-' if mult is None else f'{mult:.4g}':>10}{'yes' if groups.decay[name] else 'no':>7}"
+            f"{name:<{width}}{counts[name][0]:>12,}{counts[name][1]:>10}"
+            f"{shown:>{mult_width}}{'yes' if groups.decay[name] else 'no':>7}"
         )
     lines.append(
-        f"{'trainable / total':<22}{trainable:>12,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+        f"{'trainable / total':<{width}}{trainable:>12,} / {total:,} "
+        f"({100 * trainable / max(total, 1):.2f}%)"
     )
+    if any(not all(layers.trained) for layers in groups.per_layer.values()):
+        lines.append(
+            "note: per-layer (stacked) groups keep optimizer state and compute gradients for "
+            "their frozen layers too (lr x0); model.scan_layers=False avoids that"
+        )
     if groups.unused_rules:
         lines.append(
             f"warning: optim.rules {list(groups.unused_rules)} decide no parameter (a typo, or "
@@ -237,14 +285,14 @@ def group_table(groups: ParamGroups, params: Any) -> str:
 
 
 def param_counts(groups: ParamGroups, params: Any) -> tuple[int, int]:
-    """(trainable, frozen) parameter counts."""
-    trainable = frozen = 0
-    for leaf, train in zip(jax.tree.leaves(params), jax.tree.leaves(groups.trainable)):
-        if train:
-            trainable += int(np.prod(leaf.shape))
-        else:
-            frozen += int(np.prod(leaf.shape))
-    return trainable, frozen
+    """(trainable, frozen) parameter counts; a per-layer group's frozen layers are frozen."""
+    trainable = total = 0
+    for leaf, label in zip(jax.tree.leaves(params), jax.tree.leaves(groups.labels)):
+        size = int(np.prod(leaf.shape))
+        total += size
+        layers = groups.per_layer.get(label)
+        trainable += layer_groups.trained_size(size, layers, label != FROZEN)
+    return trainable, total - trainable
 
 
 def tree_bytes(tree: Any) -> int:

@@ -54,11 +54,21 @@ def resolve(
     `transform`, if given, maps each matched value (e.g. a label string to a float).
     Raises RuleError naming every unmatched parameter path (not just the first).
     """
-    compiled = _compile(rules, name)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    values = resolve_paths(rules, [path_str(path) for path, _ in leaves], name, transform)
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def resolve_paths(
+    rules: Rules,
+    paths: Sequence[str],
+    name: str = "rules",
+    transform: Callable[[Any], Any] | None = None,
+) -> list[Any]:
+    """The matched rule value of each '/'-joined path, in order (see `resolve`)."""
+    compiled = _compile(rules, name)
     values, unmatched = [], []
-    for path, _ in leaves:
-        p = path_str(path)
+    for p in paths:
         for pattern, value in compiled:
             if pattern.fullmatch(p):
                 values.append(transform(value) if transform else value)
@@ -73,15 +83,20 @@ def resolve(
             f"{name}: {len(unmatched)} parameter(s) matched by no rule: {shown}. Add rules for them "
             f"or an explicit catch-all ('.*', ...) as the last rule. Rules: {[r[0] for r in rules]}"
         )
-    return jax.tree_util.tree_unflatten(treedef, values)
+    return values
 
 
 def unused_rules(rules: Rules, tree: Any) -> list[str]:
     """Regexes that win for no parameter (usually a typo in a config); for warnings."""
-    paths = param_paths(tree)
+    return unused_rules_of_paths(rules, param_paths(tree))
+
+
+def unused_rules_of_paths(rules: Rules, paths: Sequence[str]) -> list[str]:
+    """`unused_rules` over '/'-joined paths."""
+    compiled = _compile(rules, "rules")
     used = set()
     for p in paths:
-        for i, (pattern, _) in enumerate(_compile(rules, "rules")):
+        for i, (pattern, _) in enumerate(compiled):
             if pattern.fullmatch(p):
                 used.add(i)
                 break
