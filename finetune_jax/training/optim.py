@@ -274,7 +274,8 @@ def group_table(groups: ParamGroups, params: Any) -> str:
     if any(not all(layers.trained) for layers in groups.per_layer.values()):
         lines.append(
             "note: per-layer (stacked) groups keep optimizer state and compute gradients for "
-            "their frozen layers too (lr x0); model.scan_layers=False avoids that"
+            "their frozen layers too (lr x0; the logged grad_norm includes those gradients); "
+            "model.scan_layers=False avoids that"
         )
     if groups.unused_rules:
         lines.append(
