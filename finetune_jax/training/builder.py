@@ -59,24 +59,14 @@ def build(
     build is abstract, for preflight: no checkpoint, tokenizer or data is touched at all.
     `devices` (default: all devices of all processes) is what `config.mesh` is laid over.
     """
-    lora = lora_config(config)  # fail before any loading
+    lora_config(config)  # fail before any loading
     task = tasks.get_task(config.data.task)
     _check_task_options(config, task)
     abstract = hf_config is not None
     model_ref = "" if abstract else _resolve_model(config.model.name)
     hf_config = hf_config if abstract else model_files.read_config(model_ref)
     family = family_for(hf_config.get("model_type", ""))
-    model_config = loading.model_config(
-        family,
-        hf_config,
-        model_ref or "config.model",
-        dtype=config.model.dtype,
-        param_dtype=config.model.param_dtype,
-        remat=config.model.remat,
-        scan_layers=config.model.scan_layers,
-        lora=lora,
-        **_task_overrides(config, task),
-    )
+    model_config = _model_config(config, task, family, hf_config, model_ref or "config.model")
     module = family.module_for(model_config, task.kind)
     tokenizer = None if abstract else model_files.load_tokenizer(model_ref)
     data = None if abstract else loaders.make_loader(config, task, tokenizer)
@@ -112,6 +102,21 @@ def build(
         batch_sharding=placement.batch,
         train_step=train_step,
         eval_step=eval_step,
+    )
+
+
+def _model_config(config, task, family: ModelFamily, hf_config, source) -> Any:
+    """The family's model config: the checkpoint's architecture with the run's settings."""
+    return loading.model_config(
+        family,
+        hf_config,
+        source,
+        dtype=config.model.dtype,
+        param_dtype=config.model.param_dtype,
+        remat=config.model.remat,
+        scan_layers=config.model.scan_layers,
+        lora=lora_config(config),
+        **_task_overrides(config, task),
     )
 
 
