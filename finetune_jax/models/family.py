@@ -26,7 +26,10 @@ class ModelFamily:
       model_types: HF `model_type` values (config.json) the family serves.
       config_from_hf: (HF config dict, **overrides) -> the frozen config dataclass.
       heads: task kind ("classification", "causal_lm", ...) -> the Flax module class that
-        computes that task's outputs; a task kind missing here is an error at build.
+        computes that task's outputs; a task kind missing here is an error at build. A
+        "causal_lm" module also returns its final hidden state with `return_hidden=True` and
+        maps hidden [B, C, D] to float32 logits [B, C, V] with `logits_from_hidden`: the
+        chunked LM loss (`model.lm_loss_chunk`) applies the head through it.
       init_params: (config, rng) -> boxed params (logical axis names attached).
       hf_param_mappings: config -> one `HFMapping` per param (full path, full HF key); per
         layer of a stacked param (`layer` set) in the scanned layout.
