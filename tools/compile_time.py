@@ -73,11 +73,15 @@ def abstract_step(config: llama.LlamaConfig):
         "labels": jax.ShapeDtypeStruct(shape, jnp.int32),
         "weights": jax.ShapeDtypeStruct(shape, jnp.float32),
     }
+    objective = functools.partial(
+        steps.logits_objective,
+        apply_fn=llama.LlamaForCausalLM(config).apply,
+        loss_fn=losses.next_token_loss,
+    )
     train_fn = functools.partial(
         steps.train_step,
-        apply_fn=llama.LlamaForCausalLM(config).apply,
+        objective=objective,
         tx=tx,
-        loss_fn=losses.next_token_loss,
         lr_fn=lr_fn,
         trainable=groups.trainable,
     )
