@@ -19,20 +19,10 @@ from finetune_jax.models import lora as lora_lib
 
 
 @pytest.fixture(scope="module")
-def sharded_bf16_llama(tmp_path_factory):
-    """A tiny random Llama saved as bf16 safetensors in several shards with an index."""
+def sharded_bf16_llama(tmp_path_factory, tiny_llama_dir):
+    """The tiny random Llama saved again as bf16 safetensors in several shards with an index."""
     out = tmp_path_factory.mktemp("sharded_llama")
-    config = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True, max_shard_size="40KB")
     assert (out / model_files.INDEX_FILE).exists() and len(list(out.glob("*.safetensors"))) > 3
     return out

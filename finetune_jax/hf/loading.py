@@ -32,11 +32,14 @@ def abstract_params(family: ModelFamily, config: Any) -> Any:
     return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 
-def fresh_paths(family: ModelFamily, config: Any, missing: list[str]) -> list[str]:
-    """Params initialised rather than loaded: new head, absent optional parts, LoRA leaves."""
+def fresh_paths(
+    family: ModelFamily, config: Any, missing: list[str], param_paths: list[str]
+) -> list[str]:
+    """Params initialised rather than loaded: new head, absent optional parts, LoRA leaves
+    (found among `param_paths`, every param's path)."""
     paths = [*family.new_params, *missing]
     if config.lora is not None:
-        paths += lora_lib.lora_paths(tree_paths.param_paths(abstract_params(family, config)))
+        paths += lora_lib.lora_paths(param_paths)
     return paths
 
 
@@ -104,7 +107,9 @@ def load_params(
             logging.warning(
                 "%s has no weights for %s; keeping freshly initialised values.", model_ref, missing
             )
-        values = init_values(family, config, seed, fresh_paths(family, config, missing), shardings)
+        values = init_values(
+            family, config, seed, fresh_paths(family, config, missing, list(abstract)), shardings
+        )
         layers: dict[str, dict[int, jax.Array]] = {}  # stacked params, layer by layer
         for m in rows:
             if m.path in replace:
