@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import sweep as sweep_lib
+from finetune_jax.cluster import compilation_cache
 from finetune_jax.training import workdir_files
 
 LAUNCHERS = {
@@ -303,6 +304,7 @@ def load_runs(args: argparse.Namespace) -> tuple[sweep_lib.Sweep, Path, list, li
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
+    compilation_cache.enable()  # each run after the first of a shape loads its steps from disk
     try:
         sweep, sweep_dir, runs, configs = load_runs(args)
     except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:

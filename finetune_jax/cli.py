@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
+from finetune_jax.cluster import compilation_cache
 from finetune_jax.training.checkpoints import CheckpointError
 
 # Errors that describe a bad config, path, data row or weight file: the message says what is
@@ -39,13 +40,18 @@ def quiet_libraries() -> None:
 
 
 def run_main(main: Callable[[list[str]], None]) -> None:
-    """`absl.app.run(main)`, printing user errors as `error: ...` with exit status 2."""
+    """`absl.app.run(main)`, printing user errors as `error: ...` with exit status 2.
+
+    Every entry point runs with JAX's persistent compilation cache (`cluster/
+    compilation_cache.py`), so a second run of a config starts without recompiling.
+    """
     started = False
     debug = bool(os.environ.get("FINETUNE_JAX_DEBUG"))
 
     def guarded(argv: list[str]) -> None:
         nonlocal started
         started = True
+        compilation_cache.enable()
         try:
             main(argv)
         except USER_ERRORS as e:

@@ -183,13 +183,19 @@ def _mesh_dcn() -> ml_collections.ConfigDict:
 def _sharding() -> ml_collections.ConfigDict:
     """Logical axis name -> mesh axis table for params and activations."""
     s = ml_collections.ConfigDict()
-    # Logical axis name -> mesh axis (or None = replicated), first match wins.
+    # Logical axis name -> mesh axis (or None = replicated). In order, each rule takes its
+    # logical axis if the mesh axes are still free in that array and (for params) split the
+    # dimension evenly; otherwise a later rule for the same name may (see param_shardings).
     s.rules = (
         ("batch", ("data", "fsdp")),
         ("length", None),
         ("activation_embed", None),
-        ("embed", "fsdp"),
+        # vocab before embed: the embedding table and the LM head split their vocabulary over
+        # fsdp (vocab-parallel), so no device ever gathers a whole [embed, vocab] matrix or its
+        # gradient; a vocabulary fsdp does not divide (BERT's 30,522) falls to the next rule.
+        ("vocab", ("fsdp", "tensor")),
         ("vocab", "tensor"),
+        ("embed", "fsdp"),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
         ("kv", None),

@@ -131,9 +131,36 @@ def param_shardings(boxed_params: Any, mesh: Mesh, logical_rules: Sequence[tuple
                     f"logical axis {name!r} is not in config.sharding.rules "
                     f"(known: {sorted(known)}); add a (name, mesh_axis_or_None) rule"
                 )
-    shardings = nn.logical_to_mesh_sharding(specs, mesh, list(logical_rules))
-    _check_divisible(nn.meta.unbox(boxed_params), shardings)
+    abstract = nn.meta.unbox(boxed_params)
+    specs = jax.tree.map(
+        lambda spec, leaf: nn.logical_to_mesh_axes(
+            spec, _dividing_rules(spec, leaf.shape, mesh, logical_rules)
+        ),
+        specs,
+        abstract,
+        is_leaf=lambda x: isinstance(x, P),
+    )
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    _check_divisible(abstract, shardings)
     return shardings
+
+
+def _dividing_rules(
+    names: P, shape: tuple[int, ...], mesh: Mesh, logical_rules: Sequence[tuple[str, Any]]
+) -> list[tuple[str, Any]]:
+    """The rules minus those that would split one of this param's dims unevenly, where a
+    later rule for the same logical name remains (an alternative the config lists, such as
+    `vocab` on `tensor` when fsdp does not divide the vocabulary). A name whose every rule
+    fails keeps them all, so `_check_divisible` names the param and what to change."""
+    dims = {name: shape[i] for i, name in enumerate(names) if name is not None}
+
+    def divides(name: str, axes: Any) -> bool:
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        return name not in dims or dims[name] % int(np.prod([mesh.shape[a] for a in axes])) == 0
+
+    kept = [(n, a) for n, a in logical_rules if divides(n, a)]
+    orphaned = {n for n, _ in logical_rules if n in dims} - {n for n, _ in kept}
+    return kept + [(n, a) for n, a in logical_rules if n in orphaned]
 
 
 def _check_divisible(abstract_params: Any, shardings: Any) -> None:

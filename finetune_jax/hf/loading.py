@@ -11,12 +11,11 @@ family's init with the run's seed, computed under jit straight into their shardi
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from finetune_jax import tree_paths
@@ -67,18 +66,36 @@ def _place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def _drop_leading_axis(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-    """The sharding of one layer of a param stacked along its leading (layer) axis."""
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(
-            sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:])
-        )
-    return sharding
+def _place_stacked(
+    shape: tuple[int, ...],
+    dtype: Any,
+    sharding: jax.sharding.Sharding,
+    layer_value: Callable[[int], np.ndarray],
+) -> jax.Array:
+    """A param stacked along its leading (layer) axis, built from one layer at a time.
 
-
-def _stack(arrays: list[jax.Array], sharding: jax.sharding.Sharding) -> jax.Array:
-    """One stacked param from its sharded layers, stacked on device into its sharding."""
-    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*arrays)
+    Each local device's shard (its layers x its slice of the rest) is filled on the host
+    layer by layer and then placed, so the host holds this process's shards of this one
+    param plus one layer's tensor; no per-layer device arrays are stacked afterwards (which
+    held every layer twice).
+    """
+    index_map = sharding.addressable_devices_indices_map(shape)
+    key = lambda index: tuple((s.start, s.stop) for s in index)
+    shards: dict[tuple, tuple[range, tuple, np.ndarray]] = {}
+    for index in index_map.values():
+        if key(index) not in shards:
+            layers = range(*index[0].indices(shape[0]))
+            rest = index[1:]
+            size = [len(range(*sl.indices(n))) for sl, n in zip(rest, shape[1:])]
+            shards[key(index)] = (layers, rest, np.empty((len(layers), *size), dtype))
+    for layer in range(shape[0]):
+        value = layer_value(layer)
+        for layers, rest, buffer in shards.values():
+            if layer in layers:
+                buffer[layer - layers.start] = value[rest]
+        del value
+    arrays = [jax.device_put(shards[key(index)][2], d) for d, index in index_map.items()]
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def load_params(
@@ -110,23 +127,27 @@ def load_params(
         values = init_values(
             family, config, seed, fresh_paths(family, config, missing, list(abstract)), shardings
         )
-        layers: dict[str, dict[int, jax.Array]] = {}  # stacked params, layer by layer
+
+        def host_value(m: hf_mapping.HFMapping) -> np.ndarray:
+            name = hf_mapping.row_name(m)
+            value = hf_mapping.hf_to_param(m, tensors.get(m.hf_key), m.hf_key, name)
+            return value.astype(abstract[m.path].dtype)
+
+        stacked: dict[str, dict[int, hf_mapping.HFMapping]] = {}  # path -> layer -> row
         for m in rows:
             if m.path in replace:
                 continue
-            name = hf_mapping.row_name(m)
-            host = hf_mapping.hf_to_param(m, tensors.get(m.hf_key), m.hf_key, name)
-            host = host.astype(abstract[m.path].dtype)
-            if m.layer is None:
-                values[m.path] = _place(host, shardings[m.path])
+            if m.layer is None:  # one checkpoint tensor in flight at a time
+                values[m.path] = _place(host_value(m), shardings[m.path])
             else:
-                layer_sharding = _drop_leading_axis(shardings[m.path])
-                layers.setdefault(m.path, {})[m.layer] = _place(host, layer_sharding)
-            del host  # one checkpoint tensor in flight at a time
+                stacked.setdefault(m.path, {})[m.layer] = m
+        for path, by_layer in stacked.items():
+            leaf = abstract[path]
+            values[path] = _place_stacked(
+                leaf.shape, leaf.dtype, shardings[path], lambda i: host_value(by_layer[i])
+            )
     finally:
         tensors.close()
-    for path, by_layer in layers.items():
-        values[path] = _stack([by_layer[i] for i in sorted(by_layer)], shardings[path])
     for path, value in replace.items():
         values[path] = _place(np.asarray(value, abstract[path].dtype), shardings[path])
     absent = sorted(set(abstract) - set(values))

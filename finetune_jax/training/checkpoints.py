@@ -59,7 +59,9 @@ def make_manager(
             directory,
             options=options,
             item_handlers={
-                STATE: ocp.StandardCheckpointHandler(),
+                # Uncompressed: zstd saves ~5% on float weights but buffers the compressed
+                # chunks in RAM (+1.7 GB while saving 2 GB of state) and writes 40% slower.
+                STATE: ocp.PyTreeCheckpointHandler(use_compression=False),
                 PROGRESS: ocp.JsonCheckpointHandler(),
             },
         )
@@ -85,7 +87,7 @@ def save(
     """
     step = int(jax.device_get(state.step))
     args = ocp.args.Composite(
-        **{STATE: ocp.args.StandardSave(state), PROGRESS: ocp.args.JsonSave(progress)}
+        **{STATE: ocp.args.PyTreeSave(state), PROGRESS: ocp.args.JsonSave(progress)}
     )
     with _save_errors(manager, step):
         return manager.save(step, args=args, metrics=metrics, force=force)
@@ -191,7 +193,13 @@ def restore(
     """(state, progress) saved at `step`, after checking it fits the config's model."""
     check_compatible(manager, step, abstract_state.params)
     args = ocp.args.Composite(
-        **{STATE: ocp.args.StandardRestore(abstract_state), PROGRESS: ocp.args.JsonRestore()}
+        **{
+            STATE: ocp.args.PyTreeRestore(
+                item=abstract_state,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+            ),
+            PROGRESS: ocp.args.JsonRestore(),
+        }
     )
     try:
         restored = manager.restore(step, args=args)

@@ -18,7 +18,13 @@ from finetune_jax.evaluation.evaluator import evaluate
 from finetune_jax.evaluation.metrics import metric_mode
 from finetune_jax.training import builder, checkpoints, faults, manifest, optim, workdir_files
 from finetune_jax.training.early_stopping import EarlyStopping
-from finetune_jax.training.run_log import TrainLog, format_metrics, peak_memory, say
+from finetune_jax.training.run_log import (
+    TrainLog,
+    format_metrics,
+    peak_memory,
+    process_seconds,
+    say,
+)
 
 
 def train(
@@ -64,6 +70,7 @@ def train(
             run.log.close()
     summary = _summary(setup, state, stopper, run.log, time.perf_counter() - t_wall)
     summary["stopped_by"] = stopped_by
+    summary["first_step_s"] = run.first_step_s
     if final is not None:
         summary["final"] = final
     if jax.process_index() == 0:
@@ -82,6 +89,7 @@ class _Run:
     eval_data: Any
     stopper: EarlyStopping
     log: TrainLog | None = None
+    first_step_s: float | None = None
 
 
 def _steps(run: _Run, state, start: int, end: int, guard) -> tuple[Any, str | None]:
@@ -89,6 +97,8 @@ def _steps(run: _Run, state, start: int, end: int, guard) -> tuple[Any, str | No
     setup, train_cfg, log, stopper = run.setup, run.setup.config.train, run.log, run.stopper
     for step in range(start + 1, end + 1):
         state, metrics = setup.train_step(state, setup.put_batch(next(run.batches)))
+        if step == start + 1:  # how long a (re)start takes: imports, data, weights, compile
+            run.first_step_s = process_seconds(jax.block_until_ready(metrics))
         log.step(step, metrics)
         results = None
         if step % train_cfg.eval_every == 0 or step == end:

@@ -47,7 +47,14 @@ def causal_lm_loss(
     pipeline); loss_mask [B, T] is 1 on trained tokens. Sums, not means, so packed and
     unpacked batches, microbatches and hosts add up exactly; divide by the count once.
     """
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    logits = logits.astype(jnp.float32)
+    # The target's logit as a masked sum over the vocabulary rather than a gather: with the
+    # vocabulary split over devices (the `vocab` sharding rule) both this and the logsumexp
+    # reduce locally plus one small all-reduce, where a gather's gradient is a scatter into a
+    # whole-vocabulary [B, T, V] tensor on every device.
+    vocab = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    target_logit = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
+    losses = jax.nn.logsumexp(logits, axis=-1) - target_logit
     mask = loss_mask.astype(jnp.float32)
     # where, not a product: a non-finite logit on a padding position must not poison the
     # sum (its gradient is still NaN, which train.nonfinite then reports or skips).

@@ -38,6 +38,15 @@ def peak_memory() -> dict[str, int | None]:
     return {"peak_host_rss_bytes": host, "peak_device_bytes": stats.get("peak_bytes_in_use")}
 
 
+def process_seconds(_: Any = None) -> float:
+    """Seconds since this process started (its argument, a value just waited for, is
+    ignored: it orders the call after that value is ready)."""
+    with open("/proc/self/stat") as f:  # field 22: start time in clock ticks since boot
+        started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0]) - started
+
+
 class TrainLog:
     """Collects per-step device metrics and writes their means every `log_every` steps."""
 

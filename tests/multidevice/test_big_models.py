@@ -7,7 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from finetune_jax.hf import loading
+from finetune_jax import config as config_lib
+from finetune_jax.data import loaders
+from finetune_jax.hf import loading, model_files
+from finetune_jax.models import family_for
 from finetune_jax.training import builder
 from tests.helpers import run_steps
 from tests.multidevice.test_meshes import assert_trees_close
@@ -91,3 +94,39 @@ def test_fsdp_never_holds_a_full_sharded_array_on_one_device(tiny_chat_llama_dir
     jax.block_until_ready(state)
     _assert_no_full_copy(shapes, "first step")
     assert len(placed) == len(jax.tree.leaves(setup.abstract_params))
+
+
+def test_fsdp_splits_the_vocabulary_so_no_device_gathers_the_embedding(tiny_chat_llama_dir):
+    """The `vocab` rule puts the (tied) embedding's vocabulary on fsdp: its lookup, the LM
+    head and the loss then reduce over the split vocabulary instead of gathering the whole
+    [vocab, embed] matrix (or its gradient) on every device."""
+    overrides = {"peft.rank": 0, "optim.preset": "full"}
+    config = sft_mesh_config(tiny_chat_llama_dir, {"fsdp": 8}, **overrides)
+    setup = builder.build(config)
+    table = setup.abstract_params["model"]["embed_tokens"]["embedding"]
+    assert table.sharding.shard_shape(table.shape) == (table.shape[0] // 8, table.shape[1])
+    spec = loaders.batch_spec(config, setup.task)
+    batch = {
+        name: jax.ShapeDtypeStruct(shape, dtype, sharding=setup.batch_sharding)
+        for name, (shape, dtype) in spec.items()
+    }
+    hlo = setup.train_step.lower(setup.abstract_state(), batch).compile().as_text()
+    vocab, embed = table.shape
+    for full in (f"[{vocab},{embed}]", f"[{embed},{vocab}]"):
+        assert full not in hlo, f"the compiled step holds a whole {full} embedding on a device"
+
+
+def test_a_vocabulary_fsdp_does_not_divide_falls_to_the_next_rule(tiny_bert_dir):
+    """BERT's 30,522-token vocabulary does not split 8 ways: its embedding takes the next
+    `vocab` rule (tensor) and splits its embed dim over fsdp, as the rules list."""
+    from finetune_jax.cluster import sharding  # noqa: PLC0415
+
+    mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"))
+    hf_config = model_files.read_config(str(tiny_bert_dir))
+    family = family_for(hf_config["model_type"])
+    model_config = loading.model_config(family, hf_config, tiny_bert_dir)
+    boxed = jax.eval_shape(lambda rng: family.init_params(model_config, rng), jax.random.key(0))
+    rules = sharding.logical_rules(config_lib.base_config())
+    specs = sharding.param_shardings(boxed, mesh, rules)
+    word = specs["bert"]["embeddings"]["word_embeddings"]["embedding"].spec
+    assert tuple(word) == ("tensor", "fsdp")
