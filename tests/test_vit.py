@@ -16,6 +16,8 @@ import torch
 import transformers
 
 from finetune_jax import models
+from finetune_jax.cluster import sharding
+from finetune_jax.config import base_config
 from finetune_jax.hf import loading, model_files
 from finetune_jax.models import hf_mapping, vit, vit_config
 from finetune_jax.models import lora as lora_lib
@@ -126,11 +128,12 @@ def test_bare_backbone_checkpoint_loads(model_type, tmp_path):
     assert np.abs(params["classifier"]["kernel"]).max() > 0
 
 
+# One layer: these tests compile the model, which takes seconds per layer on a loaded CPU.
 TINY = {
     t: vit_config.ViTConfig(
         model_type=t,
         hidden_size=16,
-        num_hidden_layers=2,
+        num_hidden_layers=1,
         num_attention_heads=4,
         intermediate_size=32,
         image_size=28,
@@ -158,7 +161,7 @@ def _flat_shapes(config):
 
 @pytest.mark.parametrize("model_type", ["vit", "dinov2"])
 def test_every_param_has_logical_names_and_an_hf_tensor(model_type):
-    config = TINY[model_type]
+    config = dataclasses.replace(TINY[model_type], num_hidden_layers=2)
     flat = _flat_shapes(config)
     for path, leaf in flat.items():
         assert isinstance(leaf, nn.Partitioned), path
@@ -290,3 +293,31 @@ def test_channels_first_input_is_an_error_naming_the_layout():
     module = vit.ViTForImageClassification(TINY["vit"])
     with pytest.raises(ValueError, match=r"NHWC expected"):
         module.init(jax.random.PRNGKey(0), _pixels(28, 28))  # [B, C, H, W]
+
+
+def test_default_sharding_rules_cover_every_logical_name():
+    """Every logical axis the params use has a rule (unknown names are an error at build)."""
+    boxed = jax.eval_shape(
+        functools.partial(vit.init_params, TINY["dinov2"]), jax.random.PRNGKey(0)
+    )
+    mesh = sharding.make_mesh(base_config().mesh, jax.devices()[:1])
+    shardings = sharding.param_shardings(boxed, mesh, list(base_config().sharding.rules))
+    assert len(jax.tree.leaves(shardings)) == len(_flat_shapes(TINY["dinov2"]))
+
+
+def test_remat_and_bfloat16_variants():
+    """Remat gives the same logits; bf16 compute stays close with float32 logits and grads."""
+    config, params = TINY["dinov2"], _tiny_params("dinov2")
+    pixels = _nhwc(_pixels(28, 28))
+    base = jax.jit(vit.ViTForImageClassification(config).apply)({"params": params}, pixels)
+    for overrides, atol in (({"remat": "full"}, 1e-6), ({"dtype": "bfloat16"}, 5e-2)):
+        module = vit.ViTForImageClassification(dataclasses.replace(config, **overrides))
+
+        def loss(p, module=module):
+            logits = module.apply({"params": p}, pixels)
+            return logits.sum(), logits
+
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        assert logits.dtype == jnp.float32, overrides
+        np.testing.assert_allclose(logits, base, atol=atol, err_msg=str(overrides))
+        assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
