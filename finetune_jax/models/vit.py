@@ -111,8 +111,8 @@ class ViTEmbeddings(nn.Module):
             (cfg.grid_size**2 + 1, cfg.hidden_size),
             cfg.param_dtype,
         )
-        cls_BD = jnp.broadcast_to(cls_D.astype(cfg.dtype), (batch, 1, cfg.hidden_size))
-        x_BLD = jnp.concatenate([cls_BD, x_BND.astype(cfg.dtype)], axis=1)
+        cls_B1D = jnp.broadcast_to(cls_D.astype(cfg.dtype), (batch, 1, cfg.hidden_size))
+        x_BLD = jnp.concatenate([cls_B1D, x_BND.astype(cfg.dtype)], axis=1)
         x_BLD = x_BLD + _positions(positions_PD, cfg.grid_size, rows, cols).astype(cfg.dtype)
         return nn.Dropout(cfg.hidden_dropout_prob)(x_BLD, deterministic=deterministic)
 
