@@ -201,6 +201,7 @@ def _sharding() -> ml_collections.ConfigDict:
         ("kv", None),
         ("mlp", "tensor"),
         ("position", None),
+        ("patch", None),  # a ViT patch's pixel values (patch embedding kernel rows)
         ("token_type", None),
         ("classes", None),
         ("lora_rank", None),  # LoRA's rank dim; its other dims follow the base weight's

