@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import jax
 
 from finetune_jax.config import base_config
 from finetune_jax.hf import loading
-from finetune_jax.models import bert, llama
+from finetune_jax.models import bert, llama, whisper
 from finetune_jax.training import builder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -85,3 +86,37 @@ def check_remat_and_bfloat16(module_cls, config, params, bf16_atol):
         np.testing.assert_allclose(logits, base, atol=atol, err_msg=str(overrides))
         assert jax.tree.structure(grads) == jax.tree.structure(params)
         assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def load_whisper(model_dir, **overrides):
+    """(config, module, params) of a Whisper seq2seq model from an HF dir."""
+    return loading.load_pretrained(whisper.FAMILY, str(model_dir), "seq2seq", **overrides)
+
+
+def greedy_decode(module, params, input_features, prompt, max_new_tokens, eos_id):
+    """Greedy token ids after `prompt` (ids [P]) for each row of `input_features`, through
+    the seq2seq interface: encode once, cross K/V once (`init_cache`), a prefill of the
+    prompt, then one cached step per token. Rows stop at (and keep) `eos_id`."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    apply = lambda method, *args, **kwargs: module.apply(
+        {"params": params}, *args, method=method, **kwargs
+    )
+    memory = jax.jit(functools.partial(apply, "encode"))(input_features)
+    batch = memory.shape[0]
+    cache = apply("init_cache", memory, len(prompt) + max_new_tokens)
+    step = jax.jit(functools.partial(apply, "decode", last_logits_only=True))
+    ids = jnp.broadcast_to(jnp.asarray(prompt, jnp.int32), (batch, len(prompt)))
+    logits, cache = step(ids, cache=cache, cache_index=0)
+    out, done = [], np.zeros(batch, bool)
+    for index in range(len(prompt), len(prompt) + max_new_tokens):
+        token = np.asarray(jnp.argmax(logits[:, -1], axis=-1))
+        token = np.where(done, eos_id, token)
+        out.append(token)
+        done |= token == eos_id
+        if done.all():
+            break
+        logits, cache = step(jnp.asarray(token[:, None], jnp.int32), cache=cache, cache_index=index)
+    rows = np.stack(out, axis=1).tolist()
+    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]

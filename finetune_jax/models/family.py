@@ -29,7 +29,9 @@ class ModelFamily:
         computes that task's outputs; a task kind missing here is an error at build. A
         "causal_lm" module also returns its final hidden state with `return_hidden=True` and
         maps hidden [B, C, D] to float32 logits [B, C, V] with `logits_from_hidden`: the
-        chunked LM loss (`model.lm_loss_chunk`) applies the head through it.
+        chunked LM loss (`model.lm_loss_chunk`) applies the head through it. A "seq2seq"
+        module (encoder-decoder) has the same two, plus `encode`, `init_cache` and `decode`
+        for generation (the contract is spelled out in `models/whisper.py`'s docstring).
       init_params: (config, rng) -> boxed params (logical axis names attached).
       hf_param_mappings: config -> one `HFMapping` per param (full path, full HF key); per
         layer of a stacked param (`layer` set) in the scanned layout.
