@@ -47,6 +47,9 @@ class ModelFamily:
       strict: whether a checkpoint tensor with no place in the model is an error (decoders,
         whose every tensor matters) or ignored (encoders, whose files carry other heads).
       ignored_tensors: suffixes of buffers some checkpoints carry and no param needs.
+      constant_tensors: config -> HF tensors that are fixed functions of the config and no
+        param of ours (Whisper's frozen sinusoid table): written on export (`params_to_hf`)
+        so transformers finds them; list them in `ignored_tensors` too (not read on load).
       head_bias: path of the new head's bias (`model.head_bias_init=prior`), or None.
       hf_class_names: HF `model_type` -> the prefix of its transformers classes (`Bert`,
         `Qwen2`); export names the task model `<prefix>ForCausalLM` etc.
@@ -67,6 +70,7 @@ class ModelFamily:
     bare_prefix: str = ""
     strict: bool = False
     ignored_tensors: tuple[str, ...] = ()
+    constant_tensors: Callable[[Any], Mapping[str, Any]] = lambda config: {}
     head_bias: str | None = None
     hf_class_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
     peft_task_type: Mapping[str, str] = dataclasses.field(default_factory=dict)

@@ -499,7 +499,10 @@ FAMILY = ModelFamily(
     strict=True,  # every tensor of the checkpoint has a place; others mean a mismatch
     # The frozen sinusoid table (computed here, see `sinusoids`) and a saved copy of the
     # tied proj_out, which is the token embedding.
-    ignored_tensors=("model.encoder.embed_positions.weight", "proj_out.weight"),
+    ignored_tensors=(whisper_hf.POSITIONS_KEY, "proj_out.weight"),
+    constant_tensors=lambda config: {
+        whisper_hf.POSITIONS_KEY: sinusoids(config.max_source_positions, config.d_model)
+    },
     hf_class_names={"whisper": "Whisper"},
     peft_task_type={"seq2seq": "SEQ_2_SEQ_LM"},
 )

@@ -16,6 +16,9 @@ from finetune_jax.models.hf_mapping import HFMapping
 if TYPE_CHECKING:
     from finetune_jax.models.whisper_config import WhisperConfig
 
+# HF's frozen encoder sinusoid table: computed by our encoder, written on export.
+POSITIONS_KEY = "model.encoder.embed_positions.weight"
+
 
 def _linear(hf: str, ours: str, out: int, inp: int, shape: tuple, bias: tuple | None) -> list:
     """A torch Linear [out, in] -> our kernel (transposed, reshaped) and bias."""
