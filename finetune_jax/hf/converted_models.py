@@ -83,6 +83,12 @@ def converted_dir(name: str, package_root: Callable[[str, str, str], pathlib.Pat
     try:
         convert(source, scratch)
         (scratch / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+        # mkdtemp (and the safetensors writer) make owner-only files; a cache is shared.
+        umask = os.umask(0)
+        os.umask(umask)
+        scratch.chmod(0o777 & ~umask)
+        for path in scratch.iterdir():
+            path.chmod(0o666 & ~umask)
         if target.exists():  # stale: a different source or converter
             shutil.rmtree(target, ignore_errors=True)
         os.rename(scratch, target)
