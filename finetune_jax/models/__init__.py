@@ -6,10 +6,16 @@ mapping file, a parity test, and one entry in `FAMILIES` below.
 
 from __future__ import annotations
 
-from finetune_jax.models import bert, llama, vit
+from finetune_jax.models import bert, llama, vit, whisper
 from finetune_jax.models.family import ModelFamily
 
-FAMILIES: tuple[ModelFamily, ...] = (bert.FAMILY, llama.FAMILY, vit.VIT_FAMILY, vit.DINOV2_FAMILY)
+FAMILIES: tuple[ModelFamily, ...] = (
+    bert.FAMILY,
+    llama.FAMILY,
+    vit.VIT_FAMILY,
+    vit.DINOV2_FAMILY,
+    whisper.FAMILY,
+)
 
 _BY_MODEL_TYPE = {model_type: f for f in FAMILIES for model_type in f.model_types}
 

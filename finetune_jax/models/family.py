@@ -29,7 +29,9 @@ class ModelFamily:
         computes that task's outputs; a task kind missing here is an error at build. A
         "causal_lm" module also returns its final hidden state with `return_hidden=True` and
         maps hidden [B, C, D] to float32 logits [B, C, V] with `logits_from_hidden`: the
-        chunked LM loss (`model.lm_loss_chunk`) applies the head through it.
+        chunked LM loss (`model.lm_loss_chunk`) applies the head through it. A "seq2seq"
+        module (encoder-decoder) has the same two, plus `encode`, `init_cache` and `decode`
+        for generation (the contract is spelled out in `models/whisper.py`'s docstring).
       init_params: (config, rng) -> boxed params (logical axis names attached).
       hf_param_mappings: config -> one `HFMapping` per param (full path, full HF key); per
         layer of a stacked param (`layer` set) in the scanned layout.
@@ -45,6 +47,9 @@ class ModelFamily:
       strict: whether a checkpoint tensor with no place in the model is an error (decoders,
         whose every tensor matters) or ignored (encoders, whose files carry other heads).
       ignored_tensors: suffixes of buffers some checkpoints carry and no param needs.
+      constant_tensors: config -> HF tensors that are fixed functions of the config and no
+        param of ours (Whisper's frozen sinusoid table): written on export (`params_to_hf`)
+        so transformers finds them; list them in `ignored_tensors` too (not read on load).
       head_bias: path of the new head's bias (`model.head_bias_init=prior`), or None.
       hf_class_names: HF `model_type` -> the prefix of its transformers classes (`Bert`,
         `Qwen2`); export names the task model `<prefix>ForCausalLM` etc.
@@ -65,6 +70,7 @@ class ModelFamily:
     bare_prefix: str = ""
     strict: bool = False
     ignored_tensors: tuple[str, ...] = ()
+    constant_tensors: Callable[[Any], Mapping[str, Any]] = lambda config: {}
     head_bias: str | None = None
     hf_class_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
     peft_task_type: Mapping[str, str] = dataclasses.field(default_factory=dict)

@@ -170,9 +170,9 @@ def params_to_hf(params: Mapping[str, Any], family: ModelFamily, config: Any) ->
     """Our unboxed params -> HF tensors with the task model's keys (float32 numpy).
 
     Rows whose param is absent (e.g. LoRA merged away, a head not built) are skipped; a
-    stacked param gives one tensor per layer.
+    stacked param gives one tensor per layer. The family's `constant_tensors` are added.
     """
-    tensors: dict[str, np.ndarray] = {}
+    tensors = {k: np.asarray(v, np.float32) for k, v in family.constant_tensors(config).items()}
     for m in family.hf_param_mappings(config):
         try:
             value = get_path(params, m.path)
