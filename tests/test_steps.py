@@ -66,4 +66,5 @@ def test_chunked_lm_loss_holds_no_full_logits(tiny_chat_llama_dir):
         assert bool(full) == (chunk == 0), (chunk, full)
         temp_bytes[chunk] = lowered.compile().memory_analysis().temp_size_in_bytes
     assert batch["labels"].shape == (4, 256) and vocab > 40_000
-    assert temp_bytes[64] < 0.5 * temp_bytes[0], temp_bytes
+    # The chunks save at least most of one whole [rows, vocab] float32 logits tensor.
+    assert temp_bytes[0] - temp_bytes[64] > 0.75 * rows * vocab * 4, temp_bytes
