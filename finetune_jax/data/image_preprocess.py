@@ -128,8 +128,8 @@ def pixel_values(
     else:
         size = output_size(processor)
         images = [augment_image(im, size, augment, rng) for im, rng in zip(images, rngs)]
-        out = processor(
-            images=images, do_resize=False, do_center_crop=False, return_tensors="np"
-        )["pixel_values"]
+        out = processor(images=images, do_resize=False, do_center_crop=False, return_tensors="np")[
+            "pixel_values"
+        ]
     # HF processors emit [B, C, H, W]; the models here take channels last.
     return np.ascontiguousarray(np.asarray(out, np.float32).transpose(0, 2, 3, 1))

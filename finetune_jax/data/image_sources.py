@@ -80,9 +80,7 @@ class _Raw:
     class_names: tuple[str, ...] | None = None  # what the source itself declares
 
 
-def load_split(
-    task: ImageTask, data: Any, split: str, label_names: Sequence[str]
-) -> ImageSplit:
+def load_split(task: ImageTask, data: Any, split: str, label_names: Sequence[str]) -> ImageSplit:
     """Split `split` of `task` with labels as ids into `label_names`; `data` is `config.data`."""
     if task.format == "idx":
         return _idx(task, data.dir, split)
@@ -284,7 +282,9 @@ def _elpv(task: ImageTask, data_dir: str, split: str) -> ImageSplit:
                 probability = float(fields[1])
                 grade = round(probability * 3)
             except (IndexError, ValueError):
-                raise DataError(f"{path!r} line {number}: expected 'path probability type'")
+                raise DataError(
+                    f"{path!r} line {number}: expected 'path probability type'"
+                ) from None
             if abs(probability * 3 - grade) > 1e-6 or not 0 <= grade <= 3:
                 raise DataError(f"{path!r} line {number}: probability {probability} not k/3")
             paths.append(os.path.join(root, fields[0]))
