@@ -73,6 +73,17 @@ def _data() -> ml_collections.ConfigDict:
     s.max_eval_rows = 0  # evaluate a random subset of this many rows; 0 = all
     s.split_seed = 0  # draws holdout and subsets; the same for every seed of a sweep
     s.packing = True  # chat tasks: several examples per max_length row
+    # Image tasks (data/image_sources.py). Output side of the model's image processor
+    # (resize + centre crop keep its ratio, e.g. DINOv2's 256/224); 0 = as the model saved
+    # it. Any multiple of the patch size works: the position grid is interpolated.
+    s.image_size = 0
+    s.augment = True  # random resized crop + flip on training batches (never on eval)
+    s.augment_scale = (0.35, 1.0)  # area fraction range of the random crop
+    s.augment_flip = True
+    s.labels = ()  # class names for folder / table / hub tasks; () = read from train
+    s.image_column = "image"  # table and hub tasks: the image (path) column
+    s.label_column = "label"  # table and hub tasks: the label column
+    s.hub_name = ""  # image_hub: the dataset's hub name (or data.dir from save_to_disk)
     return s
 
 

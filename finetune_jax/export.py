@@ -2,8 +2,9 @@
 `python -m finetune_jax.export --config=... --workdir=... --out=DIR [--checkpoint=best]`.
 
 LoRA is merged into the base weights, so DIR loads with plain transformers
-(`AutoModelForCausalLM` / `AutoModelForSequenceClassification.from_pretrained(DIR)`): config,
-`model.safetensors` (float32) and the tokenizer files. A LoRA run also gets its adapter in HF
+(`AutoModelForCausalLM` / `AutoModelForSequenceClassification` /
+`AutoModelForImageClassification.from_pretrained(DIR)`): config, `model.safetensors` (float32)
+and the tokenizer files (for image models the image processor, at the fine-tuned size). A LoRA run also gets its adapter in HF
 PEFT format in `DIR/adapter` for use on top of the original base model. DIR is written
 through a temporary sibling and renamed, and an existing DIR is never overwritten unless
 asked: an export never destroys an earlier one halfway. DIR may be a `gs://` URL: the model is

@@ -1,8 +1,9 @@
 """A task's data as the train loop sees it: load a split, training batches, eval batches.
 
-Two kinds, picked by the task: `ClassificationData` (sentence(-pair) classification and
-regression: tokenize, length buckets) and `ChatData` (causal-LM SFT on chat records:
-assistant-only loss, packed rows). Both yield the batch contract of `steps.py`: model
+Three kinds, picked by the task: `ClassificationData` (sentence(-pair) classification and
+regression: tokenize, length buckets), `ChatData` (causal-LM SFT on chat records:
+assistant-only loss, packed rows) and `ImageData` (image classification: images decoded per
+batch through the model's image processor, `image_loader.py`). All yield the batch contract of `steps.py`: model
 inputs plus `labels` and `weights` (weight 0 = padding), so one train step serves both.
 """
 
@@ -18,20 +19,24 @@ import ml_collections
 import numpy as np
 
 from finetune_jax.data import chat_batches, selection, text_batches, text_sources
-from finetune_jax.data.tasks import ChatTask, Task
+from finetune_jax.data.image_loader import ImageData
+from finetune_jax.data.tasks import ChatTask, ImageTask, Task
+
+AnyTask = Task | ChatTask | ImageTask
 
 
-def _loader_class(task: Task | ChatTask) -> type:
-    return ChatData if task.kind == "causal_lm" else ClassificationData
+def _loader_class(task: AnyTask) -> type:
+    kinds = {"causal_lm": ChatData, "image_classification": ImageData}
+    return kinds.get(task.kind, ClassificationData)
 
 
-def make_loader(config: ml_collections.ConfigDict, task: Task | ChatTask, tokenizer):
-    """The loader for `task`'s kind."""
-    return _loader_class(task)(config, task, tokenizer)
+def make_loader(config: ml_collections.ConfigDict, task: AnyTask, preprocessor):
+    """The loader for `task`'s kind; `preprocessor` is its tokenizer or image processor."""
+    return _loader_class(task)(config, task, preprocessor)
 
 
 def batch_spec(
-    config: ml_collections.ConfigDict, task: Task | ChatTask
+    config: ml_collections.ConfigDict, task: AnyTask
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{name: (shape, dtype)} of the largest global batch `task`'s loader yields; no data or
     tokenizer is read (preflight compiles the step on it)."""
@@ -39,9 +44,7 @@ def batch_spec(
 
 
 def _rows(config: ml_collections.ConfigDict, split: str, num_rows: int) -> np.ndarray | None:
-    data = config.data
-    cap = data.max_train_rows if split == "train" else data.max_eval_rows
-    return selection.split_rows(num_rows, split, data.holdout_rows, cap, data.split_seed)
+    return selection.config_rows(config, split, num_rows)
 
 
 class ClassificationData:

@@ -43,3 +43,10 @@ def split_rows(
 def file_split(split: str) -> str:
     """The file split a (possibly derived) split is read from."""
     return "train" if split == HOLDOUT else split
+
+
+def config_rows(config, split: str, num_rows: int) -> np.ndarray | None:
+    """`split_rows` with the caps, holdout size and seed of `config.data`."""
+    data = config.data
+    cap = data.max_train_rows if split == "train" else data.max_eval_rows
+    return split_rows(num_rows, split, data.holdout_rows, cap, data.split_seed)

@@ -1,7 +1,8 @@
-"""Task definitions: where a task's data lives, which columns hold text and label, and how
-it is scored.
+"""Task definitions: where a task's data lives, which columns hold text (or images) and
+label, and how it is scored.
 
-A `Task` is plain, frozen data. `sources.load_split` reads it to load files or hub splits,
+A `Task` (text classification), `ChatTask` (causal-LM SFT) or `ImageTask` (image
+classification) is plain, frozen data; its `kind` picks the data pipeline, loss and eval. `sources.load_split` reads it to load files or hub splits,
 `metrics.compute_metrics` reads `metrics` to score predictions. Adding a sentence(-pair)
 classification or regression task is one entry in `TASKS`.
 """
@@ -217,12 +218,85 @@ CHAT_TASKS: dict[str, ChatTask] = {
 }
 
 
-def get_task(name: str) -> Task | ChatTask:
+IMAGE_FORMATS = ("idx", "folder", "table", "hub", "elpv")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTask:
+    """Image classification (see `data/image_sources.py` for the formats).
+
+    Attributes:
+      name: registry key.
+      format: how the images are stored: "idx" (MNIST-style IDX files), "folder" (one
+        sub-folder per class), "table" (CSV / JSONL of image paths + labels), "hub" (an HF
+        `datasets` dataset with an Image feature) or "elpv" (the `elpv-dataset` package).
+      label_names: class names, index = class id; None = taken from `data.labels` or, when
+        that is empty, discovered from the train split (sorted folder names / label values,
+        or the dataset's ClassLabel names).
+      files: split -> (images file, labels file), for the "idx" format.
+      elpv_grades: for "elpv", defect probability -> class: False = defective (p >= 0.5)
+        vs functional, True = the four levels 0, 1/3, 2/3, 1.
+      subdir: conventional location of the files under the shared data root.
+    """
+
+    name: str
+    format: str
+    label_names: tuple[str, ...] | None = None
+    files: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict, hash=False)
+    elpv_grades: bool = False
+    subdir: str = ""
+    kind = "image_classification"
+    metrics = ("accuracy",)
+    main_metric = "accuracy"
+    is_regression = False
+
+    def __post_init__(self):
+        if self.format not in IMAGE_FORMATS:
+            raise ValueError(f"task {self.name}: format {self.format!r} not in {IMAGE_FORMATS}")
+
+    @property
+    def num_labels(self) -> int:
+        if self.label_names is None:
+            raise ValueError(
+                f"task {self.name}: class names are not resolved yet (set data.labels, or "
+                "build the run's loader, which reads them from the train split)"
+            )
+        return len(self.label_names)
+
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+IMAGE_TASKS: dict[str, ImageTask] = {
+    # Train only (the test images are not shipped): select on data.eval_split="holdout".
+    "fashion_mnist": ImageTask(
+        name="fashion_mnist",
+        format="idx",
+        label_names=FASHION_MNIST_CLASSES,
+        files={"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")},
+        subdir="fashion_mnist",
+    ),
+    "elpv_binary": ImageTask(
+        name="elpv_binary", format="elpv", label_names=("functional", "defective")
+    ),
+    "elpv_grades": ImageTask(
+        name="elpv_grades",
+        format="elpv",
+        label_names=("p=0", "p=1/3", "p=2/3", "p=1"),
+        elpv_grades=True,
+    ),
+    "image_folder": ImageTask(name="image_folder", format="folder"),
+    "image_table": ImageTask(name="image_table", format="table"),
+    "image_hub": ImageTask(name="image_hub", format="hub"),
+}
+
+
+def get_task(name: str) -> Task | ChatTask | ImageTask:
     """Returns the registered task `name`; raises ValueError naming the known tasks."""
-    if name in CHAT_TASKS:
-        return CHAT_TASKS[name]
-    try:
-        return TASKS[name]
-    except KeyError:
-        known = ", ".join(sorted([*TASKS, *CHAT_TASKS]))
-        raise ValueError(f"unknown task {name!r}; known tasks: {known}") from None
+    for registry in (CHAT_TASKS, IMAGE_TASKS, TASKS):
+        if name in registry:
+            return registry[name]
+    known = ", ".join(sorted([*TASKS, *CHAT_TASKS, *IMAGE_TASKS]))
+    raise ValueError(f"unknown task {name!r}; known tasks: {known}")

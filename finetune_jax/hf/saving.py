@@ -1,4 +1,5 @@
-"""Write an HF model directory (config.json, model.safetensors, tokenizer, generation config)
+"""Write an HF model directory (config.json, model.safetensors, tokenizer or image processor,
+generation config)
 that transformers loads, through a temporary sibling renamed into place: an export never
 leaves a half-written directory, and never replaces an existing one unless asked."""
 
@@ -17,7 +18,11 @@ from finetune_jax.hf import model_files
 from finetune_jax.models.family import ModelFamily
 
 # transformers' class-name suffix of the model with each task kind's head.
-HEAD_CLASS_SUFFIX = {"classification": "ForSequenceClassification", "causal_lm": "ForCausalLM"}
+HEAD_CLASS_SUFFIX = {
+    "classification": "ForSequenceClassification",
+    "causal_lm": "ForCausalLM",
+    "image_classification": "ForImageClassification",
+}
 
 
 def exported_config(hf_config: dict[str, Any], family: ModelFamily, task: Any) -> dict[str, Any]:
@@ -26,7 +31,7 @@ def exported_config(hf_config: dict[str, Any], family: ModelFamily, task: Any) -
     config["torch_dtype"] = "float32"
     model_type = config.get("model_type", family.model_types[0])
     config["architectures"] = [family.hf_class_names[model_type] + HEAD_CLASS_SUFFIX[task.kind]]
-    if task.kind != "classification":
+    if task.kind == "causal_lm":
         return config
     config["num_labels"] = task.num_labels
     if task.is_regression:
@@ -59,7 +64,8 @@ def write_model_dir(
     write_extra: Callable[[str], None] | None = None,
     overwrite: bool = False,
 ) -> str:
-    """Writes an HF model directory; `write_extra(tmp_dir)` adds more files (an adapter)."""
+    """Writes an HF model directory; `tokenizer` is a tokenizer or an image processor (both
+    `save_pretrained` their files); `write_extra(tmp_dir)` adds more files (an adapter)."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(

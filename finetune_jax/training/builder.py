@@ -16,7 +16,7 @@ import ml_collections
 
 from finetune_jax import tree_paths
 from finetune_jax.cluster import sharding
-from finetune_jax.data import loaders, tasks
+from finetune_jax.data import image_loader, image_preprocess, loaders, tasks
 from finetune_jax.evaluation.metrics import eval_metric_names
 from finetune_jax.hf import loading, model_files
 from finetune_jax.models import family_for
@@ -66,10 +66,14 @@ def build(
     model_ref = "" if abstract else _resolve_model(config.model.name)
     hf_config = hf_config if abstract else model_files.read_config(model_ref)
     family = family_for(hf_config.get("model_type", ""))
+    tokenizer = None if abstract else _preprocessor(config, task, model_ref)
+    data = None if abstract else loaders.make_loader(config, task, tokenizer)
+    if data is not None:
+        task = data.task  # an image task's class names may come from its data
+    elif task.kind == "image_classification":
+        task = image_loader.resolve_task(config, task)
     model_config = _model_config(config, task, family, hf_config, model_ref or "config.model")
     module = family.module_for(model_config, task.kind)
-    tokenizer = None if abstract else model_files.load_tokenizer(model_ref)
-    data = None if abstract else loaders.make_loader(config, task, tokenizer)
 
     mesh = sharding.make_mesh(config.mesh, devices, config.mesh_dcn)
     rules = sharding.logical_rules(config)
@@ -220,6 +224,14 @@ def _head_bias_override(config, family: ModelFamily, abstract_params, data) -> d
             f"{bias.shape} but task {data.task.name!r} has {prior.shape[0]} label(s)"
         )
     return {family.head_bias: prior.astype(bias.dtype)}
+
+
+def _preprocessor(config: ml_collections.ConfigDict, task, model_ref: str) -> Any:
+    """What turns raw examples into model inputs: the model's tokenizer, or for image tasks
+    its image processor at `data.image_size` (export saves either beside the weights)."""
+    if task.kind == "image_classification":
+        return image_preprocess.load_processor(model_ref, config.data.image_size)
+    return model_files.load_tokenizer(model_ref)
 
 
 def _resolve_model(name: str) -> str:

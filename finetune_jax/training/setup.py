@@ -29,9 +29,9 @@ class Setup:
     """Everything a train or eval loop needs, built once from the config."""
 
     config: ml_collections.ConfigDict
-    task: tasks.Task | tasks.ChatTask
-    data: loaders.ClassificationData | loaders.ChatData
-    tokenizer: Any
+    task: tasks.Task | tasks.ChatTask | tasks.ImageTask
+    data: loaders.ClassificationData | loaders.ChatData | loaders.ImageData
+    tokenizer: Any  # the tokenizer, or an image task's image processor
     model_ref: str  # the resolved model: an HF directory or a GGUF file ("" if abstract)
     hf_config: dict[str, Any]  # the pretrained model's HF config (export starts from it)
     family: ModelFamily  # the model's family (registry entry)

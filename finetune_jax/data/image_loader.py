@@ -1,0 +1,103 @@
+"""`ImageData`: an image-classification task's splits and batches, as the train loop sees them.
+
+Splits come from `image_sources` (labels in memory, images decoded per batch), rows are picked
+by `selection` exactly as for text (holdout carved from train by `data.split_seed`, caps),
+and batches from `image_batches` through the model's image processor. Class names the task
+does not fix come from `data.labels` or from the train split, before the model is built, so
+the head's width is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from finetune_jax.data import image_batches, image_preprocess, image_sources, selection
+from finetune_jax.data.tasks import ImageTask
+
+
+def resolve_task(config: ml_collections.ConfigDict, task: ImageTask) -> ImageTask:
+    """`task` with its class names: its own, `data.labels`, or discovered from train."""
+    labels = tuple(str(name) for name in config.data.labels)
+    if task.label_names is not None:
+        if labels and labels != task.label_names:
+            raise ValueError(
+                f"data.labels={labels} but task {task.name!r} fixes its classes "
+                f"{task.label_names}; leave data.labels empty"
+            )
+        return task
+    names = labels or image_sources.discover_label_names(task, config.data)
+    if len(names) < 2:
+        raise ValueError(f"task {task.name!r} needs at least 2 classes, found {list(names)}")
+    return dataclasses.replace(task, label_names=names)
+
+
+def augmentation(config: ml_collections.ConfigDict) -> image_preprocess.Augment | None:
+    """The train-time augmentation `config.data` asks for (None = off)."""
+    data = config.data
+    if not data.augment:
+        return None
+    return image_preprocess.Augment(scale=tuple(data.augment_scale), flip=data.augment_flip)
+
+
+class ImageData:
+    """Images decoded and preprocessed per batch; augmentation on training batches only."""
+
+    def __init__(self, config: ml_collections.ConfigDict, task: ImageTask, processor):
+        self.config, self.processor = config, processor
+        self.task = resolve_task(config, task)
+        self.augment = augmentation(config)
+        self.image_size = image_preprocess.output_size(processor)
+
+    @staticmethod
+    def batch_spec(config: ml_collections.ConfigDict, task: ImageTask) -> dict[str, tuple]:
+        """[B, S, S, 3] float32 pixels with S = `data.image_size`; an int class per row."""
+        size = config.data.image_size
+        if size <= 0:
+            raise ValueError("an image task's batch shape needs data.image_size > 0")
+        rows = config.train.batch_size
+        return {
+            "pixel_values": ((rows, size, size, 3), np.dtype(np.float32)),
+            "labels": ((rows,), np.dtype(np.int32)),
+            "weights": ((rows,), np.dtype(np.float32)),
+        }
+
+    def load(self, split: str) -> image_sources.ImageSplit:
+        """`split` ("train", "validation", "test" or "holdout"), images not yet decoded."""
+        loaded = image_sources.load_split(
+            self.task, self.config.data, selection.file_split(split), self.task.label_names
+        )
+        rows = selection.config_rows(self.config, split, len(loaded))
+        return loaded if rows is None else image_sources.take(loaded, rows)
+
+    def label_prior(self) -> np.ndarray:
+        """Log class frequencies of the train split (add-one smoothed), as head biases."""
+        labels = self.load("train").labels
+        counts = np.bincount(labels, minlength=self.task.num_labels) + 1.0
+        return np.log(counts / counts.sum()).astype(np.float32)
+
+    def train_batches(self) -> image_batches.ImageTrainBatches:
+        """The resumable, seeded (augmented) training iterator for this process."""
+        return image_batches.ImageTrainBatches(
+            self.load("train"),
+            self.processor,
+            batch_size=self.config.train.batch_size,
+            seed=self.config.seed,
+            augment=self.augment,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    def eval_batches(self, split: image_sources.ImageSplit) -> Iterator[dict[str, np.ndarray]]:
+        """Fixed-order, un-augmented eval batches (last one padded with weight-0 rows)."""
+        return image_batches.eval_batches(
+            split,
+            self.processor,
+            self.config.train.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )

@@ -1,0 +1,110 @@
+"""End-to-end image classification on a tiny random DINOv2 and real Fashion-MNIST rows:
+train + eval through builder and loop, bitwise-exact resume, LoRA, export to transformers."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from finetune_jax.eval import run_eval
+from finetune_jax.export import export
+from finetune_jax.train import train
+from finetune_jax.training import builder
+from tests.helpers import SHARED_DATA, tiny_config
+from tests.test_train import final_state, train_losses
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2_dir(tmp_path_factory):
+    """A tiny random bare Dinov2Model (as the packaged one is) + a DINOv2 image processor."""
+    out_dir = tmp_path_factory.mktemp("tiny_dinov2")
+    config = transformers.Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mlp_ratio=2,
+        image_size=28,
+        patch_size=7,
+    )
+    torch.manual_seed(0)
+    transformers.Dinov2Model(config).save_pretrained(out_dir, safe_serialization=True)
+    transformers.BitImageProcessor(
+        size={"shortest_edge": 256},
+        crop_size={"height": 224, "width": 224},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(out_dir)
+    return out_dir
+
+
+def image_config(model_dir, **train_values):
+    """Fashion-MNIST, 64 train rows and a 32-row holdout, 28x28 inputs, 6 steps."""
+    config = tiny_config(model_dir, SHARED_DATA / "fashion_mnist", **train_values)
+    config.data.task = "fashion_mnist"
+    config.data.image_size = 28
+    config.data.holdout_rows = 32
+    config.data.max_train_rows = 64
+    config.data.eval_split = "holdout"
+    config.optim.lr = 1e-3
+    return config
+
+
+def test_train_and_eval_an_image_classifier(tiny_dinov2_dir, tmp_path):
+    config = image_config(tiny_dinov2_dir)
+    summary = train(config, str(tmp_path))
+    assert summary["final_step"] == 6 and summary["compiled_train_shapes"] == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["metric"] == "accuracy"
+    evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"eval"' in line]
+    assert [e["step"] for e in evals] == [3, 6] and evals[-1]["examples"] == 32
+    result = run_eval(config, str(tmp_path), "holdout", which=str(summary["best_step"]))
+    best = next(e for e in evals if e["step"] == summary["best_step"])
+    assert result["accuracy"] == best["accuracy"]
+    losses = [loss for _, loss in train_losses(tmp_path)]
+    assert all(np.isfinite(losses))
+
+
+def test_resumed_image_run_is_bitwise_identical(tiny_dinov2_dir, tmp_path):
+    config = image_config(tiny_dinov2_dir)  # augmentation on (the default)
+    train(config, str(tmp_path / "straight"))
+    train(config, str(tmp_path / "resumed"), until_step=3)
+    train(config, str(tmp_path / "resumed"))
+    a, b = final_state(config, tmp_path / "straight"), final_state(config, tmp_path / "resumed")
+    assert int(a.step) == int(b.step) == 6
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.array_equal(x, y)
+    assert train_losses(tmp_path / "straight") == train_losses(tmp_path / "resumed")
+
+
+def test_exported_lora_image_classifier_loads_in_transformers(tiny_dinov2_dir, tmp_path):
+    config = image_config(tiny_dinov2_dir, max_steps=3)
+    config.peft.rank = 4
+    config.optim.preset = "lora"
+    workdir, out = tmp_path / "run", tmp_path / "hf"
+    train(config, str(workdir))
+    export(config, str(workdir), str(out), which="latest")
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["architectures"] == ["Dinov2ForImageClassification"]
+    assert hf_config["id2label"]["0"] == "T-shirt/top" and hf_config["num_labels"] == 10
+    saved = json.loads((out / "preprocessor_config.json").read_text())
+    assert saved["crop_size"] == {"height": 28, "width": 28}  # the size it was tuned at
+
+    exp = builder.build(config)
+    _, params = exp.restore_params(str(workdir), "3")  # base + adapter, unmerged
+    batch = next(exp.data.eval_batches(exp.data.load("holdout")))
+    ours = np.asarray(exp.module.apply({"params": jax.device_get(params)}, batch["pixel_values"]))
+    model = transformers.AutoModelForImageClassification.from_pretrained(out).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(out)
+    split = exp.data.load("holdout")
+    images = [split.image(i) for i in range(len(batch["labels"]))]
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    np.testing.assert_allclose(
+        pixels.numpy().transpose(0, 2, 3, 1), batch["pixel_values"], atol=1e-6
+    )
+    with torch.no_grad():
+        theirs = model(pixel_values=pixels).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
