@@ -27,6 +27,10 @@ def tiny_sft_config(model_dir, **overrides):
     config = sft_config()
     config.model.name = str(model_dir)
     config.model.lm_loss_chunk = 96
+    # The unrolled layout, as these tests were written for (param paths per layer, `_place`
+    # per tensor); tests/test_scan_layers.py covers the scanned one the config file uses.
+    config.model.scan_layers = False
+    config.model.remat = "none"
     config.data.dir = str(SHARED_DATA / "gsm8k")
     config.data.max_train_rows = 48
     config.data.max_eval_rows = 8
