@@ -4,6 +4,7 @@ preprocessing equal to transformers' image processor, seeded augmentation, resum
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 
 import datasets
@@ -189,3 +190,25 @@ def test_train_batches_resume_exactly_with_prefetch(processor):
         got = next(resumed)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("elpv_dataset") is None, reason="elpv-dataset is not installed"
+)
+@pytest.mark.parametrize("task_name", ["elpv_binary", "elpv_grades"])
+def test_elpv_source_matches_the_packages_own_loader(task_name):
+    """Labels and pixels of the ELPV source equal what `elpv_dataset.utils.load_dataset`
+    reads: grades are the defect probability x 3, binary is 'defective' for p >= 2/3."""
+    from elpv_dataset.utils import load_dataset  # noqa: PLC0415
+
+    images, probabilities, _ = load_dataset()
+    task = get_task(task_name)
+    split = image_sources.load_split(task, base_config().data, "train", task.label_names)
+    grades = np.rint(probabilities * 3).astype(np.int32)
+    want = grades if task_name == "elpv_grades" else (grades >= 2).astype(np.int32)
+    np.testing.assert_array_equal(split.labels, want)
+    for i in (0, len(split) // 2, len(split) - 1):
+        rgb = np.asarray(split.image(i))
+        assert rgb.shape == (*images[i].shape, 3)
+        for channel in range(3):  # greyscale repeated over the channels
+            np.testing.assert_array_equal(rgb[..., channel], images[i])
