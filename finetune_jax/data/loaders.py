@@ -1,8 +1,9 @@
 """A task's data as the train loop sees it: load a split, training batches, eval batches.
 
-Two kinds, picked by the task: `ClassificationData` (sentence(-pair) classification and
-regression: tokenize, length buckets) and `ChatData` (causal-LM SFT on chat records:
-assistant-only loss, packed rows). Both yield the batch contract of `steps.py`: model
+Three kinds, picked by the task: `ClassificationData` (sentence(-pair) classification and
+regression: tokenize, length buckets), `ChatData` (causal-LM SFT on chat records:
+assistant-only loss, packed rows) and `speech_data.SpeechData` (seq2seq speech recognition:
+cached log-mel features, teacher-forced transcripts). All yield the batch contract of `steps.py`: model
 inputs plus `labels` and `weights` (weight 0 = padding), so one train step serves both.
 """
 
@@ -18,15 +19,22 @@ import ml_collections
 import numpy as np
 
 from finetune_jax.data import chat_batches, selection, text_batches, text_sources
-from finetune_jax.data.tasks import ChatTask, Task
+from finetune_jax.data.speech_data import SpeechData
+from finetune_jax.data.tasks import ChatTask, SpeechTask, Task
 
 
-def _loader_class(task: Task | ChatTask) -> type:
-    return ChatData if task.kind == "causal_lm" else ClassificationData
+def _loader_class(task: Task | ChatTask | SpeechTask) -> type:
+    kinds = {"causal_lm": ChatData, "seq2seq": SpeechData}
+    return kinds.get(task.kind, ClassificationData)
 
 
-def make_loader(config: ml_collections.ConfigDict, task: Task | ChatTask, tokenizer):
-    """The loader for `task`'s kind."""
+def make_loader(
+    config: ml_collections.ConfigDict, task: Task | ChatTask | SpeechTask, tokenizer, model_dir=""
+):
+    """The loader for `task`'s kind; a speech task also reads the model directory's feature
+    extractor and generation config."""
+    if task.kind == "seq2seq":
+        return SpeechData(config, task, tokenizer, model_dir)
     return _loader_class(task)(config, task, tokenizer)
 
 

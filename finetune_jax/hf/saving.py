@@ -17,7 +17,11 @@ from finetune_jax.hf import model_files
 from finetune_jax.models.family import ModelFamily
 
 # transformers' class-name suffix of the model with each task kind's head.
-HEAD_CLASS_SUFFIX = {"classification": "ForSequenceClassification", "causal_lm": "ForCausalLM"}
+HEAD_CLASS_SUFFIX = {
+    "classification": "ForSequenceClassification",
+    "causal_lm": "ForCausalLM",
+    "seq2seq": "ForConditionalGeneration",
+}
 
 
 def exported_config(hf_config: dict[str, Any], family: ModelFamily, task: Any) -> dict[str, Any]:

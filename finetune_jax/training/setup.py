@@ -30,12 +30,12 @@ class Setup:
 
     config: ml_collections.ConfigDict
     task: tasks.Task | tasks.ChatTask
-    data: loaders.ClassificationData | loaders.ChatData
+    data: loaders.ClassificationData | loaders.ChatData | loaders.SpeechData
     tokenizer: Any
     model_ref: str  # the resolved model: an HF directory or a GGUF file ("" if abstract)
     hf_config: dict[str, Any]  # the pretrained model's HF config (export starts from it)
     family: ModelFamily  # the model's family (registry entry)
-    model_config: Any  # BertConfig / LlamaConfig
+    model_config: Any  # BertConfig / LlamaConfig / WhisperConfig / ...
     module: Any  # the flax module
     # Shapes, dtypes and shardings of the params (jax.ShapeDtypeStruct): no values are held;
     # `pretrained_params` streams them from the checkpoint when a run needs them.
@@ -49,6 +49,8 @@ class Setup:
     batch_sharding: jax.sharding.NamedSharding
     train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated
     eval_step: Callable  # jitted (params, batch) -> outputs
+    # Seq2seq tasks: greedy transcription for WER / CER in every eval (None otherwise).
+    transcriber: Any = None
 
     @property
     def trainable_paths(self) -> list[str]:
