@@ -142,3 +142,12 @@ def _export_generates_our_tokens(config, workdir, out_dir):
     for row, generated in zip(ours.tolist(), theirs.tolist()):
         row = row[: row.index(eos) + 1] if eos in row else row
         assert generated[: len(row)] == row
+
+
+def test_a_window_longer_than_the_encoder_is_an_error_naming_the_key(
+    tiny_whisper_asr_dir, commands, tmp_path
+):
+    config = tiny_speech_config(tiny_whisper_asr_dir, commands, tmp_path)
+    config.data.audio_seconds = 1.0  # 100 frames; the tiny encoder holds 64
+    with pytest.raises(ValueError, match=r"data.audio_seconds=1.0 gives 100 feature frames"):
+        builder.build(config)
