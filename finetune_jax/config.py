@@ -84,6 +84,14 @@ def _data() -> ml_collections.ConfigDict:
     s.image_column = "image"  # table and hub tasks: the image (path) column
     s.label_column = "label"  # table and hub tasks: the label column
     s.hub_name = ""  # image_hub: the dataset's hub name (or data.dir from save_to_disk)
+    # Speech tasks (max_length is then the decoder's row: prompt + transcript tokens + EOS).
+    # Audio window in seconds: 30 is Whisper's own; a shorter one uses the first encoder
+    # positions only (much cheaper; see README "Fine-tune Whisper" for its effect on WER).
+    s.audio_seconds = 30.0
+    s.hub_dataset = ""  # an HF dataset (hub name or local dir) instead of data.dir's files
+    s.audio_column = "audio"
+    s.text_column = "text"
+    s.feature_cache = ""  # "" = $FINETUNE_JAX_CACHE (or ~/.cache/finetune_jax)/audio_features
     return s
 
 
@@ -157,7 +165,8 @@ def _train() -> ml_collections.ConfigDict:
 
 
 def _generate() -> ml_collections.ConfigDict:
-    """Sample generations the eval script writes for causal-LM tasks."""
+    """Sample generations the eval script writes for causal-LM tasks; for speech tasks,
+    `max_new_tokens` and `batch_size` bound the greedy transcripts of every eval."""
     s = ml_collections.ConfigDict()
     # Sample generations written by the eval script for causal-LM tasks.
     s.num_samples = 16  # prompts of the eval split to generate for; 0 = none

@@ -3,7 +3,9 @@
 Restores the best checkpoint (by the run's metric), the latest, a given step or the untuned
 pretrained model (`--checkpoint=pretrained`), evaluates on the requested split and writes
 `<workdir>/eval_<split>_step<step>.json`. For causal-LM tasks it also reports perplexity and
-writes sample generations (`generations_<split>_step<step>.jsonl`), with GSM8K exact match.
+writes sample generations (`generations_<split>_step<step>.jsonl`), with GSM8K exact match;
+for speech tasks WER / CER and every transcript next to its reference
+(`transcripts_<split>_step<step>.jsonl`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,16 @@ def run_eval(
         step, params = setup.restore_params(workdir, which)
     data = setup.data.load(split)
     batches = setup.data.eval_batches(data)
-    results = evaluate(setup.eval_step, params, batches, setup.task, setup.put_batch)
+    transcripts: list[dict[str, str]] = []
+    results = evaluate(
+        setup.eval_step,
+        params,
+        batches,
+        setup.task,
+        setup.put_batch,
+        transcriber=setup.transcriber,
+        transcripts=transcripts,
+    )
     tag = "pretrained" if which == "pretrained" else f"step{step}"
     results = {"split": split, "step": step, "task": setup.task.name, **results}
     if which == "best":
@@ -74,6 +85,9 @@ def run_eval(
         if samples:
             lines = "".join(json.dumps(s) + "\n" for s in samples)
             workdir_files.write_text_atomic(path / f"generations_{split}_{tag}.jsonl", lines)
+        if transcripts:  # seq2seq: each greedy transcript next to its reference
+            lines = "".join(json.dumps(t) + "\n" for t in transcripts)
+            workdir_files.write_text_atomic(path / f"transcripts_{split}_{tag}.jsonl", lines)
     return results
 
 

@@ -3,8 +3,10 @@
 
 LoRA is merged into the base weights, so DIR loads with plain transformers
 (`AutoModelForCausalLM` / `AutoModelForSequenceClassification` /
-`AutoModelForImageClassification.from_pretrained(DIR)`): config, `model.safetensors` (float32)
-and the tokenizer files (for image models the image processor, at the fine-tuned size). A LoRA run also gets its adapter in HF
+`AutoModelForImageClassification.from_pretrained(DIR)`, `WhisperForConditionalGeneration`):
+config, `model.safetensors` (float32) and the tokenizer files (for image models the image
+processor, at the fine-tuned size; a speech model also its generation and feature-extractor
+configs). A LoRA run also gets its adapter in HF
 PEFT format in `DIR/adapter` for use on top of the original base model. DIR is written
 through a temporary sibling and renamed, and an existing DIR is never overwritten unless
 asked: an export never destroys an earlier one halfway. DIR may be a `gs://` URL: the model is
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -73,14 +76,24 @@ def _write_local(setup: builder.Setup, params: Any, out_dir: str, overwrite: boo
             setup.config.model.name,
         )
 
-    causal = task.kind == "causal_lm"
+    def write_extra(model_dir: str) -> None:
+        if task.kind == "seq2seq":  # how audio becomes features travels with the model
+            shutil.copy(os.path.join(setup.model_ref, "preprocessor_config.json"), model_dir)
+        if lora is not None:
+            write_adapter(model_dir)
+
+    generation = None
+    if task.kind == "causal_lm":
+        generation = saving.generation_config(setup.tokenizer, setup.hf_config)
+    elif task.kind == "seq2seq":  # the model's own: prompt, suppressed tokens, EOS
+        generation = setup.data.generation
     return saving.write_model_dir(
         out_dir,
         hf_mapping.params_to_hf(merged, family, setup.model_config),
         saving.exported_config(setup.hf_config, family, task),
         setup.tokenizer,
-        generation=saving.generation_config(setup.tokenizer, setup.hf_config) if causal else None,
-        write_extra=write_adapter if lora is not None else None,
+        generation=generation,
+        write_extra=write_extra,
         overwrite=overwrite,
     )
 

@@ -185,3 +185,34 @@ def whisper_tiny_en_dir(tmp_path_factory) -> pathlib.Path:
         model_dir = model_files.resolve_model_dir("whisper-tiny-en")
     assert model_dir == cache / "whisper-tiny-en"
     return model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_asr_dir(tmp_path_factory, whisper_tiny_en_dir) -> pathlib.Path:
+    """A tiny random Whisper as `tiny_whisper_dir` (8 mel bins, a 64-frame = 0.64 s window)
+    but with tiny.en's vocabulary, tokenizer and generation config and an 8-bin feature
+    extractor: the whole speech path (audio, targets, train, WER, export) in seconds."""
+    import shutil
+
+    import torch
+    import transformers
+
+    out_dir = tmp_path_factory.mktemp("tiny_whisper_asr")
+    config = transformers.WhisperConfig(
+        **{
+            **TINY_WHISPER,
+            "vocab_size": 51864,
+            "pad_token_id": 50256,
+            "bos_token_id": 50257,
+            "eos_token_id": 50256,
+            "decoder_start_token_id": 50257,
+        }
+    )
+    torch.manual_seed(0)
+    transformers.WhisperForConditionalGeneration(config).save_pretrained(
+        out_dir, safe_serialization=True
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(whisper_tiny_en_dir / name, out_dir / name)
+    transformers.WhisperFeatureExtractor(feature_size=8).save_pretrained(out_dir)
+    return out_dir

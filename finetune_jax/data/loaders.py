@@ -2,8 +2,10 @@
 
 Three kinds, picked by the task: `ClassificationData` (sentence(-pair) classification and
 regression: tokenize, length buckets), `ChatData` (causal-LM SFT on chat records:
-assistant-only loss, packed rows) and `ImageData` (image classification: images decoded per
-batch through the model's image processor, `image_loader.py`). All yield the batch contract of `steps.py`: model
+assistant-only loss, packed rows), `ImageData` (image classification: images decoded per
+batch through the model's image processor, `image_loader.py`) and `speech_data.SpeechData`
+(seq2seq speech recognition: cached log-mel features, teacher-forced transcripts). All
+yield the batch contract of `steps.py`: model
 inputs plus `labels` and `weights` (weight 0 = padding), so one train step serves both.
 """
 
@@ -20,18 +22,22 @@ import numpy as np
 
 from finetune_jax.data import chat_batches, selection, text_batches, text_sources
 from finetune_jax.data.image_loader import ImageData
-from finetune_jax.data.tasks import ChatTask, ImageTask, Task
+from finetune_jax.data.speech_data import SpeechData
+from finetune_jax.data.tasks import ChatTask, ImageTask, SpeechTask, Task
 
-AnyTask = Task | ChatTask | ImageTask
+AnyTask = Task | ChatTask | ImageTask | SpeechTask
 
 
 def _loader_class(task: AnyTask) -> type:
-    kinds = {"causal_lm": ChatData, "image_classification": ImageData}
+    kinds = {"causal_lm": ChatData, "image_classification": ImageData, "seq2seq": SpeechData}
     return kinds.get(task.kind, ClassificationData)
 
 
-def make_loader(config: ml_collections.ConfigDict, task: AnyTask, preprocessor):
-    """The loader for `task`'s kind; `preprocessor` is its tokenizer or image processor."""
+def make_loader(config: ml_collections.ConfigDict, task: AnyTask, preprocessor, model_dir=""):
+    """The loader for `task`'s kind; `preprocessor` is its tokenizer or image processor. A
+    speech task also reads the model directory's feature extractor and generation config."""
+    if task.kind == "seq2seq":
+        return SpeechData(config, task, preprocessor, model_dir)
     return _loader_class(task)(config, task, preprocessor)
 
 

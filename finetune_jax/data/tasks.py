@@ -293,10 +293,34 @@ IMAGE_TASKS: dict[str, ImageTask] = {
 }
 
 
-def get_task(name: str) -> Task | ChatTask | ImageTask:
+@dataclasses.dataclass(frozen=True)
+class SpeechTask:
+    """Speech recognition with an encoder-decoder (audio -> transcript), "seq2seq" kind.
+
+    Rows come from `{data.dir}/{split}.jsonl|csv` (`audio` path + `text`) or an HF dataset
+    (`data.hub_dataset`); see `data/audio_sources.py`. Scored by the held-out loss per
+    target token, teacher-forced token accuracy, and the word / character error rates of
+    greedy transcripts (`evaluation/transcription.py`, normalisation in `wer.py`).
+    """
+
+    name: str
+    kind = "seq2seq"
+    metrics = ("token_accuracy",)  # from the teacher-forced eval step
+    generated_metrics = ("wer", "cer")  # from transcripts generated in every eval
+    main_metric = "wer"
+    num_labels = None  # the decoder's LM head, no class head
+
+
+SPEECH_TASKS: dict[str, SpeechTask] = {
+    "speech": SpeechTask(name="speech"),
+    "speech_commands": SpeechTask(name="speech_commands"),
+}
+
+
+def get_task(name: str) -> Task | ChatTask | ImageTask | SpeechTask:
     """Returns the registered task `name`; raises ValueError naming the known tasks."""
-    for registry in (CHAT_TASKS, IMAGE_TASKS, TASKS):
+    for registry in (CHAT_TASKS, IMAGE_TASKS, SPEECH_TASKS, TASKS):
         if name in registry:
             return registry[name]
-    known = ", ".join(sorted([*TASKS, *CHAT_TASKS, *IMAGE_TASKS]))
+    known = ", ".join(sorted([*TASKS, *CHAT_TASKS, *IMAGE_TASKS, *SPEECH_TASKS]))
     raise ValueError(f"unknown task {name!r}; known tasks: {known}")

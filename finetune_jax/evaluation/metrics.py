@@ -89,15 +89,17 @@ def _check(predictions: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
     return predictions, labels
 
 
-LOWER_IS_BETTER = ("perplexity",)  # and every "*loss"
+LOWER_IS_BETTER = ("perplexity", "wer", "cer")  # and every "*loss"
+TOKEN_KINDS = ("causal_lm", "seq2seq")  # task kinds scored per token (loss -> perplexity)
 
 
 def metric_mode(metric: str) -> str:
-    """'min' for losses and perplexity, 'max' for the rest (accuracy, F1, correlations)."""
+    """'min' for losses, perplexity and error rates, 'max' for the rest (accuracy, F1,
+    correlations)."""
     return "min" if metric.endswith("loss") or metric in LOWER_IS_BETTER else "max"
 
 
 def eval_metric_names(task) -> tuple[str, ...]:
     """The names an eval of `task` reports, any of which `train.metric` may select on."""
-    extra = ("perplexity",) if task.kind == "causal_lm" else ()
-    return ("loss", *extra, *task.metrics)
+    extra = ("perplexity",) if task.kind in TOKEN_KINDS else ()
+    return ("loss", *extra, *task.metrics, *getattr(task, "generated_metrics", ()))

@@ -22,6 +22,7 @@ HEAD_CLASS_SUFFIX = {
     "classification": "ForSequenceClassification",
     "causal_lm": "ForCausalLM",
     "image_classification": "ForImageClassification",
+    "seq2seq": "ForConditionalGeneration",
 }
 
 
@@ -31,8 +32,8 @@ def exported_config(hf_config: dict[str, Any], family: ModelFamily, task: Any) -
     config["torch_dtype"] = "float32"
     model_type = config.get("model_type", family.model_types[0])
     config["architectures"] = [family.hf_class_names[model_type] + HEAD_CLASS_SUFFIX[task.kind]]
-    if task.kind == "causal_lm":
-        return config
+    if task.kind not in ("classification", "image_classification"):
+        return config  # a language-model head: nothing to relabel
     config["num_labels"] = task.num_labels
     if task.is_regression:
         config["problem_type"] = "regression"

@@ -17,7 +17,8 @@ import ml_collections
 from finetune_jax import tree_paths
 from finetune_jax.cluster import sharding
 from finetune_jax.data import image_loader, image_preprocess, loaders, tasks
-from finetune_jax.evaluation.metrics import eval_metric_names
+from finetune_jax.evaluation.metrics import TOKEN_KINDS, eval_metric_names
+from finetune_jax.evaluation.transcription import Transcriber
 from finetune_jax.hf import loading, model_files
 from finetune_jax.models import family_for
 from finetune_jax.models import lora as lora_lib
@@ -67,7 +68,7 @@ def build(
     hf_config = hf_config if abstract else model_files.read_config(model_ref)
     family = family_for(hf_config.get("model_type", ""))
     tokenizer = None if abstract else _preprocessor(config, task, model_ref)
-    data = None if abstract else loaders.make_loader(config, task, tokenizer)
+    data = None if abstract else loaders.make_loader(config, task, tokenizer, model_ref)
     if data is not None:
         task = data.task  # an image task's class names may come from its data
     elif task.kind == "image_classification":
@@ -106,7 +107,21 @@ def build(
         batch_sharding=placement.batch,
         train_step=train_step,
         eval_step=eval_step,
+        transcriber=_transcriber(config, task, module, data, tokenizer),
     )
+
+
+def _transcriber(config, task, module, data, tokenizer) -> Transcriber | None:
+    """Greedy transcription for a seq2seq task's evals (its WER / CER), else None."""
+    if task.kind != "seq2seq" or data is None:
+        return None
+    _, frames = data.window()
+    if frames > 2 * module.config.max_source_positions:  # the encoder's position table
+        raise ValueError(
+            f"data.audio_seconds={config.data.audio_seconds} gives {frames} feature frames, "
+            f"more than the model's window of {2 * module.config.max_source_positions}"
+        )
+    return Transcriber(module, data.generation, tokenizer, config.generate.max_new_tokens)
 
 
 def _model_config(config, task, family: ModelFamily, hf_config, source) -> Any:
@@ -174,11 +189,12 @@ def _jit_steps(config, task, module, groups, tx, lr_fn, placement: _Placement):
 def objective_for(config: ml_collections.ConfigDict, task, module) -> steps.Objective:
     """The step's objective, chosen here so the jitted steps hold no branch on the config.
 
-    Causal LMs with `model.lm_loss_chunk` > 0 take the chunked loss: the module returns its
-    hidden state (`return_hidden=True`) and `logits_from_hidden` applies its head per chunk.
+    Causal LMs and seq2seq decoders with `model.lm_loss_chunk` > 0 take the chunked loss: the
+    module returns its hidden state (`return_hidden=True`) and `logits_from_hidden` applies
+    its head per chunk. Both train on next-token `labels` weighted per token.
     """
     chunk = config.model.lm_loss_chunk
-    if task.kind == "causal_lm" and chunk > 0:
+    if task.kind in TOKEN_KINDS and chunk > 0:
         return functools.partial(
             steps.chunked_lm_objective,
             hidden_fn=functools.partial(module.apply, return_hidden=True),
@@ -205,7 +221,7 @@ def _check_task_options(config: ml_collections.ConfigDict, task) -> None:
     choice = config.model.head_bias_init
     if choice not in HEAD_BIAS_INITS:
         raise ValueError(f"model.head_bias_init={choice!r}: expected one of {HEAD_BIAS_INITS}")
-    if choice == "prior" and task.kind == "causal_lm":
+    if choice == "prior" and task.kind in TOKEN_KINDS:
         raise ValueError(
             f"model.head_bias_init='prior' sets a new classification head's bias; "
             f"data.task={config.data.task!r} trains the pretrained LM head: use 'zeros'"
@@ -243,6 +259,8 @@ def _resolve_model(name: str) -> str:
 
 def _task_overrides(config: ml_collections.ConfigDict, task) -> dict[str, Any]:
     """Model-config overrides the task implies: a classifier's width and dropout."""
+    if task.kind == "seq2seq":  # Whisper's own dropout (0.0 in its pretrained config)
+        return {"dropout": config.model.dropout} if config.model.dropout >= 0 else {}
     if task.kind == "causal_lm":
         if config.model.dropout >= 0:
             raise ValueError(

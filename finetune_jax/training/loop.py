@@ -104,7 +104,14 @@ def _steps(run: _Run, state, start: int, end: int, guard) -> tuple[Any, str | No
         if step % train_cfg.eval_every == 0 or step == end:
             log.flush()
             batches = setup.data.eval_batches(run.eval_data)
-            results = evaluate(setup.eval_step, state.params, batches, setup.task, setup.put_batch)
+            results = evaluate(
+                setup.eval_step,
+                state.params,
+                batches,
+                setup.task,
+                setup.put_batch,
+                transcriber=setup.transcriber,
+            )
             improved = stopper.update(results[setup.metric], step)
             log.eval(step, results, stopper.best, improved)
         preempted = guard.should_stop(step % train_cfg.log_every == 0 or step == end)
@@ -179,7 +186,9 @@ def _final_eval(run: _Run, state, split: str) -> dict[str, Any]:
     if step != int(state.step):
         params = checkpoints.restore_params(manager, step, setup.abstract_params)
     batches = setup.data.eval_batches(setup.data.load(split))
-    results = evaluate(setup.eval_step, params, batches, setup.task, setup.put_batch)
+    results = evaluate(
+        setup.eval_step, params, batches, setup.task, setup.put_batch, setup.transcriber
+    )
     say(f"final eval of step {step} on {split}: " + format_metrics(results))
     return {"split": split, "step": step, **results}
 

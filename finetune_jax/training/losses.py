@@ -33,7 +33,7 @@ def regression_loss(
 
 def loss_for(task):
     """Pick the loss at setup time, so the jitted step holds no branch on the task."""
-    if task.kind == "causal_lm":
+    if task.kind in ("causal_lm", "seq2seq"):  # a decoder's labels are its next tokens
         return next_token_loss
     return regression_loss if task.num_labels == 1 else classification_loss
 

@@ -29,13 +29,13 @@ class Setup:
     """Everything a train or eval loop needs, built once from the config."""
 
     config: ml_collections.ConfigDict
-    task: tasks.Task | tasks.ChatTask | tasks.ImageTask
-    data: loaders.ClassificationData | loaders.ChatData | loaders.ImageData
+    task: tasks.Task | tasks.ChatTask | tasks.ImageTask | tasks.SpeechTask
+    data: loaders.ClassificationData | loaders.ChatData | loaders.ImageData | loaders.SpeechData
     tokenizer: Any  # the tokenizer, or an image task's image processor
     model_ref: str  # the resolved model: an HF directory or a GGUF file ("" if abstract)
     hf_config: dict[str, Any]  # the pretrained model's HF config (export starts from it)
     family: ModelFamily  # the model's family (registry entry)
-    model_config: Any  # BertConfig / LlamaConfig
+    model_config: Any  # BertConfig / LlamaConfig / WhisperConfig / ...
     module: Any  # the flax module
     # Shapes, dtypes and shardings of the params (jax.ShapeDtypeStruct): no values are held;
     # `pretrained_params` streams them from the checkpoint when a run needs them.
@@ -49,6 +49,8 @@ class Setup:
     batch_sharding: jax.sharding.NamedSharding
     train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated
     eval_step: Callable  # jitted (params, batch) -> outputs
+    # Seq2seq tasks: greedy transcription for WER / CER in every eval (None otherwise).
+    transcriber: Any = None
 
     @property
     def trainable_paths(self) -> list[str]:

@@ -21,7 +21,8 @@ from finetune_jax.training import losses
 from finetune_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
-# Batch keys passed to the model (those present): text token fields, or images' pixel_values.
+# Batch keys passed to the model (those present): text token fields, images' pixel_values,
+# or an encoder-decoder's encoder input (log-mel input_features) and decoder tokens.
 MODEL_INPUTS = (
     "input_ids",
     "attention_mask",
@@ -29,6 +30,9 @@ MODEL_INPUTS = (
     "segment_ids",
     "positions",
     "pixel_values",
+    "input_features",
+    "decoder_input_ids",
+    "decoder_attention_mask",
 )
 # (params, batch, rng or None) -> (summed loss, predictions)
 Objective = Callable[[Any, Batch, Any], tuple[jax.Array, jax.Array]]
