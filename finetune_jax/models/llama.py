@@ -36,13 +36,6 @@ from finetune_jax.models.family import ModelFamily
 from finetune_jax.models.llama_config import ACTIVATION_AXES, MODEL_TYPES, LlamaConfig
 
 
-def _normal(config: LlamaConfig, names: tuple[str, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), names)
-
-
-def _zeros(names: tuple[str, ...]):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
-
 class LlamaAttention(nn.Module):
     """q/k/v projections + RoPE (`project`), then `attend`, then the output projection."""
 
@@ -57,8 +50,8 @@ class LlamaAttention(nn.Module):
                 features=(heads, cfg.head_dim),
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
-                kernel_init=_normal(cfg, ("embed", axis, "kv")),
-                bias_init=_zeros((axis, "kv")) if cfg.attention_bias else None,
+                kernel_init=layers.normal_init(cfg.initializer_range, ("embed", axis, "kv")),
+                bias_init=layers.zeros_init((axis, "kv")) if cfg.attention_bias else None,
                 lora=cfg.lora,
             )
 
@@ -70,8 +63,8 @@ class LlamaAttention(nn.Module):
             in_axes=2,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
-            kernel_init=_normal(cfg, ("heads", "kv", "embed")),
-            bias_init=_zeros(("embed",)) if cfg.o_proj_bias else None,
+            kernel_init=layers.normal_init(cfg.initializer_range, ("heads", "kv", "embed")),
+            bias_init=layers.zeros_init(("embed",)) if cfg.o_proj_bias else None,
             lora=cfg.lora,
         )
 
@@ -105,7 +98,9 @@ class LlamaAttention(nn.Module):
         start = (0, cache_index, 0, 0)
         k_BSKH = lax.dynamic_update_slice(cache["k"], k_BTKH.astype(cache["k"].dtype), start)
         v_BSKH = lax.dynamic_update_slice(cache["v"], v_BTKH.astype(cache["v"].dtype), start)
-        out_BTNH = attention.attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TT, is_causal=False, implementation=impl)
+        out_BTNH = attention.attend(
+            q_BTNH, k_BSKH, v_BSKH, mask_B1TT, is_causal=False, implementation=impl
+        )
         return self.o_proj(out_BTNH, deterministic), {"k": k_BSKH, "v": v_BSKH}
 
 
@@ -123,8 +118,8 @@ class LlamaMLP(nn.Module):
                 features=(features,),
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
-                kernel_init=_normal(cfg, names),
-                bias_init=_zeros(names[1:]) if cfg.mlp_bias else None,
+                kernel_init=layers.normal_init(cfg.initializer_range, names),
+                bias_init=layers.zeros_init(names[1:]) if cfg.mlp_bias else None,
                 lora=cfg.lora,
                 name=name,
             )
@@ -180,7 +175,7 @@ class LlamaModel(nn.Module):
             cfg.hidden_size,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
-            embedding_init=_normal(cfg, ("vocab", "embed")),
+            embedding_init=layers.normal_init(cfg.initializer_range, ("vocab", "embed")),
         )
         # static_argnums counts `self` as 0, so 5 is `deterministic` (a Python bool).
         block = layers.remat(
@@ -316,7 +311,7 @@ class LMHead(nn.Module):
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             out_dtype=jnp.float32,  # as in `_logits`: float32 accumulation and logits
-            kernel_init=_normal(cfg, ("embed", "vocab")),
+            kernel_init=layers.normal_init(cfg.initializer_range, ("embed", "vocab")),
             lora=cfg.lora,
             name="dense",
         )

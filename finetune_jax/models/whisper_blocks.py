@@ -34,33 +34,13 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
     return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
 
 
-def _normal(config: WhisperConfig, names: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(config.init_std), names)
-
-
-def _zeros(names: tuple[str, ...]):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
-
-
-def _layer_norm(config: WhisperConfig, name: str | None = None) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=config.layer_norm_eps,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        use_fast_variance=False,  # two-pass variance, as torch: the fast form costs parity
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-        bias_init=_zeros(("embed",)),
-        name=name,
-    )
-
-
 def _dense(config: WhisperConfig, features: int, names: tuple[str, str]) -> layers.DenseND:
     return layers.DenseND(
         features=(features,),
         dtype=config.dtype,
         param_dtype=config.param_dtype,
-        kernel_init=_normal(config, names),
-        bias_init=_zeros(names[1:]),
+        kernel_init=layers.normal_init(config.init_std, names),
+        bias_init=layers.zeros_init(names[1:]),
         lora=config.lora,
     )
 
@@ -82,8 +62,8 @@ class WhisperAttention(nn.Module):
                 features=(self.num_heads, head_dim),
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
-                kernel_init=_normal(cfg, ("embed", "heads", "kv")),
-                bias_init=_zeros(("heads", "kv")) if bias else None,
+                kernel_init=layers.normal_init(cfg.init_std, ("embed", "heads", "kv")),
+                bias_init=layers.zeros_init(("heads", "kv")) if bias else None,
                 lora=cfg.lora,
             )
 
@@ -93,8 +73,8 @@ class WhisperAttention(nn.Module):
             in_axes=2,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
-            kernel_init=_normal(cfg, ("heads", "kv", "embed")),
-            bias_init=_zeros(("embed",)),
+            kernel_init=layers.normal_init(cfg.init_std, ("heads", "kv", "embed")),
+            bias_init=layers.zeros_init(("embed",)),
             lora=cfg.lora,
         )
         self.probs_dropout = nn.Dropout(cfg.attention_dropout)
@@ -160,10 +140,10 @@ class WhisperEncoderLayer(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         self.self_attn = WhisperAttention(cfg, cfg.encoder_attention_heads)
-        self.self_attn_layer_norm = _layer_norm(cfg)
+        self.self_attn_layer_norm = layers.layer_norm(cfg)
         self.fc1 = _dense(cfg, cfg.encoder_ffn_dim, ("embed", "mlp"))
         self.fc2 = _dense(cfg, cfg.d_model, ("mlp", "embed"))
-        self.final_layer_norm = _layer_norm(cfg)
+        self.final_layer_norm = layers.layer_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.activation_dropout = nn.Dropout(cfg.activation_dropout)
 
@@ -197,12 +177,20 @@ class WhisperEncoder(nn.Module):
             padding=((1, 1),),
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
-            bias_init=_zeros(("embed",)),
+            bias_init=layers.zeros_init(("embed",)),
         )
         act = layers.get_activation(cfg.activation_function)
         x_BFM = jnp.swapaxes(input_features_BMF, 1, 2).astype(cfg.dtype)
-        x_BFD = act(conv(kernel_init=_normal(cfg, (None, None, "embed")), name="conv1")(x_BFM))
-        conv2 = conv(strides=(2,), kernel_init=_normal(cfg, (None, "embed", None)), name="conv2")
+        x_BFD = act(
+            conv(kernel_init=layers.normal_init(cfg.init_std, (None, None, "embed")), name="conv1")(
+                x_BFM
+            )
+        )
+        conv2 = conv(
+            strides=(2,),
+            kernel_init=layers.normal_init(cfg.init_std, (None, "embed", None)),
+            name="conv2",
+        )
         x_BSD = act(conv2(x_BFD))
         positions_SD = sinusoids(cfg.max_source_positions, cfg.d_model)[: x_BSD.shape[1]]
         x_BSD = x_BSD + jnp.asarray(positions_SD, cfg.dtype)
@@ -212,7 +200,7 @@ class WhisperEncoder(nn.Module):
         block = layers.remat(WhisperEncoderLayer, cfg.remat, static_argnums=(2,))
         for i in range(cfg.encoder_layers):
             x_BSD = block(cfg, name=f"layers_{i}")(x_BSD, deterministic)
-        return _layer_norm(cfg, "layer_norm")(x_BSD)
+        return layers.layer_norm(cfg, "layer_norm")(x_BSD)
 
 
 class WhisperDecoderLayer(nn.Module):
@@ -223,12 +211,12 @@ class WhisperDecoderLayer(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         self.self_attn = WhisperAttention(cfg, cfg.decoder_attention_heads)
-        self.self_attn_layer_norm = _layer_norm(cfg)
+        self.self_attn_layer_norm = layers.layer_norm(cfg)
         self.encoder_attn = WhisperAttention(cfg, cfg.decoder_attention_heads)
-        self.encoder_attn_layer_norm = _layer_norm(cfg)
+        self.encoder_attn_layer_norm = layers.layer_norm(cfg)
         self.fc1 = _dense(cfg, cfg.decoder_ffn_dim, ("embed", "mlp"))
         self.fc2 = _dense(cfg, cfg.d_model, ("mlp", "embed"))
-        self.final_layer_norm = _layer_norm(cfg)
+        self.final_layer_norm = layers.layer_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.activation_dropout = nn.Dropout(cfg.activation_dropout)
 
@@ -273,14 +261,17 @@ class WhisperDecoder(nn.Module):
         embed = functools.partial(
             nn.Embed, features=cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype
         )
-        self.embed_tokens = embed(cfg.vocab_size, embedding_init=_normal(cfg, ("vocab", "embed")))
+        self.embed_tokens = embed(
+            cfg.vocab_size, embedding_init=layers.normal_init(cfg.init_std, ("vocab", "embed"))
+        )
         self.embed_positions = embed(
-            cfg.max_target_positions, embedding_init=_normal(cfg, ("position", "embed"))
+            cfg.max_target_positions,
+            embedding_init=layers.normal_init(cfg.init_std, ("position", "embed")),
         )
         # static_argnums counts `self` as 0, so 5 is `deterministic` (a Python bool).
         block = layers.remat(WhisperDecoderLayer, cfg.remat, static_argnums=(5,))
         self.layers = [block(cfg) for _ in range(cfg.decoder_layers)]
-        self.layer_norm = _layer_norm(cfg)
+        self.layer_norm = layers.layer_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def _check_length(self, length: int, what: str) -> None:
