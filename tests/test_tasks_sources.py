@@ -102,8 +102,11 @@ def test_registry_and_task_properties():
     for task in tasks.TASKS.values():
         assert task.main_metric in task.metrics
         assert task.num_labels == (1 if task.label_names is None else len(task.label_names))
-    with pytest.raises(ValueError, match="known tasks: alpaca, chat, cola, gsm8k"):
+    with pytest.raises(ValueError, match="unknown task 'qqp'; known tasks: ") as error:
         tasks.get_task("qqp")
+    registries = (tasks.TASKS, tasks.CHAT_TASKS, tasks.IMAGE_TASKS, tasks.SPEECH_TASKS)
+    named = str(error.value).split("known tasks: ")[1].split(", ")
+    assert named == sorted(name for registry in registries for name in registry)
 
 
 def _write(path: Path, text: str) -> Path:
