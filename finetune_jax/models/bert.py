@@ -213,18 +213,10 @@ class BertEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD, attention_mask_BL, deterministic: bool = True):
-        cfg = self.config
-        # static_argnums counts `self` as 0, so 3 is `deterministic` (a Python bool).
-        block = layers.remat(BertLayer, cfg.remat, static_argnums=(3,), scanned=cfg.scan_layers)
         mask_bias_B11L = attention.additive_attention_mask(attention_mask_BL)
-        if cfg.scan_layers:
-            stack = "/".join((*self.scope.path, "layer"))
-            layer = block(lora_lib.for_layer_stack(cfg, stack), name="layer")
-            body = lambda layer, x_BLD, _: (layer(x_BLD, mask_bias_B11L, deterministic), None)
-            return layers.scan_layers(body, cfg.num_hidden_layers)(layer, x_BLD, None)[0]
-        for i in range(cfg.num_hidden_layers):
-            x_BLD = block(cfg, name=f"layer_{i}")(x_BLD, mask_bias_B11L, deterministic)
-        return x_BLD
+        return layers.encoder_stack(
+            self.scope.path, BertLayer, self.config, x_BLD, mask_bias_B11L, deterministic
+        )
 
 
 class BertPooler(nn.Module):

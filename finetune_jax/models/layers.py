@@ -11,7 +11,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from finetune_jax.models.lora import LORA_A, LORA_B, LoraConfig, lora_delta, lora_initializers
+from finetune_jax.models.lora import (
+    LORA_A,
+    LORA_B,
+    LoraConfig,
+    for_layer_stack,
+    lora_delta,
+    lora_initializers,
+)
 
 # HF `hidden_act` names -> functions. HF's "gelu" is the exact erf form; the tanh
 # approximation goes by several names across checkpoints.
@@ -106,6 +113,27 @@ def scan_layers(body: Callable, length: int) -> Callable:
         length=length,
         metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
     )
+
+
+def encoder_stack(scope_path: tuple[str, ...], layer_cls: type, config: Any, x: Any, *args):
+    """`x` through `config.num_hidden_layers` blocks `layer_cls(config)(x, *args)`, built
+    inside the calling encoder's compact `__call__` (`scope_path`: its `self.scope.path`).
+
+    The last of `args` must be `deterministic` (a Python bool, static under remat). Unrolled,
+    the blocks are `layer_{i}`; with `config.scan_layers`, one `layer` block under `nn.scan`
+    with its params stacked along a leading layer axis; `config.remat` applies to both.
+    """
+    # static_argnums counts `self` as 0 and `x` as 1: `deterministic` is 1 + len(args).
+    block = remat(
+        layer_cls, config.remat, static_argnums=(1 + len(args),), scanned=config.scan_layers
+    )
+    if config.scan_layers:
+        layer = block(for_layer_stack(config, "/".join((*scope_path, "layer"))), name="layer")
+        body = lambda layer, x, _: (layer(x, *args), None)
+        return scan_layers(body, config.num_hidden_layers)(layer, x, None)[0]
+    for i in range(config.num_hidden_layers):
+        x = block(config, name=f"layer_{i}")(x, *args)
+    return x
 
 
 # ----------------------------------------------------------------------------- RMSNorm, RoPE

@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 
 from finetune_jax.models import bicubic, layers, vit_hf
-from finetune_jax.models import lora as lora_lib
 from finetune_jax.models.family import ModelFamily
 from finetune_jax.models.vit_config import ACTIVATION_AXES, ViTConfig
 
@@ -205,17 +204,7 @@ class ViTEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD, deterministic: bool = True):
-        cfg = self.config
-        # static_argnums counts `self` as 0, so 2 is `deterministic` (a Python bool).
-        block = layers.remat(ViTLayer, cfg.remat, static_argnums=(2,), scanned=cfg.scan_layers)
-        if cfg.scan_layers:
-            stack = "/".join((*self.scope.path, "layer"))
-            layer = block(lora_lib.for_layer_stack(cfg, stack), name="layer")
-            body = lambda layer, x_BLD, _: (layer(x_BLD, deterministic), None)
-            return layers.scan_layers(body, cfg.num_hidden_layers)(layer, x_BLD, None)[0]
-        for i in range(cfg.num_hidden_layers):
-            x_BLD = block(cfg, name=f"layer_{i}")(x_BLD, deterministic)
-        return x_BLD
+        return layers.encoder_stack(self.scope.path, ViTLayer, self.config, x_BLD, deterministic)
 
 
 class ViTModel(nn.Module):
