@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags, logging
 
@@ -15,7 +17,7 @@ from finetune_jax.training.checkpoints import CheckpointError
 # wrong and what to do, so a traceback would only bury it. FINETUNE_JAX_DEBUG=1 shows it anyway.
 USER_ERRORS = (ValueError, KeyError, OSError, CheckpointError)
 # What ml_collections' config flags raise for a bad `--config...` flag, before main runs.
-FLAG_ERRORS = (AttributeError, KeyError, TypeError, ValueError, FileNotFoundError, ImportError)
+FLAG_ERRORS = (AttributeError, KeyError, TypeError, ValueError, OSError, ImportError)
 
 
 def _fail(message: object) -> None:
@@ -24,9 +26,48 @@ def _fail(message: object) -> None:
 
 
 def _message(e: BaseException) -> str:
-    # KeyError and config_dict's AttributeError wrap their text in quotes; unwrap it.
+    """The error's text on one line. config_dict's AttributeError holds the repr of a
+    KeyError's text (quotes and escapes included); only such a whole-text repr is unwrapped,
+    so quotes inside a message (`'lrr'`) stay."""
     text = str(e.args[0]) if e.args else str(e)
-    return text.strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            text = str(ast.literal_eval(text))
+        except (ValueError, SyntaxError):
+            pass
+    return " ".join(text.split())
+
+
+def _flag_being_parsed(e: BaseException, argv: list[str]) -> str:
+    """The command-line flag whose parsing raised `e`, as the user wrote it: absl's
+    `Flag.parse` frame names the flag; a config flag's `_parse` frame, the override
+    (`field_path`) it was applying when it failed."""
+    name, tb = None, e.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        if isinstance(local.get("self"), flags.Flag):
+            name = local["self"].name
+            if isinstance(local.get("field_path"), str):
+                name += "." + local["field_path"]
+        tb = tb.tb_next
+    if name is None:
+        return "(see --help)"
+    written = [a for a in argv if a.split("=", 1)[0] in (f"--{name}", f"-{name}")]
+    return written[-1] if written else f"--{name}"
+
+
+def _parse_flags(argv: list[str]) -> Any:
+    """absl's flag parsing, with every bad flag (unknown key, wrong type, missing file)
+    reported as the one-line `error:` of every other bad input, naming only that flag."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # absl's own message names the flag: "flag --x=abc: ..."
+        text = _message(e)
+        _fail(f"bad command-line {text}" if text.startswith("flag ") else f"bad flag: {text}")
+    except FLAG_ERRORS as e:  # raised inside a config flag's parse (ml_collections)
+        if os.environ.get("FINETUNE_JAX_DEBUG"):
+            raise
+        _fail(f"bad command-line flag {_flag_being_parsed(e, argv)}: {_message(e)}")
 
 
 def quiet_libraries() -> None:
@@ -45,12 +86,9 @@ def run_main(main: Callable[[list[str]], None]) -> None:
     Every entry point runs with JAX's persistent compilation cache (`cluster/
     compilation_cache.py`), so a second run of a config starts without recompiling.
     """
-    started = False
     debug = bool(os.environ.get("FINETUNE_JAX_DEBUG"))
 
     def guarded(argv: list[str]) -> None:
-        nonlocal started
-        started = True
         compilation_cache.enable()
         try:
             main(argv)
@@ -59,10 +97,4 @@ def run_main(main: Callable[[list[str]], None]) -> None:
                 raise
             _fail(_message(e))
 
-    try:
-        app.run(guarded)
-    except FLAG_ERRORS as e:
-        if started or debug:
-            raise
-        overrides = [a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
-        _fail(f"bad command-line flag ({' '.join(overrides) or 'see --help'}): {_message(e)}")
+    app.run(guarded, flags_parser=_parse_flags)

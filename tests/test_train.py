@@ -109,8 +109,10 @@ def run_cli(*args, cwd=REPO):
 @pytest.mark.parametrize(
     "flags,expected",
     [
-        (["--config.optim.lrr=1e-3"], ["lrr", 'Did you mean "lr"']),
+        (["--config.optim.lrr=1e-3"], ["--config.optim.lrr=1e-3: 'lrr'", 'Did you mean "lr"']),
         (["--config.optim.lr=fast"], ["--config.optim.lr=fast", "could not convert"]),
+        (["--config.train.max_steps=abc"], ["--config.train.max_steps=abc: invalid literal"]),
+        (["--config=configs/nonexistent.py"], ["--config=configs/nonexistent.py", "No such file"]),
         (
             [
                 "--config.optim.preset=rules",
@@ -119,16 +121,34 @@ def run_cli(*args, cwd=REPO):
             ["matched by no rule", "bert/embeddings/word_embeddings/embedding"],
         ),
         (["--config.data.dir=/nonexistent/sst2"], ["/nonexistent/sst2"]),
-        (["--config.data.task=sst3"], ["sst3", "sst2"]),
+        (["--config.data.task=sst3"], ["'sst3'", "sst2"]),
     ],
-    ids=["unknown-key", "wrong-type", "unmatched-rules", "missing-data-dir", "unknown-task"],
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "wrong-type-int",
+        "missing-config-file",
+        "unmatched-rules",
+        "missing-data-dir",
+        "unknown-task",
+    ],
 )
 def test_cli_bad_input_is_one_clear_line(flags, expected, tmp_path):
-    result = run_cli("--config=configs/glue/sst2_minilm.py", f"--workdir={tmp_path}", *flags)
-    assert result.returncode != 0
+    """One `error:` line that keeps the message's quotes and names only the bad flag (a
+    good override beside it, `--config.train.log_every=5`, is not blamed)."""
+    result = run_cli(
+        "--config=configs/glue/sst2_minilm.py",
+        f"--workdir={tmp_path}",
+        "--config.train.log_every=5",
+        *flags,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
     for text in expected:
-        assert text in result.stderr, result.stderr[-2000:]
+        assert text in errors[0], result.stderr[-2000:]
+    assert "log_every" not in errors[0]
 
 
 def test_cli_model_dir_without_weights_is_a_clear_error(tiny_bert_dir, tmp_path):
