@@ -10,7 +10,6 @@ for speech tasks WER / CER and every transcript next to its reference
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
@@ -80,13 +79,13 @@ def run_eval(
     if jax.process_index() == 0:
         path = workdir_files.workdir_path(workdir)
         workdir_files.write_text_atomic(
-            path / f"eval_{split}_{tag}.json", json.dumps(results, indent=2)
+            path / f"eval_{split}_{tag}.json", workdir_files.json_text(results, indent=2)
         )
         if samples:
-            lines = "".join(json.dumps(s) + "\n" for s in samples)
+            lines = "".join(workdir_files.json_text(s) + "\n" for s in samples)
             workdir_files.write_text_atomic(path / f"generations_{split}_{tag}.jsonl", lines)
         if transcripts:  # seq2seq: each greedy transcript next to its reference
-            lines = "".join(json.dumps(t) + "\n" for t in transcripts)
+            lines = "".join(workdir_files.json_text(t) + "\n" for t in transcripts)
             workdir_files.write_text_atomic(path / f"transcripts_{split}_{tag}.jsonl", lines)
     return results
 
@@ -112,7 +111,7 @@ def main() -> None:
         distributed.initialize_from_flags(cluster)
         results = run_eval(config.value, workdir.value, split.value, which.value)
         if jax.process_index() == 0:
-            print(json.dumps(results, indent=2))
+            print(workdir_files.json_text(results, indent=2))
 
     run_main(run)
 

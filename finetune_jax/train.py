@@ -5,14 +5,13 @@ Resumes automatically from the latest checkpoint in the workdir (see training/lo
 
 from __future__ import annotations
 
-import json
-
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from finetune_jax.cli import quiet_libraries, run_main
 from finetune_jax.cluster import distributed
+from finetune_jax.training import workdir_files
 from finetune_jax.training.loop import train
 
 
@@ -32,7 +31,7 @@ def main() -> None:
         distributed.initialize_from_flags(cluster)
         summary = train(config.value, workdir.value)
         if jax.process_index() == 0:
-            print(json.dumps(summary, indent=2))
+            print(workdir_files.json_text(summary, indent=2))
 
     run_main(run)
 

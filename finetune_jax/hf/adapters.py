@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
+from finetune_jax.hf import model_files
 from finetune_jax.models.family import ModelFamily
 from finetune_jax.models.hf_mapping import HFMapping, param_to_hf, row_value
 from finetune_jax.models.lora import (
@@ -120,7 +121,7 @@ def save_hf_peft(
     adapter_config = {
         "peft_type": "LORA",
         "task_type": family.peft_task_type[task_kind],
-        "base_model_name_or_path": base_model_name,
+        "base_model_name_or_path": model_files.base_model_reference(base_model_name),
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,

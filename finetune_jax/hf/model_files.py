@@ -190,6 +190,27 @@ _GGUF_ALIASES: dict[str, str] = {
 }
 
 
+# Properly cased hub ids of the packaged and converted models' weights: what an exported
+# adapter names as its base model (transformers resolves a hub id anywhere, an alias nowhere).
+_HUB_IDS: dict[str, str] = {
+    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "whisper-tiny-en": "openai/whisper-tiny.en",
+}
+
+
+def base_model_reference(name_or_path: str | os.PathLike) -> str:
+    """The base model as transformers / PEFT can resolve it from anywhere: a local path made
+    absolute, a packaged alias (or its hub id, in any case) as its hub id, else unchanged."""
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    name = str(name_or_path).lower()
+    hub_ids = {**{v: v for v in _HUB_IDS.values()}, **_HUB_IDS}
+    lowered = {k.lower(): v for k, v in hub_ids.items()}
+    return lowered.get(name, str(name_or_path))
+
+
 def is_gguf(name_or_path: str) -> bool:
     """True for a `.gguf` path or a packaged GGUF alias (see `resolve_gguf`)."""
     name = str(name_or_path).lower()

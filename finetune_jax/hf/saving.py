@@ -76,11 +76,6 @@ def write_model_dir(
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    # mkdtemp makes the directory owner-only (0700); give the export the mode a plain
-    # mkdir would, so serving accounts and colleagues can read it.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
     try:
         model_files.write_safetensors(tensors, tmp, config)
         tokenizer.save_pretrained(tmp)
@@ -89,6 +84,7 @@ def write_model_dir(
                 json.dump(generation, f, indent=2)
         if write_extra is not None:
             write_extra(tmp)
+        _readable(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -96,3 +92,17 @@ def write_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _readable(tree: str) -> None:
+    """Give `tree` the modes plain `mkdir` / `open` would (0755 / 0644 under umask 022):
+    mkdtemp makes the directory owner-only (0700) and safetensors writes its files 0600, so
+    serving accounts and colleagues could not read the export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(tree):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+    os.chmod(tree, 0o777 & ~umask)

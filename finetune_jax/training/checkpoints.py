@@ -134,6 +134,14 @@ def pick_step(manager, which: str) -> int:
     return int(which)
 
 
+def latest_step(workdir: str | os.PathLike) -> int | None:
+    """The latest finished checkpoint step of `workdir` (None if none), read without
+    building anything: Orbax lists the finished step directories."""
+    directory = workdir_files.workdir_path(workdir) / "checkpoints"
+    steps = ocp.utils.checkpoint_steps(directory) if directory.exists() else []
+    return max(steps, default=None)
+
+
 def restore_latest(
     manager: ocp.CheckpointManager, abstract_state: Any
 ) -> tuple[Any, dict[str, Any]] | None:
@@ -204,10 +212,12 @@ def restore(
     try:
         restored = manager.restore(step, args=args)
     except (ValueError, KeyError, TypeError) as e:
+        # Orbax's message lists every mismatched leaf (hundreds of lines): keep its first.
+        first = str(e).strip().split("\n", 1)[0]
         raise CheckpointError(
             f"checkpoint step {step} in {manager.directory} does not match this config's "
             f"optimizer state (did optim.preset, optim.rules or the optimizer change since it "
-            f"was saved? Use a new workdir for a new setting): {e}"
+            f"was saved? Use a new workdir for a new setting): {first}"
         ) from e
     return restored[STATE], dict(restored[PROGRESS])
 

@@ -7,7 +7,6 @@ Rerunning on the same workdir resumes from the latest checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from typing import Any
 
@@ -16,7 +15,15 @@ import ml_collections
 
 from finetune_jax.evaluation.evaluator import evaluate
 from finetune_jax.evaluation.metrics import metric_mode
-from finetune_jax.training import builder, checkpoints, faults, manifest, optim, workdir_files
+from finetune_jax.training import (
+    builder,
+    checkpoints,
+    faults,
+    manifest,
+    optim,
+    rerun,
+    workdir_files,
+)
 from finetune_jax.training.early_stopping import EarlyStopping
 from finetune_jax.training.run_log import (
     TrainLog,
@@ -30,9 +37,26 @@ from finetune_jax.training.run_log import (
 def train(
     config: ml_collections.ConfigDict, workdir: str, until_step: int | None = None
 ) -> dict[str, Any]:
-    """Train (or resume) until `config.train.max_steps` (or `until_step`); returns a summary."""
+    """Train (or resume) until `config.train.max_steps` (or `until_step`); returns a summary.
+
+    A finished run is not trained again: its summary is printed and returned as it is.
+    """
     _check_final_split(config)
     workdir_files.ensure_writable(workdir)
+    end = min(config.train.max_steps, until_step or config.train.max_steps)
+    latest, previous = checkpoints.latest_step(workdir), rerun.previous_config(workdir)
+    finished = rerun.finished_summary(workdir, end, latest)
+    if finished is not None:
+        say(
+            f"{workdir} already finished at step {latest} ({finished['stopped_by'] or 'max_steps'}"
+            "); its summary.json is kept. Raise train.max_steps to train on, or use a new workdir"
+        )
+        return finished
+    if latest is not None:  # before the model loads: a resume that cannot work fails now
+        rerun.check_state_keys(previous, config, workdir)
+        note = rerun.schedule_note(previous, config, latest)
+        if note:
+            say(note)
     setup = builder.build(config)
     workdir_files.write_config(config, workdir)
     manifest.write_manifest(config, workdir, setup.mesh)
@@ -41,6 +65,9 @@ def train(
         + optim.group_table(setup.groups, setup.abstract_params)
     )
     batches = setup.data.train_batches()
+    # Every split the run evaluates is read now, before weights load and steps compile.
+    eval_data = setup.data.load(config.data.eval_split)
+    final_data = setup.data.load(config.train.final_split) if config.train.final_split else None
     manager = checkpoints.make_manager(
         workdir,
         config.train.keep_checkpoints,
@@ -49,9 +76,9 @@ def train(
         config.train.async_checkpoint,
     )
     state, stopper = _resume_or_init(setup, manager, batches, workdir)
-    start, end = int(state.step), min(config.train.max_steps, until_step or config.train.max_steps)
+    start = int(state.step)
     check = faults.nonfinite_check(setup.trainable_paths, config.train.nonfinite)
-    run = _Run(setup, manager, batches, setup.data.load(config.data.eval_split), stopper)
+    run = _Run(setup, manager, batches, eval_data, stopper)
     run.log = TrainLog(workdir, start, end, config.train.log_every, config.train.progress, check)
     guard = faults.PreemptionGuard()
     t_wall, final = time.perf_counter(), None
@@ -59,7 +86,7 @@ def train(
         state, stopped_by = _steps(run, state, start, end, guard)
         if config.train.final_split and stopped_by in (None, "early stopping"):
             run.log.flush()
-            final = _final_eval(run, state, config.train.final_split)
+            final = _final_eval(run, state, config.train.final_split, final_data)
             run.log.record(int(state.step), "final", final)
     finally:
         guard.close()
@@ -74,9 +101,21 @@ def train(
     if final is not None:
         summary["final"] = final
     if jax.process_index() == 0:
-        path = workdir_files.workdir_path(workdir) / "summary.json"
-        workdir_files.write_text_atomic(path, json.dumps(summary, indent=2))
+        path = workdir_files.workdir_path(workdir)
+        workdir_files.write_text_atomic(
+            path / rerun.SUMMARY, workdir_files.json_text(summary, indent=2)
+        )
+        say(_outputs(path, manager.all_steps()))
     return summary
+
+
+def _outputs(path, steps) -> str:
+    """Where the run wrote what it wrote."""
+    return (
+        f"outputs in {path}:\n  summary.json, metrics.jsonl, config.json, manifest.json\n"
+        f"  checkpoints/ (steps {sorted(steps)})\n"
+        f"  tensorboard/ (open: tensorboard --logdir {path / 'tensorboard'})"
+    )
 
 
 @dataclasses.dataclass
@@ -101,7 +140,7 @@ def _steps(run: _Run, state, start: int, end: int, guard) -> tuple[Any, str | No
             run.first_step_s = process_seconds(jax.block_until_ready(metrics))
         log.step(step, metrics)
         results = None
-        if step % train_cfg.eval_every == 0 or step == end:
+        if _every(step, train_cfg.eval_every) or step == end:
             log.flush()
             batches = setup.data.eval_batches(run.eval_data)
             results = evaluate(
@@ -114,8 +153,8 @@ def _steps(run: _Run, state, start: int, end: int, guard) -> tuple[Any, str | No
             )
             improved = stopper.update(results[setup.metric], step)
             log.eval(step, results, stopper.best, improved)
-        preempted = guard.should_stop(step % train_cfg.log_every == 0 or step == end)
-        if results or step % train_cfg.checkpoint_every == 0 or stopper.should_stop or preempted:
+        preempted = guard.should_stop(_every(step, train_cfg.log_every) or step == end)
+        if results or _every(step, train_cfg.checkpoint_every) or stopper.should_stop or preempted:
             log.flush()  # sees every step's metrics (non-finite check) before saving
             log.sync()  # and a resume from this checkpoint finds them in the workdir
             progress = {"data": run.batches.state(), "early_stopping": stopper.to_dict()}
@@ -135,6 +174,12 @@ def _steps(run: _Run, state, start: int, end: int, guard) -> tuple[Any, str | No
             )
             return state, "early stopping"
     return state, None
+
+
+def _every(step: int, interval: int) -> bool:
+    """Whether `step` is a multiple of `interval` (0: never; the run's last step is handled
+    by the callers)."""
+    return interval > 0 and step % interval == 0
 
 
 def _check_final_split(config: ml_collections.ConfigDict) -> None:
@@ -173,7 +218,7 @@ def _resume_or_init(setup, manager, batches, workdir) -> tuple[Any, EarlyStoppin
     return state, stopper
 
 
-def _final_eval(run: _Run, state, split: str) -> dict[str, Any]:
+def _final_eval(run: _Run, state, split: str, data) -> dict[str, Any]:
     """The best checkpoint's metrics on `split` (e.g. dev, after selecting on a holdout)."""
     setup, manager = run.setup, run.manager
     checkpoints.wait(manager)
@@ -185,7 +230,7 @@ def _final_eval(run: _Run, state, split: str) -> dict[str, Any]:
     params = state.params
     if step != int(state.step):
         params = checkpoints.restore_params(manager, step, setup.abstract_params)
-    batches = setup.data.eval_batches(setup.data.load(split))
+    batches = setup.data.eval_batches(data)
     results = evaluate(
         setup.eval_step, params, batches, setup.task, setup.put_batch, setup.transcriber
     )

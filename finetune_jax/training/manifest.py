@@ -156,5 +156,5 @@ def write_manifest(
     if jax.process_index() == 0:
         starts = [*read_manifest(workdir), collect(config, mesh, argv)]
         path.parent.mkdir(parents=True, exist_ok=True)
-        workdir_files.write_text_atomic(path, json.dumps({"starts": starts}, indent=2))
+        workdir_files.write_text_atomic(path, workdir_files.json_text({"starts": starts}, indent=2))
     return os.fspath(path)

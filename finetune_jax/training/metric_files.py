@@ -57,7 +57,8 @@ class MetricWriter:
         for name, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(f"{kind}/{name}", value, step)
-        if self._jsonl.append(json.dumps({"step": step, "kind": kind, **values}) + "\n"):
+        record = workdir_files.json_text({"step": step, "kind": kind, **values})
+        if self._jsonl.append(record + "\n"):
             self._upload_tensorboard()  # the log was uploaded: keep TensorBoard level with it
 
     def sync(self) -> None:

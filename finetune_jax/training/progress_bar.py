@@ -1,4 +1,5 @@
-"""A progress bar on process 0 (tqdm), silent elsewhere."""
+"""A progress bar on process 0 (tqdm), silent elsewhere; with the bar off
+(`train.progress=False`, e.g. a log file), the same metrics as one plain line per log step."""
 
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ class Progress:
         )
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
+        shown = {k: f"{v:.4g}" for k, v in metrics.items()}
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=True)
+            self._bar.set_postfix(shown, refresh=True)
+        elif jax.process_index() == 0:
+            print(f"step {step}: " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
 
     def log(self, message: str) -> None:
         """A line printed above the bar (eval results, early stopping)."""

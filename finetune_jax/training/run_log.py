@@ -15,6 +15,10 @@ import numpy as np
 from finetune_jax.training.metric_files import MetricWriter
 from finetune_jax.training.progress_bar import Progress
 
+# Step metrics that are the value at a step, not a quantity to average over the log interval:
+# the lr logged (and shown on the bar) at step s is the lr step s used.
+POINT_VALUES = frozenset({"lr"})
+
 
 def say(message: str) -> None:
     """Print on process 0 only (the other processes run the same code silently)."""
@@ -89,6 +93,8 @@ class TrainLog:
         for s, m in fetched:
             self.check(s, m)
         means["seconds_per_step"] = self.intervals[-1]
+        for k in POINT_VALUES.intersection(means):  # the value at the logged step
+            means[k] = float(fetched[-1][1][k])
         self.writer.write(step, "train", means)
         self.bar.update(step, means)
         self.pending = []

@@ -2,6 +2,7 @@
 `gs://` URL are read and written the same way, as Orbax does.
 
 Helpers: `workdir_path` (a workdir as an epath.Path), `write_text_atomic`, `read_json`,
+`json_text` (the one JSON writer: NaN and infinities become null),
 `LineFile` (a JSON-lines log that object stores can hold), `upload_tree` (a local directory
 copied to a workdir path), plus the start-up write check and the resolved config.
 """
@@ -9,6 +10,7 @@ copied to a workdir path), plus the start-up write check and the resolved config
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -64,6 +66,28 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def json_text(value: Any, **kwargs: Any) -> str:
+    """`json.dumps(value, **kwargs)` with NaN and infinities written as null.
+
+    Python writes them as the bare words `NaN` / `Infinity`, which are not JSON: jq, browsers
+    and most other readers reject the whole file. Every JSON file the project writes goes
+    through here (`allow_nan=False` makes a value this misses an error, not a bad file).
+    """
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / jax scalars
+        return _finite(value.item())
+    return value
 
 
 def read_json(path: epath.Path) -> Any:
@@ -176,6 +200,6 @@ def write_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     path = workdir_path(workdir) / "config.json"
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+        text = json_text(config.to_dict(), indent=2, sort_keys=True, default=str)
         write_text_atomic(path, text)
     return os.fspath(path)
