@@ -13,18 +13,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def mean_curve(
-    metrics_per_seed: Sequence[Sequence[dict[str, Any]]], kind: str, key: str = "loss"
-) -> tuple[list[int], list[float]]:
-    """Steps logged by every seed (records of `kind`) and the mean of `key` there."""
-    per_seed = [
-        {r["step"]: r[key] for r in records if r["kind"] == kind} for records in metrics_per_seed
-    ]
-    if not per_seed:
-        return [], []
-    steps = sorted(set.intersection(*(set(curve) for curve in per_seed)))
-    return steps, [float(np.mean([curve[s] for curve in per_seed])) for s in steps]
+from finetune_jax.evaluation.curves import mean_curve  # noqa: E402
 
 
 def _eval_split(points: dict[str, dict[str, Any]]) -> str:

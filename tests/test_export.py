@@ -31,8 +31,13 @@ def test_exported_lora_llama_generates_like_ours(tiny_chat_llama_dir, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir would, not mkdtemp's 0700
+    for path in out.rglob("*"):  # as open would, not safetensors' 0600
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == want, path
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == config.peft.rank and adapter["task_type"] == "CAUSAL_LM"
+    # the base model as transformers resolves it from anywhere: the directory, absolute
+    assert adapter["base_model_name_or_path"] == str(tiny_chat_llama_dir.resolve())
 
     exp = builder.build(config)
     _, params = exp.restore_params(str(workdir))  # base + adapter, unmerged

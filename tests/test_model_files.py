@@ -91,3 +91,16 @@ def test_write_then_read_round_trip_and_transformers_loads_it(tiny_bert_dir, tmp
         np.testing.assert_array_equal(back[key], value, err_msg=key)
     model = transformers.BertForSequenceClassification.from_pretrained(out_dir)
     assert model.config.hidden_size == 32
+
+
+def test_base_model_reference_is_resolvable_anywhere(tmp_path, monkeypatch):
+    """What an exported adapter names as its base: hub ids for packaged aliases (in any
+    case), an absolute path for a local directory, anything else unchanged."""
+    for name in ("all-minilm-l6-v2", "Sentence-Transformers/ALL-MiniLM-L6-v2"):
+        assert model_files.base_model_reference(name) == "sentence-transformers/all-MiniLM-L6-v2"
+    smollm = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert model_files.base_model_reference("smollm2-135m-instruct") == smollm
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert model_files.base_model_reference("model") == str((tmp_path / "model").resolve())
+    assert model_files.base_model_reference("gpt2") == "gpt2"
