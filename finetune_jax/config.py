@@ -147,6 +147,8 @@ def _train() -> ml_collections.ConfigDict:
         1  # gradient accumulation inside the step: batch_size / microbatches each
     )
     s.max_steps = 1000
+    # Intervals in steps; 0 = none periodic. The last step always logs, evaluates (the best
+    # checkpoint and the summary need one eval) and saves; an eval also logs and saves.
     s.log_every = 20
     s.eval_every = 100
     s.checkpoint_every = 100
@@ -157,7 +159,7 @@ def _train() -> ml_collections.ConfigDict:
     s.nonfinite = (
         "halt"  # halt: stop with an error naming step and param | skip: drop the update
     )
-    s.progress = True
+    s.progress = True  # tqdm bar; False: one plain line of train metrics per log step
     # After the last step, evaluate the best checkpoint (by train.metric on data.eval_split)
     # on this split, e.g. "validation" when selecting on "holdout"; "" = skip.
     s.final_split = ""

@@ -127,9 +127,10 @@ def test_raised_max_steps_resumes_with_a_note_on_the_schedule(finished, tmp_path
     config, workdir, _, _ = finished
     shutil.copytree(workdir, tmp_path / "run")
     longer = config.copy_and_resolve_references()
-    longer.train.max_steps = 6
+    longer.train.max_steps, longer.train.log_every = 6, 0  # 0: log at the end only
     summary = train(longer, str(tmp_path / "run"))
     assert summary["final_step"] == 6
+    assert [r["step"] for r in _records(tmp_path / "run", "train")] == [2, 4, 6]
     old = float(optim.schedule(config.optim, 4)(4))
     new = float(optim.schedule(longer.optim, 6)(4))
     assert old != new

@@ -75,7 +75,8 @@ class TrainLog:
     def step(self, step: int, metrics: dict[str, jax.Array]) -> list[tuple[int, dict]]:
         """Record a step's metrics; at a log step fetch, write and return them per step."""
         self.pending.append((step, metrics))
-        if step % self.log_every and step != self.end:
+        due = self.log_every > 0 and step % self.log_every == 0
+        if not due and step != self.end:  # log_every=0: only at the end (and evals, saves)
             return []
         return self.flush()
 

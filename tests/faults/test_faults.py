@@ -233,5 +233,11 @@ def test_checkpoint_with_another_optimizer_layout_is_a_clear_error(
     train(tiny_config(tiny_bert_dir, sst2_slice, max_steps=3), str(tmp_path))
     probe = tiny_config(tiny_bert_dir, sst2_slice)
     probe.optim.preset = "linear_probe"
-    with pytest.raises(checkpoints.CheckpointError, match="optim.preset"):
+    # The workdir's config.json names what changed, before anything is built.
+    with pytest.raises(ValueError, match="optim.preset='full'.*optim.preset='linear_probe'"):
         train(probe, str(tmp_path))
+    # Without that record, Orbax's mismatch is still one line, not its dump of every leaf.
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(checkpoints.CheckpointError, match="optim.preset") as error:
+        train(probe, str(tmp_path))
+    assert "\n" not in str(error.value)
