@@ -154,7 +154,7 @@ def _record(sweep_dir: Path, entry: dict[str, Any]) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     entry = {"time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(), **entry}
     with open(sweep_dir / "sweep.jsonl", "a") as f:
-        f.write(json.dumps(entry) + "\n")
+        f.write(workdir_files.json_text(entry) + "\n")
 
 
 def execute(
