@@ -213,7 +213,7 @@ def restore(
         restored = manager.restore(step, args=args)
     except (ValueError, KeyError, TypeError) as e:
         # Orbax's message lists every mismatched leaf (hundreds of lines): keep its first.
-        first = str(e).strip().split("\n", 1)[0]
+        first = str(e).strip().split("\n", 1)[0].rstrip(":")
         raise CheckpointError(
             f"checkpoint step {step} in {manager.directory} does not match this config's "
             f"optimizer state (did optim.preset, optim.rules or the optimizer change since it "

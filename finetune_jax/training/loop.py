@@ -44,19 +44,9 @@ def train(
     _check_final_split(config)
     workdir_files.ensure_writable(workdir)
     end = min(config.train.max_steps, until_step or config.train.max_steps)
-    latest, previous = checkpoints.latest_step(workdir), rerun.previous_config(workdir)
-    finished = rerun.finished_summary(workdir, end, latest)
+    finished = rerun.check_workdir(config, workdir, end)  # before anything is built
     if finished is not None:
-        say(
-            f"{workdir} already finished at step {latest} ({finished['stopped_by'] or 'max_steps'}"
-            "); its summary.json is kept. Raise train.max_steps to train on, or use a new workdir"
-        )
         return finished
-    if latest is not None:  # before the model loads: a resume that cannot work fails now
-        rerun.check_state_keys(previous, config, workdir)
-        note = rerun.schedule_note(previous, config, latest)
-        if note:
-            say(note)
     setup = builder.build(config)
     workdir_files.write_config(config, workdir)
     manifest.write_manifest(config, workdir, setup.mesh)

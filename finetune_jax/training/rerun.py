@@ -20,7 +20,8 @@ from typing import Any
 
 import ml_collections
 
-from finetune_jax.training import optim, workdir_files
+from finetune_jax.training import checkpoints, optim, workdir_files
+from finetune_jax.training.run_log import say
 
 SUMMARY, CONFIG = "summary.json", "config.json"
 # Keys that decide the structure of the checkpointed state (which leaves are trainable and
@@ -44,6 +45,28 @@ SCHEDULE_KEYS = (
     "optim.schedule",
     "optim.warmup_fraction",
 )
+
+
+def check_workdir(
+    config: ml_collections.ConfigDict, workdir: str, end: int
+) -> dict[str, Any] | None:
+    """What a (re)start on `workdir` does, decided from its files before the model loads:
+    the kept summary of a finished run (to return as it is), an error for a config whose
+    state does not fit the checkpoint, a note for a changed lr schedule; None: go on."""
+    latest, previous = checkpoints.latest_step(workdir), previous_config(workdir)
+    finished = finished_summary(workdir, end, latest)
+    if finished is not None:
+        say(
+            f"{workdir} already finished at step {latest} ({finished['stopped_by'] or 'max_steps'}"
+            "); its summary.json is kept. Raise train.max_steps to train on, or use a new workdir"
+        )
+        return finished
+    if latest is not None:
+        check_state_keys(previous, config, workdir)
+        note = schedule_note(previous, config, latest)
+        if note:
+            say(note)
+    return None
 
 
 def previous_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
