@@ -162,3 +162,24 @@ def test_schedule_note_only_when_the_schedule_changed(tiny_bert_dir, sst2_slice)
     assert rerun.schedule_note(None, config, 3) is None
     config.optim.lr = 1e-3
     assert "optim.lr 0.0001 -> 0.001" in rerun.schedule_note(previous, config, 3)
+
+
+@pytest.mark.parametrize(
+    "summary,end,latest,finished",
+    [
+        ({"final_step": 6, "stopped_by": None}, 6, 6, True),
+        ({"final_step": 6, "stopped_by": None}, 9, 6, False),  # max_steps raised: train on
+        ({"final_step": 3, "stopped_by": "early stopping"}, 9, 3, True),
+        ({"final_step": 3, "stopped_by": "SIGTERM"}, 6, 3, False),  # preempted: resume
+        ({"final_step": 6, "stopped_by": None}, 6, 3, False),  # summary of a lost checkpoint
+        (None, 6, 6, False),  # crashed before writing its summary
+    ],
+    ids=["done", "raised", "early-stopped", "preempted", "stale", "no-summary"],
+)
+def test_finished_summary_only_for_a_run_that_reached_its_end(
+    tmp_path, summary, end, latest, finished
+):
+    if summary is not None:
+        (tmp_path / "summary.json").write_text(json.dumps(summary))
+    result = rerun.finished_summary(str(tmp_path), end, latest)
+    assert result == (summary if finished else None)

@@ -104,7 +104,8 @@ def _outputs(path, steps) -> str:
     return (
         f"outputs in {path}:\n  summary.json, metrics.jsonl, config.json, manifest.json\n"
         f"  checkpoints/ (steps {sorted(steps)})\n"
-        f"  tensorboard/ (open: tensorboard --logdir {path / 'tensorboard'})"
+        f"  tensorboard/ (open: tensorboard --logdir {path / 'tensorboard'})\n"
+        f"  learning curves: python -m finetune_jax.plot --workdir={path}"
     )
 
 
