@@ -3,7 +3,7 @@
 Splits come from `image_sources` (labels in memory, images decoded per batch), rows are picked
 by `selection` exactly as for text (holdout carved from train by `data.split_seed`, caps),
 and batches from `image_batches` through the model's image processor. Class names the task
-does not fix come from `data.labels` or from the train split, before the model is built, so
+does not fix come from `data.label_names` or from the train split, before the model is built, so
 the head's width is known.
 """
 
@@ -21,13 +21,13 @@ from finetune_jax.data.tasks import ImageTask
 
 
 def resolve_task(config: ml_collections.ConfigDict, task: ImageTask) -> ImageTask:
-    """`task` with its class names: its own, `data.labels`, or discovered from train."""
-    labels = tuple(str(name) for name in config.data.labels)
+    """`task` with its class names: its own, `data.label_names`, or discovered from train."""
+    labels = tuple(str(name) for name in config.data.label_names)
     if task.label_names is not None:
         if labels and labels != task.label_names:
             raise ValueError(
-                f"data.labels={labels} but task {task.name!r} fixes its classes "
-                f"{task.label_names}; leave data.labels empty"
+                f"data.label_names={labels} but task {task.name!r} fixes its classes "
+                f"{task.label_names}; leave data.label_names empty"
             )
         return task
     names = labels or image_sources.discover_label_names(task, config.data)

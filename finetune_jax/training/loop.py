@@ -33,8 +33,9 @@ def train(
     """Train (or resume) until `config.train.max_steps` (or `until_step`); returns a summary."""
     _check_final_split(config)
     workdir_files.ensure_writable(workdir)
-    setup = builder.build(config)
+    setup = builder.build(config, workdir=workdir)
     workdir_files.write_config(config, workdir)
+    _save_label_names(setup.task, workdir)
     manifest.write_manifest(config, workdir, setup.mesh)
     say(
         f"parameter groups (optim.preset={config.optim.preset!r}):\n"
@@ -77,6 +78,15 @@ def train(
         path = workdir_files.workdir_path(workdir) / "summary.json"
         workdir_files.write_text_atomic(path, json.dumps(summary, indent=2))
     return summary
+
+
+def _save_label_names(task, workdir: str) -> None:
+    """A classifier's id -> class name mapping, printed and kept with the run."""
+    names = getattr(task, "label_names", None)
+    if names is None:  # regression, language models
+        return
+    path = workdir_files.write_label_names(workdir, names)
+    say("class ids: " + ", ".join(f"{i}={name}" for i, name in enumerate(names)) + f" ({path})")
 
 
 @dataclasses.dataclass
