@@ -213,3 +213,22 @@ def test_presets_without_a_dir_use_the_hub_and_with_files_become_plain_files(tmp
     task = tasks.task_for(config.data)
     assert (task.format, task.quote_none, task.raw_labels) == ("csv", False, None)
     assert load_split(task, None, "train").labels.tolist() == [0, 2, 1, 0, 2]
+
+
+def test_chat_tasks_read_data_files_per_split(tmp_path):
+    records = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(3)]
+    for split, rows in (("qa-train", records[:2]), ("qa-dev", records[2:])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = base_config()
+    config.data.task, config.data.dir = "gsm8k", str(tmp_path)
+    config.data.files.train, config.data.files.validation = "qa-train.jsonl", "qa-dev.jsonl"
+    data = loaders.ChatData(config, tasks.task_for(config.data), tokenizer=None)
+    assert [c[0]["content"] for c in data.conversations("train")] == [
+        "What is 0 + 1?",
+        "What is 1 + 1?",
+    ]
+    assert data.conversations("validation")[0][1]["content"] == "#### 3"
+    config.data.dir = ""  # files only: a split without one is an error naming its key
+    data = loaders.ChatData(config, tasks.task_for(config.data), tokenizer=None)
+    with pytest.raises(ValueError, match="no test records: set data.files.test"):
+        data.conversations("test")
