@@ -21,7 +21,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from finetune_jax.data.tasks import SPLITS, Task
+from finetune_jax.data.text_tasks import SPLITS, Task
 
 LOAD_CHUNK_ROWS = 65536  # rows per arrow batch when a split is read whole
 
