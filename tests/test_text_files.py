@@ -232,3 +232,12 @@ def test_chat_tasks_read_data_files_per_split(tmp_path):
     data = loaders.ChatData(config, tasks.task_for(config.data), tokenizer=None)
     with pytest.raises(ValueError, match="no test records: set data.files.test"):
         data.conversations("test")
+
+
+def test_format_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="data.format='xlsx'.*expected one of"):
+        _task(train="a.csv", format="xlsx")
+    with pytest.raises(ValueError, match="cannot tell the format of 'a.txt'.*set data.format"):
+        _task(train="a.txt")
+    with pytest.raises(ValueError, match="data.text_columns=.*name 1 or 2 columns"):
+        _task(train="a.csv", text_columns=("a", "b", "c"))

@@ -184,19 +184,18 @@ def split_files(task: Task, data_dir: str | os.PathLike | None, split: str) -> l
     return paths
 
 
+# format -> (datasets builder, what a row is called in errors, number of the first row)
+_BUILDERS = {"jsonl": ("json", "line", 1), "parquet": ("parquet", "row", 1)}
+
+
 def _file_table(task: Task, path: str) -> _Table:
     if os.path.getsize(path) == 0:
         raise DataError(f"{path!r} is empty; task {task.name} expects a {task.format} file")
     if task.format in ("csv", "tsv"):
-        dataset, first_line = _read_delimited(task, path), 2 if task.has_header else 1
-        word = "line"
+        dataset, word, first = _read_delimited(task, path), "line", 2 if task.has_header else 1
     else:
-        builder = "json" if task.format == "jsonl" else task.format
-        dataset, first_line, word = (
-            _read_builder(builder, path),
-            1,
-            "line" if builder == "json" else "row",
-        )
+        builder, word, first = _BUILDERS[task.format]
+        dataset = _read_builder(builder, path)
     missing = [c for c in task.required_columns if c not in dataset.column_names]
     if missing:
         raise DataError(
@@ -207,7 +206,7 @@ def _file_table(task: Task, path: str) -> _Table:
     return _Table(
         dataset,
         path,
-        lambda i: f"{path!r} {word} {i + first_line}",
+        lambda i: f"{path!r} {word} {i + first}",
         task.text_columns,
         task.label_column,
     )

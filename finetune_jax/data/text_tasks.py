@@ -305,8 +305,9 @@ def configured_task(data: Any) -> Task:
         changes |= {"quote_none": False, "has_header": True, "column_names": None}
         changes["raw_labels"] = None
     task = dataclasses.replace(task, **changes) if changes else task
-    if not task.format and task.files.get("train"):
-        task = dataclasses.replace(task, format=format_of(task.files["train"]))
+    if not task.format and task.files:  # from the train file's (else the first file's) extension
+        path = task.files.get("train") or next(iter(task.files.values()))
+        task = dataclasses.replace(task, format=format_of(path))
     return task
 
 
