@@ -94,7 +94,7 @@ def test_regression_scores_and_range(tmp_path):
 def test_given_label_names_fix_the_ids_and_reject_unknown_labels(tmp_path):
     path = _write_rows(tmp_path, "jsonl")
     task, config = _task(train=str(path), label_names=("technical", "billing", "shipping"))
-    assert loaders.resolve_text_task(config, task) is task
+    assert loaders.resolve_text_task(config, task) == task
     assert load_split(task, None, "train").labels.tolist() == [1, 0, 2, 1, 0]
     task, _ = _task(train=str(path), label_names=("technical", "billing"))
     with pytest.raises(DataError, match=r"train.jsonl' line 3: label 'shipping' is not one of"):

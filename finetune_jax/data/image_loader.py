@@ -17,11 +17,16 @@ import ml_collections
 import numpy as np
 
 from finetune_jax.data import image_batches, image_preprocess, image_sources, selection
-from finetune_jax.data.tasks import ImageTask
+from finetune_jax.data.tasks import ImageTask, choose_label_names
 
 
-def resolve_task(config: ml_collections.ConfigDict, task: ImageTask) -> ImageTask:
-    """`task` with its class names: its own, `data.label_names`, or discovered from train."""
+def resolve_task(
+    config: ml_collections.ConfigDict,
+    task: ImageTask,
+    saved_names: tuple[str, ...] | None = None,
+) -> ImageTask:
+    """`task` with its class names: its own, `data.label_names`, the run's saved names, or
+    discovered from train (see `tasks.choose_label_names`)."""
     labels = tuple(str(name) for name in config.data.label_names)
     if task.label_names is not None:
         if labels and labels != task.label_names:
@@ -30,7 +35,11 @@ def resolve_task(config: ml_collections.ConfigDict, task: ImageTask) -> ImageTas
                 f"{task.label_names}; leave data.label_names empty"
             )
         return task
-    names = labels or image_sources.discover_label_names(task, config.data)
+    names = choose_label_names(
+        labels or None,
+        saved_names,
+        lambda: image_sources.discover_label_names(task, config.data),
+    )
     if len(names) < 2:
         raise ValueError(f"task {task.name!r} needs at least 2 classes, found {list(names)}")
     return dataclasses.replace(task, label_names=names)
@@ -47,9 +56,15 @@ def augmentation(config: ml_collections.ConfigDict) -> image_preprocess.Augment 
 class ImageData:
     """Images decoded and preprocessed per batch; augmentation on training batches only."""
 
-    def __init__(self, config: ml_collections.ConfigDict, task: ImageTask, processor):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        task: ImageTask,
+        processor,
+        saved_names: tuple[str, ...] | None = None,
+    ):
         self.config, self.processor = config, processor
-        self.task = resolve_task(config, task)
+        self.task = resolve_task(config, task, saved_names)
         self.augment = augmentation(config)
         self.image_size = image_preprocess.output_size(processor)
 

@@ -23,7 +23,7 @@ import numpy as np
 from finetune_jax.data import chat_batches, selection, text_batches, text_sources
 from finetune_jax.data.image_loader import ImageData
 from finetune_jax.data.speech_data import SpeechData
-from finetune_jax.data.tasks import ChatTask, ImageTask, SpeechTask, Task
+from finetune_jax.data.tasks import ChatTask, ImageTask, SpeechTask, Task, choose_label_names
 
 AnyTask = Task | ChatTask | ImageTask | SpeechTask
 
@@ -45,8 +45,8 @@ def make_loader(
     a text classifier takes the class names a run saved (`saved_names`)."""
     if task.kind == "seq2seq":
         return SpeechData(config, task, preprocessor, model_dir)
-    if task.kind == "classification":
-        return ClassificationData(config, task, preprocessor, saved_names)
+    if task.kind in ("classification", "image_classification"):
+        return _loader_class(task)(config, task, preprocessor, saved_names)
     return _loader_class(task)(config, task, preprocessor)
 
 
@@ -65,21 +65,16 @@ def _rows(config: ml_collections.ConfigDict, split: str, num_rows: int) -> np.nd
 def resolve_text_task(
     config: ml_collections.ConfigDict, task: Task, saved_names: tuple[str, ...] | None = None
 ) -> Task:
-    """`task` with its class names: given (data.label_names or the preset's), `saved_names`
-    (a run's `label_names.json`, so a resumed or evaluated run keeps its ids), or inferred
-    from the train split."""
+    """`task` with its class names (see `tasks.choose_label_names`; inferred from the train
+    split when neither the config nor the run's saved names give them)."""
     if task.is_regression:
         return task
-    if task.label_names is not None:
-        if saved_names is not None and tuple(saved_names) != task.label_names:
-            raise ValueError(
-                f"data.label_names={task.label_names} but this run was trained with class "
-                f"names {tuple(saved_names)} (its label_names.json): its ids mean those; "
-                "leave data.label_names empty, or train in a new workdir"
-            )
-        return task
-    names = saved_names or text_sources.infer_label_names(task, config.data.dir or None)
-    return dataclasses.replace(task, label_names=tuple(names))
+    names = choose_label_names(
+        task.label_names,
+        saved_names,
+        lambda: text_sources.infer_label_names(task, config.data.dir or None),
+    )
+    return dataclasses.replace(task, label_names=names)
 
 
 class ClassificationData:

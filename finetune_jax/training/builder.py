@@ -75,7 +75,7 @@ def build(
     if data is not None:
         task = data.task  # class names may come from the data (or the run's saved names)
     elif task.kind == "image_classification":
-        task = image_loader.resolve_task(config, task)
+        task = image_loader.resolve_task(config, task, saved_names)
     elif task.kind == "classification":
         task = loaders.resolve_text_task(config, task, saved_names)
     model_config = _model_config(config, task, family, hf_config, model_ref or "config.model")
