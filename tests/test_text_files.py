@@ -196,6 +196,8 @@ def test_presets_read_exactly_what_the_previous_registry_read(name):
     config.data.task, config.data.dir = name, str(SHARED_DATA / tasks.PRESETS[name].subdir)
     task = tasks.task_for(config.data)
     assert task == tasks.PRESETS[name]  # data.dir alone changes nothing of the preset
+    config.data.format = "tsv"  # nor does naming the preset's own format
+    assert tasks.task_for(config.data) == task
     examples = load_split(task, config.data.dir, "validation")
     texts, labels = _reference_glue_rows(task, Path(config.data.dir) / task.files["validation"])
     assert examples.text_a == [t[0] for t in texts]

@@ -300,7 +300,7 @@ def configured_task(data: Any) -> Task:
         changes["hub_name"] = (data.hub_name,)
     if task.name in PRESETS and not (files or data.format or data.dir):
         changes["format"] = "hub"  # no local files named: the preset's hub dataset
-    if (files or data.format not in ("", "hub")) and task.name in PRESETS:
+    if task.name in PRESETS and (files or data.format not in ("", "hub", task.format)):
         # Another file layout than the preset's GLUE files: read it as an ordinary file.
         changes |= {"quote_none": False, "has_header": True, "column_names": None}
         changes["raw_labels"] = None
