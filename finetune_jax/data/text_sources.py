@@ -108,7 +108,7 @@ def infer_label_names(task: Task, data_dir: str | os.PathLike | None) -> tuple[s
     for table in _tables(task, data_dir, "train"):
         if table.class_names:
             return table.class_names
-        for start, columns in _batches(table, LOAD_CHUNK_ROWS):
+        for start, columns in _batches(table, LOAD_CHUNK_ROWS, [table.label_column]):
             for i, value in enumerate(columns[table.label_column]):
                 found = _label_cells(task, value) if task.is_multi_label else [value]
                 for name in found:
@@ -139,8 +139,12 @@ class _Table:
     class_names: tuple[str, ...] | None = None  # a hub ClassLabel's names
 
 
-def _batches(table: _Table, chunk_rows: int) -> Iterator[tuple[int, dict[str, list]]]:
-    columns = [*table.text_columns, table.label_column]
+def _batches(
+    table: _Table, chunk_rows: int, columns: list[str] | None = None
+) -> Iterator[tuple[int, dict[str, list]]]:
+    """(index of the first row, {column: values}) per arrow batch of `columns` (default:
+    the text and label columns)."""
+    columns = columns or [*table.text_columns, table.label_column]
     start = 0
     for batch in table.dataset.select_columns(columns).iter(batch_size=chunk_rows):
         yield start, batch
