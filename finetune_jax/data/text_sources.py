@@ -297,17 +297,22 @@ def _parse_labels(task: Task, raw: list[Any], where, start: int) -> np.ndarray:
     """Raw label values -> int32 ids, float32 multi-hot rows, or float32 scores."""
     if task.is_regression:
         return _parse_scores(task, raw, where, start)
+    label_to_id = task.label_to_id  # once per chunk: the property builds a dict
+
+    def class_id(value: Any, i: int) -> int:  # a name's id; else the slow path's id or error
+        found = label_to_id.get(value.strip()) if isinstance(value, str) else None
+        return found if found is not None else _class_id(task, value, where(start + i))
+
     if task.is_multi_label:
         hot = np.zeros((len(raw), task.num_labels), np.float32)
         for i, value in enumerate(raw):
             for name in _label_cells(task, value):
-                hot[i, _class_id(task, name, where(start + i))] = 1.0
+                hot[i, class_id(name, i)] = 1.0
         return hot
-    return np.fromiter(
-        (_class_id(task, value, where(start + i)) for i, value in enumerate(raw)),
-        np.int32,
-        len(raw),
-    )
+    ids = [label_to_id.get(v.strip()) if isinstance(v, str) else None for v in raw]
+    if None in ids:  # rows no name matches: ids as integers, or an error naming the row
+        ids = [class_id(v, i) if ids[i] is None else ids[i] for i, v in enumerate(raw)]
+    return np.asarray(ids, np.int32)
 
 
 def _label_cells(task: Task, value: Any) -> list[Any]:
