@@ -61,8 +61,30 @@ def _model() -> ml_collections.ConfigDict:
 def _data() -> ml_collections.ConfigDict:
     """The task, where its files are, lengths, splits and subsets."""
     s = ml_collections.ConfigDict()
+    # A preset (sst2, mrpc, rte, cola, stsb, rotten_tomatoes: default values of the keys
+    # below), a generic text kind (text_classification, multi_label, regression: your own
+    # files), or a chat / image / speech task (data/tasks.py).
     s.task = "sst2"
     s.dir = ""  # local dir with the task's files; "" = load from the HF hub
+    # Text tasks: csv | tsv | jsonl | parquet | hub; "" = the preset's, else the train
+    # file's extension. "hub" loads `data.hub_name` with `datasets.load_dataset`.
+    s.format = ""
+    # Per split, a path or glob (relative to data.dir when that is set). All "" = the
+    # preset's files; any set = these files only (a split left "" is not available).
+    # Chat tasks: a .jsonl / .json file per split.
+    s.files = ml_collections.ConfigDict({"train": "", "validation": "", "test": ""})
+    s.text_columns = ()  # text tasks: the 1 or 2 text columns; () = the preset's ("text")
+    # Text tasks: the class-name column — a list of names (jsonl / parquet) or names joined
+    # by data.label_delimiter (csv / tsv) for multi_label, a float for regression.
+    # Image table / hub tasks: the label column. "" = the preset's ("label"; multi_label:
+    # "labels").
+    s.label_column = ""
+    # Class names, index = class id (text and image tasks). () = read from the train split
+    # (sorted unique values), printed at start and saved as <workdir>/label_names.json,
+    # which eval / export / predict read back so ids never shift.
+    s.label_names = ()
+    s.label_delimiter = "|"  # multi_label in csv / tsv: "sports|politics" = two labels
+    s.label_range = ()  # regression: (low, high) a score must lie in; () = any finite float
     s.max_length = 64
     s.buckets = (16, 32, 64)  # padded lengths: bounds the number of compiled shapes
     s.eval_split = "validation"  # evaluated every train.eval_every steps; picks "best"
@@ -80,10 +102,10 @@ def _data() -> ml_collections.ConfigDict:
     s.augment = True  # random resized crop + flip on training batches (never on eval)
     s.augment_scale = (0.35, 1.0)  # area fraction range of the random crop
     s.augment_flip = True
-    s.labels = ()  # class names for folder / table / hub tasks; () = read from train
     s.image_column = "image"  # table and hub tasks: the image (path) column
-    s.label_column = "label"  # table and hub tasks: the label column
-    s.hub_name = ""  # image_hub: the dataset's hub name (or data.dir from save_to_disk)
+    # image_hub and text tasks with format "hub": the dataset's hub name (or, for image_hub,
+    # data.dir from save_to_disk).
+    s.hub_name = ""
     # Speech tasks (max_length is then the decoder's row: prompt + transcript tokens + EOS).
     # Audio window in seconds: 30 is Whisper's own; a shorter one uses the first encoder
     # positions only (much cheaper; see README "Fine-tune Whisper" for its effect on WER).

@@ -35,7 +35,7 @@ def run_eval(
     also writes `generations_<split>_<which>.jsonl` (prompt, reference, output) for the first
     `generate.num_samples` records, and reports their exact match where the task scores one.
     """
-    setup = builder.build(config)
+    setup = builder.build(config, workdir=workdir)
     if which == "pretrained":
         workdir_files.ensure_writable(workdir)
         step, params = 0, setup.pretrained_params()

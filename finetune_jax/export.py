@@ -106,7 +106,7 @@ def export(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Restores a checkpoint of `workdir` ('best', 'latest' or a step) and exports it."""
-    setup = builder.build(config)
+    setup = builder.build(config, workdir=workdir)
     step, params = setup.restore_params(workdir, which)
     path = out_dir
     if jax.process_index() == 0:

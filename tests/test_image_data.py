@@ -117,6 +117,19 @@ def test_folder_and_table_sources_agree_and_name_bad_rows(tmp_path):
         image_sources.load_split(get_task("image_table"), table.data, "validation", names)
 
 
+def test_a_runs_saved_class_names_win_over_discovery(tmp_path):
+    for i, name in enumerate(("cat", "dog")):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        _image(i).save(tmp_path / "train" / name / f"{i}.png")
+    folder = _data(task="image_folder", dir=str(tmp_path))
+    assert resolve_task(folder, get_task("image_folder")).label_names == ("cat", "dog")
+    saved = ("dog", "cat")  # what an earlier run in the workdir trained with
+    assert resolve_task(folder, get_task("image_folder"), saved).label_names == saved
+    named = _data(task="image_folder", dir=str(tmp_path), label_names=("cat", "dog"))
+    with pytest.raises(ValueError, match="trained with class names .*label_names.json"):
+        resolve_task(named, get_task("image_folder"), saved)
+
+
 def test_hub_source_decodes_an_image_feature_dataset(tmp_path):
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=["no", "yes"])}

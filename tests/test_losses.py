@@ -117,3 +117,24 @@ def test_chunked_loss_ignores_nonfinite_hidden_on_weight_0_positions():
     total, _ = losses.chunked_next_token_loss(hidden, labels, weights, head, chunk=2)
     expected, _ = losses.causal_lm_loss(hidden[:, :4] @ kernel, labels[:, :4], weights[:, :4])
     np.testing.assert_allclose(total, expected, rtol=1e-6)
+
+
+def test_multi_label_loss_is_mean_sigmoid_bce_per_row():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (6, 4)).astype(np.float32)
+    labels = (rng.random((6, 4)) < 0.4).astype(np.float32)
+    weights = np.asarray([1, 1, 1, 1, 0, 0], np.float32)  # two padding rows
+    total, predictions = losses.multi_label_loss(jnp.asarray(logits), labels, weights)
+    # Direct numpy: -[y log s + (1 - y) log(1 - s)], mean over classes, weighted rows.
+    s = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    bce = -(labels * np.log(s) + (1 - labels) * np.log(1 - s)).mean(axis=1)
+    np.testing.assert_allclose(float(total), np.sum(bce * weights), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(predictions), (s > 0.5).astype(np.int32))
+
+
+def test_loss_is_chosen_by_problem_type():
+    from finetune_jax.data import tasks
+
+    assert losses.loss_for(tasks.GENERIC["multi_label"]) is losses.multi_label_loss
+    assert losses.loss_for(tasks.PRESETS["stsb"]) is losses.regression_loss
+    assert losses.loss_for(tasks.PRESETS["sst2"]) is losses.classification_loss

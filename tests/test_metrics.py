@@ -99,3 +99,36 @@ def test_compute_metrics_reports_every_task_metric(name):
     for metric_name, value in result.items():
         assert isinstance(value, float) and np.isfinite(value)
         assert value == metrics.METRICS[metric_name](predictions, labels)
+
+
+def _multi_hot(seed: int, n: int = 200, k: int = 5):
+    rng = np.random.default_rng(seed)
+    labels = rng.random((n, k)) < rng.uniform(0.05, 0.6, k)  # rare and common classes
+    flips = rng.random((n, k)) < 0.2
+    labels[:, -1] = False  # a class nobody has: F1 0 (zero_division=0), still averaged
+    return np.where(flips, ~labels, labels).astype(np.int32), labels.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_multi_label_metrics_match_sklearn(seed):
+    predictions, labels = _multi_hot(seed)
+    assert metrics.micro_f1(predictions, labels) == pytest.approx(
+        sklearn_metrics.f1_score(labels, predictions, average="micro", zero_division=0)
+    )
+    assert metrics.macro_f1(predictions, labels) == pytest.approx(
+        sklearn_metrics.f1_score(labels, predictions, average="macro", zero_division=0)
+    )
+    assert metrics.subset_accuracy(predictions, labels) == pytest.approx(
+        sklearn_metrics.accuracy_score(labels, predictions)  # exact match of every label set
+    )
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_macro_f1_of_class_ids_matches_sklearn(seed):
+    predictions, labels = _classes(seed, k=4)
+    assert metrics.macro_f1(predictions, labels) == pytest.approx(
+        sklearn_metrics.f1_score(labels, predictions, average="macro")
+    )
+    assert metrics.micro_f1(predictions, labels) == pytest.approx(
+        sklearn_metrics.accuracy_score(labels, predictions)
+    )

@@ -95,11 +95,12 @@ def test_quotes_are_kept_verbatim():
 
 
 def test_registry_and_task_properties():
-    assert set(tasks.TASKS) == {"sst2", "mrpc", "rte", "cola", "stsb", "rotten_tomatoes"}
+    assert set(tasks.PRESETS) == {"sst2", "mrpc", "rte", "cola", "stsb", "rotten_tomatoes"}
+    assert set(tasks.TASKS) == {*tasks.PRESETS, "text_classification", "multi_label", "regression"}
     assert tasks.get_task("stsb").num_labels == 1 and tasks.get_task("stsb").is_regression
     assert tasks.get_task("rte").label_to_id == {"entailment": 0, "not_entailment": 1}
     assert tasks.get_task("mrpc").label_to_id == {"0": 0, "1": 1}
-    for task in tasks.TASKS.values():
+    for task in tasks.PRESETS.values():
         assert task.main_metric in task.metrics
         assert task.num_labels == (1 if task.label_names is None else len(task.label_names))
     with pytest.raises(ValueError, match="unknown task 'qqp'; known tasks: ") as error:
@@ -186,7 +187,7 @@ def test_missing_data_dir(tmp_path):
 
 
 def test_split_without_local_file(tmp_path):
-    with pytest.raises(DataError, match="no local 'test' split"):
+    with pytest.raises(DataError, match="has no 'test' split: set data.files.test"):
         load_split(tasks.get_task("sst2"), tmp_path, "test")
     with pytest.raises(DataError, match="unknown split"):
         load_split(tasks.get_task("sst2"), tmp_path, "dev")

@@ -3,7 +3,7 @@
 Splits come from `image_sources` (labels in memory, images decoded per batch), rows are picked
 by `selection` exactly as for text (holdout carved from train by `data.split_seed`, caps),
 and batches from `image_batches` through the model's image processor. Class names the task
-does not fix come from `data.labels` or from the train split, before the model is built, so
+does not fix come from `data.label_names` or from the train split, before the model is built, so
 the head's width is known.
 """
 
@@ -17,20 +17,29 @@ import ml_collections
 import numpy as np
 
 from finetune_jax.data import image_batches, image_preprocess, image_sources, selection
-from finetune_jax.data.tasks import ImageTask
+from finetune_jax.data.tasks import ImageTask, choose_label_names
 
 
-def resolve_task(config: ml_collections.ConfigDict, task: ImageTask) -> ImageTask:
-    """`task` with its class names: its own, `data.labels`, or discovered from train."""
-    labels = tuple(str(name) for name in config.data.labels)
+def resolve_task(
+    config: ml_collections.ConfigDict,
+    task: ImageTask,
+    saved_names: tuple[str, ...] | None = None,
+) -> ImageTask:
+    """`task` with its class names: its own, `data.label_names`, the run's saved names, or
+    discovered from train (see `tasks.choose_label_names`)."""
+    labels = tuple(str(name) for name in config.data.label_names)
     if task.label_names is not None:
         if labels and labels != task.label_names:
             raise ValueError(
-                f"data.labels={labels} but task {task.name!r} fixes its classes "
-                f"{task.label_names}; leave data.labels empty"
+                f"data.label_names={labels} but task {task.name!r} fixes its classes "
+                f"{task.label_names}; leave data.label_names empty"
             )
         return task
-    names = labels or image_sources.discover_label_names(task, config.data)
+    names = choose_label_names(
+        labels or None,
+        saved_names,
+        lambda: image_sources.discover_label_names(task, config.data),
+    )
     if len(names) < 2:
         raise ValueError(f"task {task.name!r} needs at least 2 classes, found {list(names)}")
     return dataclasses.replace(task, label_names=names)
@@ -47,9 +56,15 @@ def augmentation(config: ml_collections.ConfigDict) -> image_preprocess.Augment 
 class ImageData:
     """Images decoded and preprocessed per batch; augmentation on training batches only."""
 
-    def __init__(self, config: ml_collections.ConfigDict, task: ImageTask, processor):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        task: ImageTask,
+        processor,
+        saved_names: tuple[str, ...] | None = None,
+    ):
         self.config, self.processor = config, processor
-        self.task = resolve_task(config, task)
+        self.task = resolve_task(config, task, saved_names)
         self.augment = augmentation(config)
         self.image_size = image_preprocess.output_size(processor)
 

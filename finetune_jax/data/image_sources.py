@@ -94,7 +94,7 @@ def load_split(task: ImageTask, data: Any, split: str, label_names: Sequence[str
         if label_id is None:
             raise DataError(
                 f"{raw.locate(i)}: label {value!r} is not one of the task's classes "
-                f"{list(label_names)} (set data.labels to name every class)"
+                f"{list(label_names)} (set data.label_names to name every class)"
             )
         labels[i] = label_id
     return ImageSplit(labels, raw.read, raw.locate, raw.source)
@@ -204,15 +204,16 @@ def _table(data: Any, split: str) -> _Raw:
         raise DataError(f"{path!r} has no rows")
     base = os.path.dirname(os.path.abspath(path))
     paths, labels = [], []
+    label_column = data.label_column or "label"
     for i, row in enumerate(rows):
-        missing = [k for k in (data.image_column, data.label_column) if row.get(k) in (None, "")]
+        missing = [k for k in (data.image_column, label_column) if row.get(k) in (None, "")]
         if missing:
             raise DataError(
                 f"{path!r} line {i + first_line}: no value for {missing} (found keys "
                 f"{sorted(row)}; set data.image_column / data.label_column)"
             )
         paths.append(os.path.join(base, str(row[data.image_column])))
-        labels.append(row[data.label_column])
+        labels.append(row[label_column])
 
     def locate(i: int) -> str:
         return f"{path!r} line {i + first_line} ({paths[i]!r})"
@@ -237,7 +238,7 @@ def _hub(data: Any, split: str) -> _Raw:
         loaded = datasets.load_dataset(data.hub_name, split=split)
     else:
         raise DataError("task image_hub needs data.hub_name (or data.dir saved by save_to_disk)")
-    return hub_split(loaded, data.image_column, data.label_column, source)
+    return hub_split(loaded, data.image_column, data.label_column or "label", source)
 
 
 def hub_split(dataset, image_column: str, label_column: str, source: str) -> _Raw:

@@ -23,7 +23,7 @@ import numpy as np
 from finetune_jax.data import chat_batches, selection, text_batches, text_sources
 from finetune_jax.data.image_loader import ImageData
 from finetune_jax.data.speech_data import SpeechData
-from finetune_jax.data.tasks import ChatTask, ImageTask, SpeechTask, Task
+from finetune_jax.data.tasks import ChatTask, ImageTask, SpeechTask, Task, choose_label_names
 
 AnyTask = Task | ChatTask | ImageTask | SpeechTask
 
@@ -33,11 +33,20 @@ def _loader_class(task: AnyTask) -> type:
     return kinds.get(task.kind, ClassificationData)
 
 
-def make_loader(config: ml_collections.ConfigDict, task: AnyTask, preprocessor, model_dir=""):
+def make_loader(
+    config: ml_collections.ConfigDict,
+    task: AnyTask,
+    preprocessor,
+    model_dir="",
+    saved_names: tuple[str, ...] | None = None,
+):
     """The loader for `task`'s kind; `preprocessor` is its tokenizer or image processor. A
-    speech task also reads the model directory's feature extractor and generation config."""
+    speech task also reads the model directory's feature extractor and generation config;
+    a text classifier takes the class names a run saved (`saved_names`)."""
     if task.kind == "seq2seq":
         return SpeechData(config, task, preprocessor, model_dir)
+    if task.kind in ("classification", "image_classification"):
+        return _loader_class(task)(config, task, preprocessor, saved_names)
     return _loader_class(task)(config, task, preprocessor)
 
 
@@ -53,11 +62,33 @@ def _rows(config: ml_collections.ConfigDict, split: str, num_rows: int) -> np.nd
     return selection.config_rows(config, split, num_rows)
 
 
+def resolve_text_task(
+    config: ml_collections.ConfigDict, task: Task, saved_names: tuple[str, ...] | None = None
+) -> Task:
+    """`task` with its class names (see `tasks.choose_label_names`; inferred from the train
+    split when neither the config nor the run's saved names give them)."""
+    if task.is_regression:
+        return task
+    names = choose_label_names(
+        task.label_names,
+        saved_names,
+        lambda: text_sources.infer_label_names(task, config.data.dir or None),
+    )
+    return dataclasses.replace(task, label_names=names)
+
+
 class ClassificationData:
     """Tokenized sentence(-pair) examples batched into a few padded lengths (buckets)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, task: Task, tokenizer):
-        self.config, self.task, self.tokenizer = config, task, tokenizer
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        task: Task,
+        tokenizer,
+        saved_names: tuple[str, ...] | None = None,
+    ):
+        self.config, self.tokenizer = config, tokenizer
+        self.task = resolve_text_task(config, task, saved_names)
         self.buckets = text_batches.bucket_lengths(
             config.data.max_length, tuple(config.data.buckets)
         )
@@ -70,12 +101,15 @@ class ClassificationData:
             text_batches.bucket_lengths(config.data.max_length, tuple(config.data.buckets))
         )
         tokens = ((rows, length), np.dtype(np.int32))
-        label = np.float32 if task.is_regression else np.int32
+        if task.is_multi_label:  # multi-hot rows
+            labels = ((rows, task.num_labels), np.dtype(np.float32))
+        else:
+            labels = ((rows,), np.dtype(np.float32 if task.is_regression else np.int32))
         return {
             "input_ids": tokens,
             "attention_mask": tokens,
             "token_type_ids": tokens,
-            "labels": ((rows,), np.dtype(label)),
+            "labels": labels,
             "weights": ((rows,), np.dtype(np.float32)),
         }
 
@@ -95,10 +129,14 @@ class ClassificationData:
 
     def label_prior(self) -> np.ndarray:
         """The train labels' prior as head biases [num_labels]: the mean score for
-        regression, log class frequencies (add-one smoothed) for classification."""
+        regression, log class frequencies (add-one smoothed) for classification, each
+        class's log-odds for multi-label."""
         labels = np.asarray(self.examples("train").labels)
         if self.task.is_regression:
             return np.asarray([labels.mean()], np.float32)
+        if self.task.is_multi_label:
+            positive = (labels.sum(axis=0) + 1.0) / (len(labels) + 2.0)
+            return np.log(positive / (1.0 - positive)).astype(np.float32)
         counts = np.bincount(labels, minlength=self.task.num_labels) + 1.0
         return np.log(counts / counts.sum()).astype(np.float32)
 
@@ -156,10 +194,11 @@ class ChatData:
 
     def __init__(self, config: ml_collections.ConfigDict, task: ChatTask, tokenizer):
         self.config, self.task, self.tokenizer = config, task, tokenizer
-        if not config.data.dir:
+        if not (config.data.dir or config.data.files.train):
             raise ValueError(
-                f"data.task={task.name!r} reads local chat records: set data.dir to a "
-                "directory holding {split}.jsonl (or .json) or to one such file"
+                f"data.task={task.name!r} reads local chat records: set data.files.train (and "
+                ".validation / .test) to .jsonl / .json files, or data.dir to a directory "
+                "holding {split}.jsonl (or .json) or to one such file"
             )
 
     @staticmethod
@@ -173,6 +212,23 @@ class ChatData:
     def conversations(self, split: str) -> list[chat_batches.Conversation]:
         """The records of `split` ("train", "test", "validation" or "holdout") in file order."""
         file_split = selection.file_split(split)
+        data = self.config.data
+        if data.files[file_split]:  # relative to data.dir when that is set
+            records = chat_batches.load_records(
+                os.path.join(data.dir, data.files[file_split]), self.task.format, split=file_split
+            )
+        else:
+            records = self._dir_records(split, file_split)
+        rows = _rows(self.config, split, len(records))
+        return records if rows is None else [records[i] for i in rows]
+
+    def _dir_records(self, split: str, file_split: str) -> list[chat_batches.Conversation]:
+        """`data.dir`'s `{split}.jsonl` (or .json), or data.dir itself as the train file."""
+        if not self.config.data.dir:
+            raise ValueError(
+                f"no {file_split} records: set data.files.{file_split} (or data.dir to a "
+                f"directory holding {file_split}.jsonl)"
+            )
         if file_split != "train" and os.path.isfile(self.config.data.dir):
             # One file is the train split; reading it as another split would evaluate (and
             # select checkpoints) on the training data.
@@ -182,11 +238,7 @@ class ChatData:
                 f"{file_split}.jsonl, or evaluate on a holdout (data.eval_split='holdout', "
                 "data.holdout_rows=N)"
             )
-        records = chat_batches.load_records(
-            self.config.data.dir, self.task.format, split=file_split
-        )
-        rows = _rows(self.config, split, len(records))
-        return records if rows is None else [records[i] for i in rows]
+        return chat_batches.load_records(self.config.data.dir, self.task.format, split=file_split)
 
     def load(self, split: str) -> ChatSplit:
         """Load, render, mask and pack `split`."""

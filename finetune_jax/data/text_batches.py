@@ -2,7 +2,8 @@
 
 Batches are dicts of numpy arrays:
   input_ids, attention_mask, token_type_ids  int32 [B, L]
-  labels                                     int32 [B] (float32 for regression)
+  labels                                     int32 [B]; float32 [B] for regression,
+                                             float32 multi-hot [B, C] for multi-label
   weights                                    float32 [B]; 1 for real rows, 0 for padding rows
 L is always one of a few bucket lengths, so a jitted step compiles at most len(buckets) times.
 The order of training batches depends only on (seed, epoch), never on the number of processes:
@@ -86,7 +87,7 @@ def collate(
     input_ids = np.full((batch_size, length), pad_id, np.int32)
     attention_mask = np.zeros((batch_size, length), np.int32)
     token_type_ids = np.zeros((batch_size, length), np.int32)
-    labels = np.zeros(batch_size, encoded.labels.dtype)
+    labels = np.zeros((batch_size, *encoded.labels.shape[1:]), encoded.labels.dtype)
     weights = np.zeros(batch_size, np.float32)
     for row, index in enumerate(indices):
         if index == PADDING_ROW:

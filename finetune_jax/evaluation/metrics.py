@@ -60,6 +60,44 @@ def spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
     return pearson(scipy.stats.rankdata(predictions), scipy.stats.rankdata(labels))
 
 
+def _indicators(predictions: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean [N, C] indicators: multi-hot rows as they are; class ids one-hot over the
+    classes that occur in either (scikit-learn's label set for 1-D inputs)."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if predictions.shape != labels.shape:
+        raise ValueError(f"predictions of shape {predictions.shape} but labels {labels.shape}")
+    if predictions.size == 0:
+        raise ValueError("metrics of an empty set are undefined")
+    if predictions.ndim == 2:
+        return predictions > 0.5, labels > 0.5
+    classes = np.unique(np.concatenate([labels, predictions]))
+    return predictions[:, None] == classes, labels[:, None] == classes
+
+
+def _f1(true_positive, predicted, actual) -> np.ndarray:
+    """2 TP / (predicted + actual), 0 where both counts are 0 (scikit-learn's zero_division=0)."""
+    denominator = predicted + actual
+    return np.where(denominator > 0, 2 * true_positive / np.maximum(denominator, 1), 0.0)
+
+
+def micro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """F1 over all (row, class) decisions pooled; equals accuracy for single-label ids."""
+    p, y = _indicators(predictions, labels)
+    return float(_f1(np.sum(p & y), np.sum(p), np.sum(y)))
+
+
+def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Unweighted mean of the per-class F1 scores (rare classes count as much as common)."""
+    p, y = _indicators(predictions, labels)
+    return float(np.mean(_f1(np.sum(p & y, 0), np.sum(p, 0), np.sum(y, 0))))
+
+
+def subset_accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows whose whole predicted label set is exactly right."""
+    p, y = _indicators(predictions, labels)
+    return float(np.mean(np.all(p == y, axis=1)))
+
+
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": accuracy,
     "token_accuracy": accuracy,  # next-token argmax vs target, over trained tokens
@@ -67,11 +105,15 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "matthews_corrcoef": matthews_corrcoef,
     "pearson": pearson,
     "spearman": spearman,
+    "micro_f1": micro_f1,
+    "macro_f1": macro_f1,
+    "subset_accuracy": subset_accuracy,
 }
 
 
 def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """All of `task.metrics` for predictions (class ids, or floats for regression) vs labels."""
+    """All of `task.metrics` for predictions vs labels: class ids, multi-hot rows
+    [N, num_labels] (multi-label), or floats (regression)."""
     unknown = [name for name in task.metrics if name not in METRICS]
     if unknown:
         raise ValueError(

@@ -38,8 +38,8 @@ def exported_config(hf_config: dict[str, Any], family: ModelFamily, task: Any) -
     if task.is_regression:
         config["problem_type"] = "regression"
         config["id2label"], config["label2id"] = {0: "score"}, {"score": 0}
-    else:
-        config["problem_type"] = "single_label_classification"
+    else:  # single_label_ or multi_label_classification (transformers then uses sigmoid)
+        config["problem_type"] = task.problem_type
         config["id2label"] = dict(enumerate(task.label_names))
         config["label2id"] = {name: i for i, name in enumerate(task.label_names)}
     return config

@@ -23,7 +23,7 @@ from finetune_jax.hf import loading, model_files
 from finetune_jax.models import family_for
 from finetune_jax.models import lora as lora_lib
 from finetune_jax.models.family import ModelFamily
-from finetune_jax.training import checkpoints, optim, steps
+from finetune_jax.training import checkpoints, optim, steps, workdir_files
 from finetune_jax.training.losses import loss_for
 from finetune_jax.training.setup import Setup
 from finetune_jax.training.state import create_train_state
@@ -52,6 +52,7 @@ def build(
     config: ml_collections.ConfigDict,
     devices: list[jax.Device] | None = None,
     hf_config: dict[str, Any] | None = None,
+    workdir: str | None = None,
 ) -> Setup:
     """Resolve the model and task, lay out params and state on the mesh, and jit the steps.
 
@@ -59,20 +60,24 @@ def build(
     run needs them (a resumed run never does). With `hf_config` (a model's config.json) the
     build is abstract, for preflight: no checkpoint, tokenizer or data is touched at all.
     `devices` (default: all devices of all processes) is what `config.mesh` is laid over.
+    A `workdir` of an earlier run supplies the class names it trained with.
     """
     lora_config(config)  # fail before any loading
-    task = tasks.get_task(config.data.task)
+    task = tasks.task_for(config.data)
     _check_task_options(config, task)
     abstract = hf_config is not None
     model_ref = "" if abstract else _resolve_model(config.model.name)
     hf_config = hf_config if abstract else model_files.read_config(model_ref)
     family = family_for(hf_config.get("model_type", ""))
     tokenizer = None if abstract else _preprocessor(config, task, model_ref)
-    data = None if abstract else loaders.make_loader(config, task, tokenizer, model_ref)
+    saved_names = workdir_files.read_label_names(workdir)
+    data = None if abstract else loaders.make_loader(config, task, tokenizer, model_ref, saved_names)
     if data is not None:
-        task = data.task  # an image task's class names may come from its data
+        task = data.task  # class names may come from the data (or the run's saved names)
     elif task.kind == "image_classification":
-        task = image_loader.resolve_task(config, task)
+        task = image_loader.resolve_task(config, task, saved_names)
+    elif task.kind == "classification":
+        task = loaders.resolve_text_task(config, task, saved_names)
     model_config = _model_config(config, task, family, hf_config, model_ref or "config.model")
     module = family.module_for(model_config, task.kind)
 

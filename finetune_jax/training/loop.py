@@ -47,8 +47,9 @@ def train(
     finished = rerun.check_workdir(config, workdir, end)  # before anything is built
     if finished is not None:
         return finished
-    setup = builder.build(config)
+    setup = builder.build(config, workdir=workdir)
     workdir_files.write_config(config, workdir)
+    _save_label_names(setup.task, workdir)
     manifest.write_manifest(config, workdir, setup.mesh)
     say(
         f"parameter groups (optim.preset={config.optim.preset!r}):\n"
@@ -107,6 +108,15 @@ def _outputs(path, steps) -> str:
         f"  tensorboard/ (open: tensorboard --logdir {path / 'tensorboard'})\n"
         f"  learning curves: python -m finetune_jax.plot --workdir={path}"
     )
+
+
+def _save_label_names(task, workdir: str) -> None:
+    """A classifier's id -> class name mapping, printed and kept with the run."""
+    names = getattr(task, "label_names", None)
+    if names is None:  # regression, language models
+        return
+    path = workdir_files.write_label_names(workdir, names)
+    say("class ids: " + ", ".join(f"{i}={name}" for i, name in enumerate(names)) + f" ({path})")
 
 
 @dataclasses.dataclass

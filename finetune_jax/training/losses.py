@@ -31,11 +31,33 @@ def regression_loss(
     return jnp.sum(jnp.square(predictions - labels) * weights), predictions
 
 
+def multi_label_loss(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(sum over rows of weighted sigmoid binary cross-entropy, averaged over the classes;
+    multi-hot predictions, 1 where sigmoid(logit) > 0.5). labels: float multi-hot [B, C].
+
+    The per-row mean over classes makes loss / rows equal transformers'
+    `BCEWithLogitsLoss` (a mean over all B x C entries) on unpadded batches.
+    """
+    losses = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels)
+    per_row = jnp.mean(losses, axis=-1)
+    return jnp.sum(per_row * weights), (logits > 0).astype(jnp.int32)
+
+
+# A classifier's loss by transformers' `problem_type` of its task.
+LOSSES = {
+    "single_label_classification": classification_loss,
+    "multi_label_classification": multi_label_loss,
+    "regression": regression_loss,
+}
+
+
 def loss_for(task):
     """Pick the loss at setup time, so the jitted step holds no branch on the task."""
     if task.kind in ("causal_lm", "seq2seq"):  # a decoder's labels are its next tokens
         return next_token_loss
-    return regression_loss if task.num_labels == 1 else classification_loss
+    return LOSSES[task.problem_type]
 
 
 def causal_lm_loss(

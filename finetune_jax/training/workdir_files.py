@@ -203,3 +203,23 @@ def write_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
         text = json_text(config.to_dict(), indent=2, sort_keys=True, default=str)
         write_text_atomic(path, text)
     return os.fspath(path)
+
+
+LABEL_NAMES_FILE = "label_names.json"
+
+
+def read_label_names(workdir: str | os.PathLike | None) -> tuple[str, ...] | None:
+    """The class names a run in `workdir` trained with (None: no workdir, or none saved)."""
+    if not workdir:
+        return None
+    names = read_json(workdir_path(workdir) / LABEL_NAMES_FILE)
+    return None if names is None else tuple(names)
+
+
+def write_label_names(workdir: str | os.PathLike, names: tuple[str, ...]) -> str:
+    """Save a classifier's class names (index = id) for eval, export and predict to read."""
+    path = workdir_path(workdir) / LABEL_NAMES_FILE
+    if jax.process_index() == 0:
+        write_text_atomic(path, json_text(list(names), indent=2))
+    return os.fspath(path)
+
