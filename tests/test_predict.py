@@ -22,18 +22,9 @@ from finetune_jax.evaluation.generation import Generator, SamplingConfig
 from finetune_jax.evaluation.prediction import probabilities
 from finetune_jax.predict import predict
 from finetune_jax.training import builder, run_config
-from tests.helpers import REPO, SHARED_DATA, tiny_config
+from tests.helpers import REPO, SHARED_DATA
 from tests.test_image_train import image_config, tiny_dinov2_dir  # noqa: F401, F811
 from tests.test_sft_train import tiny_sft_config
-
-
-@pytest.fixture(scope="module")
-def text_run(tiny_bert_dir, sst2_slice, tmp_path_factory):
-    """A tiny BERT trained 3 steps on SST-2 rows: (workdir, config)."""
-    workdir = tmp_path_factory.mktemp("text_run")
-    config = tiny_config(tiny_bert_dir, sst2_slice, max_steps=3)
-    train_lib.train(config, str(workdir))
-    return workdir, config
 
 
 def _dev_rows(count):
@@ -50,8 +41,10 @@ def _logits(setup, params, sentences):
     return np.asarray(jax.jit(setup.module.apply)({"params": params}, **inputs))
 
 
-def test_predict_passes_columns_through_and_matches_the_models_probabilities(text_run, tmp_path):
-    workdir, _ = text_run
+def test_predict_passes_columns_through_and_matches_the_models_probabilities(
+    tiny_bert_run, tmp_path
+):
+    workdir, _ = tiny_bert_run
     sentences = _dev_rows(13)  # 13 rows: the second batch of 8 is padded
     source = tmp_path / "new.csv"
     with open(source, "w", newline="") as f:
@@ -76,8 +69,10 @@ def test_predict_passes_columns_through_and_matches_the_models_probabilities(tex
     assert [r["label"] for r in rows] == list(names[expected.argmax(axis=1)])
 
 
-def test_predict_jsonl_keeps_a_users_label_column_and_never_leaves_half_files(text_run, tmp_path):
-    workdir, config = text_run
+def test_predict_jsonl_keeps_a_users_label_column_and_never_leaves_half_files(
+    tiny_bert_run, tmp_path
+):
+    workdir, config = tiny_bert_run
     source = tmp_path / "new.jsonl"
     rows = [{"sentence": s, "label": "gold"} for s in _dev_rows(3)]
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -97,8 +92,8 @@ def test_predict_jsonl_keeps_a_users_label_column_and_never_leaves_half_files(te
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "new.jsonl", "out.jsonl"]
 
 
-def test_cli_reads_the_saved_config_and_names_a_mismatched_key(text_run, tmp_path):
-    workdir, _ = text_run
+def test_cli_reads_the_saved_config_and_names_a_mismatched_key(tiny_bert_run, tmp_path):
+    workdir, _ = tiny_bert_run
     source = tmp_path / "new.tsv"
     source.write_text("sentence\n" + "".join(s + "\n" for s in _dev_rows(2)))
     command = [sys.executable, "-m", "finetune_jax.predict", f"--workdir={workdir}"]

@@ -60,6 +60,20 @@ def read_chunks(path: str, rows: int) -> Iterator[list[dict[str, Any]]]:
         yield chunk
 
 
+def example_chunks(
+    examples: Examples, text_columns: Sequence[str], label_column: str, rows: int
+) -> Iterator[list[dict[str, Any]]]:
+    """A loaded split as chunks of rows, as `read_chunks` yields a file's: the text columns
+    and the label (a class id, or a regression score)."""
+    texts = [examples.text_a] + ([examples.text_b] if examples.text_b is not None else [])
+    for start in range(0, len(examples), rows):
+        stop = min(start + rows, len(examples))
+        yield [
+            {**{c: t[i] for c, t in zip(text_columns, texts)}, label_column: examples.labels[i]}
+            for i in range(start, stop)
+        ]
+
+
 def _rows(path: str) -> Iterator[dict[str, Any]]:
     if os.path.isdir(path):
         extensions = Image.registered_extensions()
