@@ -90,17 +90,9 @@ def main() -> None:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         quiet_libraries()
         limits = monitoring.Thresholds(psi.value, kl.value, mmd_p.value, unknown.value, drop.value)
-        result = monitor(
-            resolve_run_config(config, workdir.value),
-            workdir.value,
-            input_path.value,
-            out.value,
-            reference.value,
-            which.value,
-            limits,
-            permutations.value,
-            max_rows.value,
-        )
+        paths = (workdir.value, input_path.value, out.value, reference.value)
+        resolved = resolve_run_config(config, workdir.value)
+        result = monitor(resolved, *paths, which.value, limits, permutations.value, max_rows.value)
         print(json.dumps({k: result[k] for k in ("drift", "rows", "checks")}, indent=2))
         print(f"report: {os.path.join(out.value, 'report.md')}", file=sys.stderr)
         sys.exit(1 if result["drift"] else 0)
