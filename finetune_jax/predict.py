@@ -44,19 +44,24 @@ def predict(
     step, params = setup.restore_params(workdir, which)
     names = run_config.saved_label_names(workdir, getattr(setup.task, "label_names", None))
     predictor = Predictor(setup, params, names, input_path, threshold)
+    rows = config.train.batch_size
+    return {"step": step, **write_predictions(predictor, input_path, writer, rows)}
+
+
+def write_predictions(predictor, input_path: str, writer, rows: int) -> dict:
+    """Streams `input_path` through `predictor`, `rows` at a time, into `writer`."""
     bar = tqdm(unit="row", dynamic_ncols=True, disable=jax.process_index() != 0)
     start = time.perf_counter()
     with writer:
-        for rows in prediction_io.read_chunks(input_path, config.train.batch_size):
-            outputs = predictor(rows)
-            writer.write([prediction_io.merge(row, out) for row, out in zip(rows, outputs)])
-            bar.update(len(rows))
+        for chunk in prediction_io.read_chunks(input_path, rows):
+            outputs = predictor(chunk)
+            writer.write([prediction_io.merge(row, out) for row, out in zip(chunk, outputs)])
+            bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - start
     return {
-        "step": step,
         "rows": writer.rows,
-        "output": output_path,
+        "output": writer.path,
         "seconds": round(seconds, 3),
         "rows_per_second": round(writer.rows / max(seconds, 1e-9), 1),
     }
