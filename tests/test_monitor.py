@@ -79,3 +79,34 @@ def test_monitor_defaults_to_the_runs_eval_split_and_exits_by_verdict(
     done = run(f"--input={tmp_path / 'missing.csv'}", f"--out={tmp_path / 'b'}")
     assert done.returncode == 2 and "error: --input=" in done.stderr
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow  # 40 MiniLM train steps + 4 passes over ~436 rows: minutes on 2 cores
+def test_sst2_minilm_flags_gsm8k_and_not_the_dev_split_in_halves(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quick", REPO / "configs/glue/sst2_minilm.py")
+    quick = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quick)
+    config = quick.get_config()
+    config.data.dir = str(SHARED_DATA / "glue" / "sst2")
+    config.train.max_steps = config.train.eval_every = config.train.checkpoint_every = 40
+    config.train.progress = False
+    from finetune_jax.train import train
+
+    train(config, str(tmp_path / "run"))
+    header, *dev = (SHARED_DATA / "glue" / "sst2" / "dev.tsv").read_text().splitlines(True)
+    half = len(dev) // 2
+    (tmp_path / "first.tsv").write_text(header + "".join(dev[:half]))
+    (tmp_path / "second.tsv").write_text(header + "".join(dev[half:]))
+    questions = (SHARED_DATA / "gsm8k" / "test.jsonl").read_text().splitlines()[:half]
+    with open(tmp_path / "gsm8k.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["sentence"], *([json.loads(q)["question"]] for q in questions)])
+    kwargs = dict(reference=str(tmp_path / "first.tsv"))
+    run = str(tmp_path / "run")
+    calm = monitor(config, run, str(tmp_path / "second.tsv"), str(tmp_path / "calm"), **kwargs)
+    alarm = monitor(config, run, str(tmp_path / "gsm8k.csv"), str(tmp_path / "alarm"), **kwargs)
+    assert calm["drift"] is False, calm["checks"]
+    assert alarm["drift"] is True
+    flagged = {c["statistic"] for c in alarm["checks"] if c["flagged"]}
+    assert {"input length PSI", "embedding MMD p-value"} <= flagged

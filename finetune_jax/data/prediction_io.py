@@ -129,7 +129,7 @@ def text_examples(
 ) -> Examples:
     """A chunk's texts as unlabeled `Examples` (labels 0) in the run's text columns."""
     _require(rows, text_columns, source)
-    texts = [[str(row[c] or "") for row in rows] for c in text_columns]
+    texts = [["" if row[c] is None else str(row[c]) for row in rows] for c in text_columns]
     return Examples(
         text_a=texts[0],
         text_b=texts[1] if len(texts) > 1 else None,
