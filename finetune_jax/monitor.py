@@ -52,6 +52,11 @@ def monitor(
     thresholds = thresholds or monitoring.Thresholds()
     reference = reference or config.data.eval_split
     setup = builder.build(config)
+    if setup.predict_step is None:
+        raise ValueError(
+            f"monitor watches classifiers and regressors (text or image); data.task="
+            f"{config.data.task!r} is a {setup.task.kind} task"
+        )
     step, params = setup.restore_params(workdir, which)
     names = run_config.saved_label_names(workdir, setup.task.label_names)
     rows, seed = config.train.batch_size, config.seed
