@@ -39,7 +39,8 @@ def predict(
 ) -> dict:
     """Predicts every row of `input_path` into `output_path`; returns a summary."""
     prediction_io.check_input(input_path)
-    writer = prediction_io.RowWriter(output_path, overwrite)  # fails before the model loads
+    # Fails before the model loads; every process predicts (the batches are global), one writes.
+    writer = prediction_io.RowWriter(output_path, overwrite, jax.process_index() == 0)
     setup = builder.build(config)
     step, params = setup.restore_params(workdir, which)
     names = run_config.saved_label_names(workdir, getattr(setup.task, "label_names", None))

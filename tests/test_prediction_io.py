@@ -91,3 +91,9 @@ def test_prompt_rows_are_chat_messages():
     assert prompt_messages({"messages": messages}, "f") == messages
     with pytest.raises(ValueError, match="needs a `prompt` string"):
         prompt_messages({"text": "hi"}, "prompts.jsonl")
+
+
+def test_a_disabled_writer_counts_rows_and_writes_nothing(tmp_path):
+    with prediction_io.RowWriter(str(tmp_path / "out.csv"), enabled=False) as writer:
+        writer.write([{"a": 1}, {"a": 2}])
+    assert writer.rows == 2 and not any(tmp_path.iterdir())

@@ -162,26 +162,33 @@ class RowWriter:
     """Writes output rows (`.csv` or `.jsonl`) to a temporary sibling of `path`, renamed to
     `path` by `commit`; an error (exiting the `with` block by an exception) removes it, so a
     failed run never leaves a half file that looks complete. An existing `path` is an error
-    unless `overwrite`."""
+    unless `overwrite`. `enabled=False` (processes other than 0) only counts rows."""
 
-    def __init__(self, path: str, overwrite: bool = False):
+    def __init__(self, path: str, overwrite: bool = False, enabled: bool = True):
+        self.path, self.rows, self.enabled = path, 0, enabled
+        if not enabled:
+            return
         if _extension(path) not in OUTPUT_FORMATS:
             raise ValueError(f"--output={path!r}: write a .csv or .jsonl file")
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"--output={path!r} exists; choose another or pass --overwrite")
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise FileNotFoundError(f"--output={path!r}: its directory does not exist")
-        self.path, self.rows = path, 0
         self._tmp = f"{path}.tmp-{os.getpid()}"
         self._file: io.TextIOBase | None = None
         self._csv: csv.DictWriter | None = None
 
     def __enter__(self) -> RowWriter:
+        if not self.enabled:
+            return self
         self._file = open(self._tmp, "w", newline="", encoding="utf-8")  # noqa: SIM115
         return self
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
         """Append `rows` (the first row's keys are the csv header)."""
+        self.rows += len(rows)
+        if not self.enabled:
+            return
         assert self._file is not None, "use RowWriter in a with block"
         if _extension(self.path) == ".jsonl":
             self._file.writelines(json.dumps(row, default=_plain) + "\n" for row in rows)
@@ -190,9 +197,10 @@ class RowWriter:
                 self._csv = csv.DictWriter(self._file, fieldnames=list(rows[0]))
                 self._csv.writeheader()
             self._csv.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
-        self.rows += len(rows)
 
     def __exit__(self, kind, value, traceback) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         if kind is None:
             os.replace(self._tmp, self.path)
