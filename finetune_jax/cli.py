@@ -9,8 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from finetune_jax.cluster import compilation_cache
+from finetune_jax.training import run_config
 from finetune_jax.training.checkpoints import CheckpointError
 
 # Errors that describe a bad config, path, data row or weight file: the message says what is
@@ -68,6 +70,24 @@ def _parse_flags(argv: list[str]) -> Any:
         if os.environ.get("FINETUNE_JAX_DEBUG"):
             raise
         _fail(f"bad command-line flag {_flag_being_parsed(e, argv)}: {_message(e)}")
+
+
+def define_run_config_flag() -> flags.FlagHolder:
+    """`--config` for entry points acting on a trained run (eval, export, predict, monitor):
+    optional, defaulting to the run's saved config (`training/run_config.py`)."""
+    return config_flags.DEFINE_config_file(
+        "config",
+        run_config.__file__,  # its get_config() is base_config(): overrides parse without a file
+        "Experiment config file; default: the run's own <workdir>/config.json. Given, it must "
+        "agree with the saved one on the keys that change what the model means.",
+    )
+
+
+def resolve_run_config(config: flags.FlagHolder, workdir: str):
+    """The run's config: its saved one with the `--config.x=...` overrides of the command
+    line, or the `--config` file's, checked against the saved one (`run_config.resolve`)."""
+    keys = [a[9:].split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
+    return run_config.resolve(workdir, config.value, flags.FLAGS["config"].present, keys)
 
 
 def quiet_libraries() -> None:

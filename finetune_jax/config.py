@@ -165,9 +165,7 @@ def _train() -> ml_collections.ConfigDict:
     """Batch, steps, logging, evals, checkpoints, selection and fault handling."""
     s = ml_collections.ConfigDict()
     s.batch_size = 32  # global, over all processes
-    s.microbatches = (
-        1  # gradient accumulation inside the step: batch_size / microbatches each
-    )
+    s.microbatches = 1  # gradient accumulation inside the step: batch_size / microbatches each
     s.max_steps = 1000
     # Intervals in steps; 0 = none periodic. The last step always logs, evaluates (the best
     # checkpoint and the summary need one eval) and saves; an eval also logs and saves.
@@ -178,9 +176,7 @@ def _train() -> ml_collections.ConfigDict:
     s.metric = ""  # "" = the task's main metric
     s.patience = 0  # evals without improvement before stopping; 0 = never stop early
     s.async_checkpoint = True
-    s.nonfinite = (
-        "halt"  # halt: stop with an error naming step and param | skip: drop the update
-    )
+    s.nonfinite = "halt"  # halt: stop with an error naming step and param | skip: drop the update
     s.progress = True  # tqdm bar; False: one plain line of train metrics per log step
     # After the last step, evaluate the best checkpoint (by train.metric on data.eval_split)
     # on this split, e.g. "validation" when selecting on "holdout"; "" = skip.

@@ -1,4 +1,4 @@
-"""Evaluate a trained run: `python -m finetune_jax.eval --config=... --workdir=... --split=validation`.
+"""Evaluate a trained run: `python -m finetune_jax.eval --workdir=... [--config=...] --split=validation`.
 
 Restores the best checkpoint (by the run's metric), the latest, a given step or the untuned
 pretrained model (`--checkpoint=pretrained`), evaluates on the requested split and writes
@@ -16,9 +16,8 @@ from typing import Any
 import jax
 import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
 
-from finetune_jax.cli import quiet_libraries, run_main
+from finetune_jax.cli import define_run_config_flag, quiet_libraries, resolve_run_config, run_main
 from finetune_jax.cluster import distributed
 from finetune_jax.evaluation import generated_answers
 from finetune_jax.evaluation.evaluator import evaluate
@@ -91,9 +90,7 @@ def run_eval(
 
 
 def main() -> None:
-    config = config_flags.DEFINE_config_file(
-        "config", None, "Experiment config file (configs/**.py)."
-    )
+    config = define_run_config_flag()
     workdir = flags.DEFINE_string("workdir", None, "Workdir of the training run.")
     split = flags.DEFINE_string(
         "split", "validation", "Split to evaluate (validation, test, train, holdout)."
@@ -102,14 +99,16 @@ def main() -> None:
         "checkpoint", "best", "'best', 'latest', a step number, or 'pretrained' (untuned)."
     )
     cluster = distributed.define_flags()
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.mark_flags_as_required(["workdir"])
 
     def run(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         quiet_libraries()
         distributed.initialize_from_flags(cluster)
-        results = run_eval(config.value, workdir.value, split.value, which.value)
+        results = run_eval(
+            resolve_run_config(config, workdir.value), workdir.value, split.value, which.value
+        )
         if jax.process_index() == 0:
             print(workdir_files.json_text(results, indent=2))
 

@@ -1,5 +1,5 @@
 """Export a trained run as a Hugging Face model directory:
-`python -m finetune_jax.export --config=... --workdir=... --out=DIR [--checkpoint=best]`.
+`python -m finetune_jax.export --workdir=... [--config=...] --out=DIR [--checkpoint=best]`.
 
 LoRA is merged into the base weights, so DIR loads with plain transformers
 (`AutoModelForCausalLM` / `AutoModelForSequenceClassification` /
@@ -25,9 +25,8 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
-from finetune_jax.cli import quiet_libraries, run_main
+from finetune_jax.cli import define_run_config_flag, quiet_libraries, resolve_run_config, run_main
 from finetune_jax.hf import adapters, saving
 from finetune_jax.models import hf_mapping
 from finetune_jax.models import lora as lora_lib
@@ -115,20 +114,24 @@ def export(
 
 
 def main() -> None:
-    config = config_flags.DEFINE_config_file(
-        "config", None, "Experiment config file (configs/**.py)."
-    )
+    config = define_run_config_flag()
     workdir = flags.DEFINE_string("workdir", None, "Workdir of the training run.")
     out = flags.DEFINE_string("out", None, "Directory (or gs:// URL) to write the HF model to.")
     which = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
     overwrite = flags.DEFINE_bool("overwrite", False, "Replace an existing --out directory.")
-    flags.mark_flags_as_required(["config", "workdir", "out"])
+    flags.mark_flags_as_required(["workdir", "out"])
 
     def run(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         quiet_libraries()
-        result = export(config.value, workdir.value, out.value, which.value, overwrite.value)
+        result = export(
+            resolve_run_config(config, workdir.value),
+            workdir.value,
+            out.value,
+            which.value,
+            overwrite.value,
+        )
         print(json.dumps(result, indent=2))
 
     run_main(run)

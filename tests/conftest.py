@@ -216,3 +216,15 @@ def tiny_whisper_asr_dir(tmp_path_factory, whisper_tiny_en_dir) -> pathlib.Path:
         shutil.copy(whisper_tiny_en_dir / name, out_dir / name)
     transformers.WhisperFeatureExtractor(feature_size=8).save_pretrained(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_run(tmp_path_factory, tiny_bert_dir, sst2_slice):
+    """A workdir of the tiny BERT trained 3 steps on the SST-2 slice: (workdir, config)."""
+    from finetune_jax.train import train
+    from tests.helpers import tiny_config
+
+    workdir = tmp_path_factory.mktemp("tiny_bert_run")
+    config = tiny_config(tiny_bert_dir, sst2_slice, max_steps=3)
+    train(config, str(workdir))
+    return workdir, config

@@ -105,7 +105,10 @@ def test_rows_from_jsonl_csv_and_a_dataset(tmp_path):
     table = table.map(lambda x: {"speech": {"bytes": open(x["speech"]["path"], "rb").read()}})
     table.to_parquet(str(tmp_path / "hub" / "data" / "test-00000.parquet"))
     hub = audio_sources.load_rows(
-        "", "test", hub_dataset=str(tmp_path / "hub"), audio_column="speech",
+        "",
+        "test",
+        hub_dataset=str(tmp_path / "hub"),
+        audio_column="speech",
         text_column="sentence",
     )
     assert [r.text for r in hub] == [r.text for r in rows]

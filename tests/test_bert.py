@@ -28,6 +28,7 @@ def from_hf(tensors, config):
 def to_hf(params, config):
     return hf_mapping.params_to_hf(params, bert.FAMILY, config)
 
+
 SENTENCES = [
     "A short one.",
     "This sentence is quite a bit longer than the first, so it needs more tokens.",

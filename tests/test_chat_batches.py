@@ -220,7 +220,9 @@ def test_multi_turn_trains_every_assistant_reply_and_nothing_else(tokenizer):
     assert replies == ["Paris.<|im_end|>", "Rome.<|im_end|>"]
     untrained = tokenizer.decode(ids[~trained])
     assert all(m["content"] in untrained for m in conversation if m["role"] != "assistant")
-    short_ids, short_trained = chat_batches.encode_conversation(conversation, tokenizer, max_length=40)
+    short_ids, short_trained = chat_batches.encode_conversation(
+        conversation, tokenizer, max_length=40
+    )
     assert (
         short_ids.tolist() == ids[:40].tolist() and short_trained.tolist() == trained[:40].tolist()
     )
@@ -230,7 +232,9 @@ def test_batched_encoding_matches_one_at_a_time(tokenizer):
     conversations = chat_batches.load_records(ALPACA_EVAL, limit=6)
     batched = chat_batches.encode_conversations(conversations, tokenizer, max_length=128)
     for conversation, (ids, trained) in zip(conversations, batched):
-        one_ids, one_trained = chat_batches.encode_conversation(conversation, tokenizer, max_length=128)
+        one_ids, one_trained = chat_batches.encode_conversation(
+            conversation, tokenizer, max_length=128
+        )
         assert ids.tolist() == one_ids.tolist() and trained.tolist() == one_trained.tolist()
 
 
@@ -253,12 +257,16 @@ def test_templates_that_cannot_locate_replies_are_rejected(tokenizer):
     finally:
         tokenizer.chat_template = original
     with pytest.raises(chat_batches.TemplateError, match="not in the vocabulary"):
-        chat_batches.encode_conversation(conversation, tokenizer, 512, end_token="<|no such token|>")
+        chat_batches.encode_conversation(
+            conversation, tokenizer, 512, end_token="<|no such token|>"
+        )
 
 
 @pytest.mark.slow  # encodes all 7,473 GSM8K conversations: ~5-10 s
 def test_gsm8k_train_packs_densely_at_512(tokenizer):
-    examples = chat_batches.encode_conversations(chat_batches.load_records(GSM8K), tokenizer, max_length=512)
+    examples = chat_batches.encode_conversations(
+        chat_batches.load_records(GSM8K), tokenizer, max_length=512
+    )
     rows = chat_batches.pack(examples, 512)
     assert rows["input_ids"].shape == (3277, 512)
     assert chat_batches.packing_efficiency(rows) > 0.96
@@ -385,7 +393,9 @@ def test_process_slices_concatenate_to_the_global_batch():
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_batches_cover_every_row_in_order(process_count):
     rows = chat_batches.pack(_synthetic(n=20), 64, packed=False)
-    per_process = [list(chat_batches.eval_batches(rows, 8, p, process_count)) for p in range(process_count)]
+    per_process = [
+        list(chat_batches.eval_batches(rows, 8, p, process_count)) for p in range(process_count)
+    ]
     assert [len(b) for b in per_process] == [3] * process_count  # ceil(20 / 8)
     merged = {
         key: np.concatenate([b[key] for step in zip(*per_process) for b in step])
@@ -419,7 +429,10 @@ def test_packed_loss_equals_unpacked_loss_on_tiny_llama(tiny_llama_dir):
 
     _, module, params = load_llama(tiny_llama_dir)
     examples = _synthetic(n=16, max_length=40, seed=3)
-    packed, unpacked = chat_batches.pack(examples, 64), chat_batches.pack(examples, 64, packed=False)
+    packed, unpacked = (
+        chat_batches.pack(examples, 64),
+        chat_batches.pack(examples, 64, packed=False),
+    )
     assert len(packed["input_ids"]) < len(unpacked["input_ids"])  # several examples per row
 
     def forward(batch, use_segments):

@@ -42,7 +42,9 @@ def test_exported_lora_llama_generates_like_ours(tiny_chat_llama_dir, tmp_path):
     exp = builder.build(config)
     _, params = exp.restore_params(str(workdir))  # base + adapter, unmerged
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    prompt, _ = split_prompt(chat_batches.load_records(SHARED_DATA / "gsm8k", split="test", limit=1)[0])
+    prompt, _ = split_prompt(
+        chat_batches.load_records(SHARED_DATA / "gsm8k", split="test", limit=1)[0]
+    )
     text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -64,7 +64,9 @@ def test_tpu_pod_command_targets_every_worker():
 
 
 def test_tpu_train_args_survive_a_shlex_round_trip():
-    tokens = shlex.split(remote_command(launch_commands.tpu_pod_command("t", "z", None, TRAIN_ARGS)))
+    tokens = shlex.split(
+        remote_command(launch_commands.tpu_pod_command("t", "z", None, TRAIN_ARGS))
+    )
     start = tokens.index("finetune_jax.train") + 1
     assert tokens[start - 2 : start] == ["-m", "finetune_jax.train"]
     assert tokens[start:] == TRAIN_ARGS
@@ -229,15 +231,27 @@ def test_slurm_submit_command():
     [
         (lambda: launch_commands.slurm_script("j", 0, 8, TRAIN_ARGS), "nodes must be >= 1"),
         (lambda: launch_commands.slurm_script("j", 1, 0, TRAIN_ARGS), "gpus_per_node must be >= 1"),
-        (lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS, processes_per_node="core"), "'gpu'"),
+        (
+            lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS, processes_per_node="core"),
+            "'gpu'",
+        ),
         (lambda: launch_commands.slurm_script("my job", 1, 8, TRAIN_ARGS), "job name"),
         (lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS[1:]), "--config="),
-        (lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS + ["--process_id=3"]), "--process_id"),
-        (lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS, extra_sbatch=["account=x"]), "sbatch"),
+        (
+            lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS + ["--process_id=3"]),
+            "--process_id",
+        ),
+        (
+            lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS, extra_sbatch=["account=x"]),
+            "sbatch",
+        ),
         (lambda: launch_commands.tpu_pod_command("", "z", None, TRAIN_ARGS), "TPU name"),
         (lambda: launch_commands.tpu_pod_command("t", " ", None, TRAIN_ARGS), "zone"),
         (lambda: launch_commands.tpu_pod_command("t", "z", None, TRAIN_ARGS[:1]), "--workdir="),
-        (lambda: launch_commands.tpu_pod_command("t", "z", None, ["--config=", "--workdir=w"]), "--config="),
+        (
+            lambda: launch_commands.tpu_pod_command("t", "z", None, ["--config=", "--workdir=w"]),
+            "--config=",
+        ),
     ],
 )
 def test_invalid_arguments_are_clear_errors(build, message):

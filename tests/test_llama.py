@@ -28,6 +28,7 @@ def from_hf(tensors, config):
 def to_hf(params, config):
     return hf_mapping.params_to_hf(params, llama.FAMILY, config)
 
+
 TINY = llama.LlamaConfig(
     vocab_size=64,
     hidden_size=32,

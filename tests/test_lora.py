@@ -85,7 +85,9 @@ def test_fresh_adapter_leaves_params_and_outputs_unchanged(name):
     base, adapted = _init(name, False), _init(name, True)
     flat_base, flat_adapted = _flat(base), _flat(adapted)
     # LoRA params are created after kernel and bias: every other init draw is unchanged.
-    assert set(flat_adapted) - set(flat_base) == {p for p in flat_adapted if lora_lib.is_lora_path(p)}
+    assert set(flat_adapted) - set(flat_base) == {
+        p for p in flat_adapted if lora_lib.is_lora_path(p)
+    }
     for path, value in flat_base.items():
         np.testing.assert_array_equal(flat_adapted[path], value, err_msg=path)
     for path, value in flat_adapted.items():
@@ -282,7 +284,9 @@ def _export(model_dir, tmp_path, name):
     params = _randomize_b(params)
     out_dir = str(tmp_path / name)
     kind = next(iter(family.heads))
-    adapters.save_hf_peft(params, lora, family, config, kind, out_dir, base_model_name=str(model_dir))
+    adapters.save_hf_peft(
+        params, lora, family, config, kind, out_dir, base_model_name=str(model_dir)
+    )
     return out_dir, _logits(module, params), (ids, mask)
 
 

@@ -81,7 +81,9 @@ def test_write_then_read_round_trip_and_transformers_loads_it(tiny_bert_dir, tmp
     import transformers
 
     tensors = {
-        k: v for k, v in model_files.read_safetensors(tiny_bert_dir).items() if "position_ids" not in k
+        k: v
+        for k, v in model_files.read_safetensors(tiny_bert_dir).items()
+        if "position_ids" not in k
     }
     config = model_files.read_hf_config(tiny_bert_dir)
     out_dir = model_files.write_safetensors(tensors, tmp_path / "export", config)

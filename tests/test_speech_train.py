@@ -29,8 +29,10 @@ def commands(tmp_path_factory):
         with open(CLIPS / f"{split}.jsonl") as f:
             rows = [json.loads(line) for line, _ in zip(f, range(count))]
         (out / f"{split}.jsonl").write_text(
-            "".join(json.dumps({"audio": str(CLIPS / r["audio"]), "text": r["text"]}) + "\n"
-                    for r in rows)
+            "".join(
+                json.dumps({"audio": str(CLIPS / r["audio"]), "text": r["text"]}) + "\n"
+                for r in rows
+            )
         )
     return out
 
@@ -71,9 +73,7 @@ def _train_losses(workdir):
     return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
 
 
-def test_train_eval_resume_and_export(
-    tiny_whisper_asr_dir, commands, tmp_path, monkeypatch
-):
+def test_train_eval_resume_and_export(tiny_whisper_asr_dir, commands, tmp_path, monkeypatch):
     config = tiny_speech_config(tiny_whisper_asr_dir, commands, tmp_path / "features")
     straight = tmp_path / "straight"
     summary = train(config, str(straight))

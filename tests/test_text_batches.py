@@ -218,7 +218,9 @@ def tokenizer():
 
 
 def test_tokenize_pairs_matches_per_example_calls(tokenizer):
-    examples = text_sources.load_split(tasks.get_task("rte"), DATA_ROOT / "glue" / "rte", "validation")
+    examples = text_sources.load_split(
+        tasks.get_task("rte"), DATA_ROOT / "glue" / "rte", "validation"
+    )
     encoded = text_batches.tokenize(examples, tokenizer, max_length=64)
     assert len(encoded) == len(examples) == 277
     assert encoded.lengths.max() == 64  # RTE premises are long: truncation happens

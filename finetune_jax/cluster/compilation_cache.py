@@ -31,7 +31,9 @@ def cache_dir() -> str | None:
     return str(Path(chosen or DEFAULT_DIR).expanduser())
 
 
-def enable(directory: str | None = None, min_compile_seconds: float = MIN_COMPILE_SECONDS) -> str | None:
+def enable(
+    directory: str | None = None, min_compile_seconds: float = MIN_COMPILE_SECONDS
+) -> str | None:
     """Point JAX's persistent compilation cache at `directory` (default: `cache_dir()`).
 
     Call before the first compile. Returns the directory used, or None when disabled.

@@ -46,6 +46,35 @@ def eos_ids(tokenizer, hf_config: dict[str, Any]) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if i is not None))
 
 
+def prompt_token_ids(tokenizer, prompts: Sequence[Conversation]) -> list[list[int]]:
+    """Each prompt rendered with the chat template (plus the generation prompt), then
+    tokenized without added specials, exactly as `sft` encodes training data."""
+    texts = [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def make_generator(
+    module: Any,
+    tokenizer,
+    hf_config: dict[str, Any],
+    settings: ml_collections.ConfigDict,
+    buckets: Sequence[int],
+) -> Generator:
+    """A `Generator` with the run's `generate.*` sampling settings and the model's EOS ids."""
+    sampling = SamplingConfig(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        seed=settings.seed,
+    )
+    return Generator(
+        module, eos_ids(tokenizer, hf_config), pad_token_id(tokenizer), sampling, buckets
+    )
+
+
 def generate_samples(
     module: Any,
     params: Any,
@@ -59,22 +88,10 @@ def generate_samples(
     prompt (rendered), reference, output, and with `answer_marker` the extracted answers and
     whether they match."""
     prompts, references = zip(*(split_prompt(c) for c in conversations))
-    # Rendered then tokenized without added specials, exactly as `sft` encodes training data.
-    texts = [
-        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-        for p in prompts
-    ]
-    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    sampling = SamplingConfig(
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        seed=settings.seed,
-    )
-    pad = pad_token_id(tokenizer)
+    token_ids = prompt_token_ids(tokenizer, prompts)
     longest = max(len(t) for t in token_ids)
     buckets = sorted({64, 128, 256, 512, 1024, -(-longest // 64) * 64})
-    generator = Generator(module, eos_ids(tokenizer, hf_config), pad, sampling, buckets)
+    generator = make_generator(module, tokenizer, hf_config, settings, buckets)
     outputs = generator.generate(params, token_ids, settings.batch_size)
     samples = []
     for ids, reference, output in zip(token_ids, references, outputs):

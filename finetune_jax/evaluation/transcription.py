@@ -98,9 +98,7 @@ class Transcriber:
         self._banned = _mask(generation.get("suppress_tokens") or (), config.vocab_size)
         self._banned_first = _mask(generation.get("begin_suppress_tokens") or (), config.vocab_size)
         self._generate = jax.jit(
-            functools.partial(
-                _greedy_tokens, module, self.prompt, self.eos_id, self.max_new_tokens
-            )
+            functools.partial(_greedy_tokens, module, self.prompt, self.eos_id, self.max_new_tokens)
         )
 
     def tokens(self, params: Any, input_features: Any) -> np.ndarray:

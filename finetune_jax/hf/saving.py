@@ -47,6 +47,7 @@ def exported_config(hf_config: dict[str, Any], family: ModelFamily, task: Any) -
 
 def generation_config(tokenizer: Any, hf_config: dict[str, Any]) -> dict[str, Any]:
     """Token ids transformers' `generate` needs (a GGUF-derived config may lack them)."""
+
     def pick(key: str) -> Any:  # absent or null in the model config: the tokenizer's
         value = hf_config.get(key)
         return getattr(tokenizer, key) if value is None else value

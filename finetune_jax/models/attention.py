@@ -16,7 +16,6 @@ def additive_attention_mask(attention_mask_BL: jax.Array) -> jax.Array:
     return (1.0 - keep_B11L) * jnp.finfo(jnp.float32).min
 
 
-
 def attention_mask(
     attention_mask_BL: jax.Array | None,
     segment_ids_BL: jax.Array | None,

@@ -270,7 +270,10 @@ class BertForSequenceClassification(nn.Module):
             input_ids, attention_mask, token_type_ids, deterministic
         )
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-        pooled_BD = nn.Dropout(rate)(pooled_BD.astype(jnp.float32), deterministic=deterministic)
+        pooled_BD = pooled_BD.astype(jnp.float32)
+        # The features the head sees, for drift monitoring: apply(..., mutable="intermediates").
+        self.sow("intermediates", "features", pooled_BD)
+        pooled_BD = nn.Dropout(rate)(pooled_BD, deterministic=deterministic)
         # The head is tiny, so it runs in float32 and logits never come out in bf16.
         return nn.Dense(
             cfg.num_labels,

@@ -166,7 +166,9 @@ def params_from_hf(
     return params, missing
 
 
-def params_to_hf(params: Mapping[str, Any], family: ModelFamily, config: Any) -> dict[str, np.ndarray]:
+def params_to_hf(
+    params: Mapping[str, Any], family: ModelFamily, config: Any
+) -> dict[str, np.ndarray]:
     """Our unboxed params -> HF tensors with the task model's keys (float32 numpy).
 
     Rows whose param is absent (e.g. LoRA merged away, a head not built) are skipped; a

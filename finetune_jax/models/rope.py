@@ -74,4 +74,3 @@ def apply_rope(x_BLNH: jax.Array, cos_BLH: jax.Array, sin_BLH: jax.Array) -> jax
     half = x_BLNH.shape[-1] // 2
     rotated_BLNH = jnp.concatenate([-x_BLNH[..., half:], x_BLNH[..., :half]], axis=-1)
     return x_BLNH * cos_BLH[:, :, None, :] + rotated_BLNH * sin_BLH[:, :, None, :]
-

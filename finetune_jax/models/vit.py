@@ -239,6 +239,8 @@ class ViTForImageClassification(nn.Module):
         features_BF = x_BLD[:, 0]
         if cfg.pools_patch_mean:
             features_BF = jnp.concatenate([features_BF, x_BLD[:, 1:].mean(axis=1)], axis=-1)
+        # The features the head sees, for drift monitoring: apply(..., mutable="intermediates").
+        self.sow("intermediates", "features", features_BF)
         return nn.Dense(
             cfg.num_labels,
             dtype=jnp.float32,

@@ -86,12 +86,11 @@ def build(
     boxed = jax.eval_shape(lambda: family.init_params(model_config, jax.random.key(0)))
     params_sharding = sharding.param_shardings(boxed, mesh, rules)
     abstract_params = checkpoints.abstract_with_shardings(nn.meta.unbox(boxed), params_sharding)
-    groups = optim.param_groups(
-        config.optim, abstract_params, family.layer_stacks(model_config)
-    )
+    groups = optim.param_groups(config.optim, abstract_params, family.layer_stacks(model_config))
     tx, lr_fn = optim.make_optimizer(config.optim, groups, config.train.max_steps)
     placement = _placement(config, mesh, rules, params_sharding, abstract_params, tx)
     train_step, eval_step = _jit_steps(config, task, module, groups, tx, lr_fn, placement)
+    predict_step = _jit_predict_step(task, module, placement)
     return Setup(
         config=config,
         task=task,
@@ -112,6 +111,7 @@ def build(
         batch_sharding=placement.batch,
         train_step=train_step,
         eval_step=eval_step,
+        predict_step=predict_step,
         transcriber=_transcriber(config, task, module, data, tokenizer),
     )
 
@@ -189,6 +189,19 @@ def _jit_steps(config, task, module, groups, tx, lr_fn, placement: _Placement):
     )
     bind = functools.partial(sharding.MeshBound, mesh=placement.mesh, logical_rules=placement.rules)
     return bind(train_step), bind(eval_step)
+
+
+def _jit_predict_step(task, module, placement: _Placement):
+    """Logits and pooled features of a batch (`steps.predict_step`), for head task kinds;
+    None for generative ones (predict generates with `evaluation/generation.py`)."""
+    if task.kind not in steps.HEAD_KINDS:
+        return None
+    jitted = jax.jit(
+        functools.partial(steps.predict_step, apply_fn=module.apply),
+        in_shardings=(placement.params, placement.batch),
+        out_shardings=sharding.replicated(placement.mesh),
+    )
+    return sharding.MeshBound(jitted, placement.mesh, placement.rules)
 
 
 def objective_for(config: ml_collections.ConfigDict, task, module) -> steps.Objective:

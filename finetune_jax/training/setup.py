@@ -49,6 +49,8 @@ class Setup:
     batch_sharding: jax.sharding.NamedSharding
     train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated
     eval_step: Callable  # jitted (params, batch) -> outputs
+    # Head task kinds: jitted (params, batch) -> {logits, features} (steps.predict_step).
+    predict_step: Callable | None = None
     # Seq2seq tasks: greedy transcription for WER / CER in every eval (None otherwise).
     transcriber: Any = None
 
@@ -79,8 +81,7 @@ class Setup:
     def pretrained_params(self) -> Any:
         """The pretrained params streamed from the checkpoint into their shardings."""
         shardings = {
-            path: leaf.sharding
-            for path, leaf in lora_lib.flat_paths(self.abstract_params).items()
+            path: leaf.sharding for path, leaf in lora_lib.flat_paths(self.abstract_params).items()
         }
         return loading.load_params(
             self.family,

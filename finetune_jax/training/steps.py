@@ -199,3 +199,23 @@ def eval_step(params: Any, batch: Batch, *, objective: Objective) -> dict[str, j
         "labels": batch["labels"],
         "weights": batch["weights"],
     }
+
+
+# Task kinds whose module ends in a classification / regression head over pooled features.
+HEAD_KINDS = ("classification", "image_classification")
+
+
+def predict_step(params: Any, batch: Batch, *, apply_fn: Callable) -> dict[str, jax.Array]:
+    """float32 logits [B, num_labels] and the pooled features the head reads [B, F] (the
+    model sows them as `intermediates/features`), for predict and drift monitoring; the
+    weights come back so every process knows the global batch's real rows."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    logits, state = apply_fn(
+        {"params": params}, **inputs, deterministic=True, mutable=["intermediates"]
+    )
+    (features,) = state["intermediates"]["features"]
+    return {
+        "logits": logits.astype(jnp.float32),
+        "features": features.astype(jnp.float32),
+        "weights": batch["weights"],
+    }

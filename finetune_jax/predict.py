@@ -1,0 +1,97 @@
+"""Predict on new, unlabeled rows:
+`python -m finetune_jax.predict --workdir=... --input=FILE --output=FILE [--checkpoint=best]`.
+
+Reads the run's own config from the workdir (`--config` and overrides stay possible and are
+checked against it), restores a checkpoint and streams `--input` through the model in batches
+of `--batch_size` rows (default train.batch_size). Input: .csv / .tsv / .jsonl / .parquet rows
+with the run's text columns; for image runs a folder of images or a .txt / .csv / .jsonl list
+of image paths; for causal LMs a .jsonl of `prompt` strings or chat `messages`. Output (.csv
+or .jsonl): every input column, then `label` and `prob_<label>` per class (multi-label: the
+labels over --threshold), `score` (regression) or `completion` (causal LM); an output column
+whose name an input column already has is written as `predicted_<name>`. The output is
+written to a temporary file and renamed at the end, and never replaces an existing file
+unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+from absl import app, flags
+from tqdm import tqdm
+
+from finetune_jax.cli import define_run_config_flag, quiet_libraries, resolve_run_config, run_main
+from finetune_jax.data import prediction_io
+from finetune_jax.evaluation.prediction import Predictor
+from finetune_jax.training import builder, run_config
+
+
+def predict(
+    config,
+    workdir: str,
+    input_path: str,
+    output_path: str,
+    which: str = "best",
+    overwrite: bool = False,
+    threshold: float = 0.5,
+) -> dict:
+    """Predicts every row of `input_path` into `output_path`; returns a summary."""
+    prediction_io.check_input(input_path)
+    # Fails before the model loads; every process predicts (the batches are global), one writes.
+    writer = prediction_io.RowWriter(output_path, overwrite, jax.process_index() == 0)
+    setup = builder.build(config)
+    step, params = setup.restore_params(workdir, which)
+    names = run_config.saved_label_names(workdir, getattr(setup.task, "label_names", None))
+    predictor = Predictor(setup, params, names, input_path, threshold)
+    rows = config.train.batch_size
+    return {"step": step, **write_predictions(predictor, input_path, writer, rows)}
+
+
+def write_predictions(predictor, input_path: str, writer, rows: int) -> dict:
+    """Streams `input_path` through `predictor`, `rows` at a time, into `writer`."""
+    bar = tqdm(unit="row", dynamic_ncols=True, disable=jax.process_index() != 0)
+    start = time.perf_counter()
+    with writer:
+        for chunk in prediction_io.read_chunks(input_path, rows):
+            outputs = predictor(chunk)
+            writer.write([prediction_io.merge(row, out) for row, out in zip(chunk, outputs)])
+            bar.update(len(chunk))
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {
+        "rows": writer.rows,
+        "output": writer.path,
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(writer.rows / max(seconds, 1e-9), 1),
+    }
+
+
+def main() -> None:
+    config = define_run_config_flag()
+    workdir = flags.DEFINE_string("workdir", None, "Workdir of the training run.")
+    input_path = flags.DEFINE_string("input", None, "Rows to predict (see the docstring).")
+    output = flags.DEFINE_string("output", None, "Where to write predictions (.csv / .jsonl).")
+    which = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+    batch_size = flags.DEFINE_integer("batch_size", 0, "Rows per batch; 0 = train.batch_size.")
+    threshold = flags.DEFINE_float("threshold", 0.5, "Multi-label: probability for a label.")
+    overwrite = flags.DEFINE_bool("overwrite", False, "Replace an existing --output file.")
+    flags.mark_flags_as_required(["workdir", "input", "output"])
+
+    def run(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        quiet_libraries()
+        resolved = resolve_run_config(config, workdir.value)
+        if batch_size.value:
+            resolved.train.batch_size = batch_size.value
+        paths = (workdir.value, input_path.value, output.value)
+        summary = predict(resolved, *paths, which.value, overwrite.value, threshold.value)
+        print(json.dumps(summary, indent=2))
+
+    run_main(run)
+
+
+if __name__ == "__main__":
+    main()
