@@ -22,7 +22,7 @@ from absl import app, flags
 from finetune_jax.cli import define_run_config_flag, quiet_libraries, resolve_run_config, run_main
 from finetune_jax.data import prediction_io
 from finetune_jax.evaluation import drift_report, monitoring
-from finetune_jax.training import builder, run_config
+from finetune_jax.training import builder
 
 
 def reference_chunks(setup, reference: str, rows: int):
@@ -51,14 +51,14 @@ def monitor(
     prediction_io.check_input(input_path)
     thresholds = thresholds or monitoring.Thresholds()
     reference = reference or config.data.eval_split
-    setup = builder.build(config)
+    setup = builder.build(config, workdir=workdir)  # the class names the run trained with
     if setup.predict_step is None:
         raise ValueError(
             f"monitor watches classifiers and regressors (text or image); data.task="
             f"{config.data.task!r} is a {setup.task.kind} task"
         )
     step, params = setup.restore_params(workdir, which)
-    names = run_config.saved_label_names(workdir, setup.task.label_names)
+    names = setup.task.label_names
     rows, seed = config.train.batch_size, config.seed
     ref = monitoring.collect(
         setup, params, reference_chunks(setup, reference, rows), reference, names, max_rows, seed

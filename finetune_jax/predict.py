@@ -25,7 +25,7 @@ from tqdm import tqdm
 from finetune_jax.cli import define_run_config_flag, quiet_libraries, resolve_run_config, run_main
 from finetune_jax.data import prediction_io
 from finetune_jax.evaluation.prediction import Predictor
-from finetune_jax.training import builder, run_config
+from finetune_jax.training import builder
 
 
 def predict(
@@ -41,9 +41,9 @@ def predict(
     prediction_io.check_input(input_path)
     # Fails before the model loads; every process predicts (the batches are global), one writes.
     writer = prediction_io.RowWriter(output_path, overwrite, jax.process_index() == 0)
-    setup = builder.build(config)
+    setup = builder.build(config, workdir=workdir)  # the class names the run trained with
     step, params = setup.restore_params(workdir, which)
-    names = run_config.saved_label_names(workdir, getattr(setup.task, "label_names", None))
+    names = getattr(setup.task, "label_names", None)
     predictor = Predictor(setup, params, names, input_path, threshold)
     rows = config.train.batch_size
     return {"step": step, **write_predictions(predictor, input_path, writer, rows)}

@@ -9,7 +9,7 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "finetune_jax"
 
 # What each part may import from the package besides itself. Leaves (config, tree_paths)
-# import nothing from the package; entry points (train, eval, export, predict, monitor, cli)
+# import nothing from the package; entry points (train, eval, export, predict, monitor, plot, cli)
 # may import anything.
 ALLOWED = {
     "config": set(),
@@ -21,7 +21,7 @@ ALLOWED = {
     "evaluation": {"data", "models", "tree_paths"},
     "training": {"evaluation", "models", "data", "hf", "cluster", "config", "tree_paths"},
 }
-ENTRY_POINTS = {"train", "eval", "export", "predict", "monitor", "cli", "__init__"}
+ENTRY_POINTS = {"train", "eval", "export", "predict", "monitor", "plot", "cli", "__init__"}
 
 
 def _part(path: pathlib.Path) -> str:

@@ -145,12 +145,3 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
     for part in key.split("."):
         node = node[part]
     return node
-
-
-def saved_label_names(workdir: str | os.PathLike, default: Sequence[str] | None):
-    """The class names the run trained with: `<workdir>/label_names.json` (a JSON list, saved
-    by runs whose names were read from their data) when present, else `default` (the task's)."""
-    saved = workdir_files.read_json(workdir_files.workdir_path(workdir) / "label_names.json")
-    if isinstance(saved, list) and all(isinstance(n, str) for n in saved):
-        return tuple(saved)
-    return None if default is None else tuple(default)
