@@ -95,6 +95,10 @@ def quiet_libraries() -> None:
     unless the user asked for a level with --verbosity."""
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        # Orbax warns on every read-only checkpoint manager (eval, export, predict restore).
+        logging.get_absl_handler().addFilter(
+            lambda record: not record.getMessage().startswith("Given directory is read only")
+        )
     import datasets  # noqa: PLC0415
 
     datasets.disable_progress_bars()

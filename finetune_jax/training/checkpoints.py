@@ -52,6 +52,8 @@ def make_manager(
         enable_async_checkpointing=async_save,
         create=not read_only,
         read_only=read_only,
+        # Set as Orbax forces them when read-only, so eval / export / predict log no warnings.
+        save_interval_steps=0 if read_only else 1,
     )
     directory = workdir_files.workdir_path(workdir) / "checkpoints"
     try:
@@ -229,7 +231,7 @@ def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: A
     reader = ocp.CheckpointManager(
         manager.directory,
         item_handlers={STATE: ocp.PyTreeCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(read_only=True),
+        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
     )
     item = {"params": abstract_params}
     args = ocp.args.PyTreeRestore(
