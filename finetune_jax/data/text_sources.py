@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
 
 import datasets
 import numpy as np
@@ -206,3 +207,78 @@ def _load_hub(task: Task, split: str) -> Examples:
                 "(hub test splits of GLUE have hidden labels, -1)"
             )
     return Examples(texts[0], texts[1] if len(texts) > 1 else None, labels, source)
+
+
+def split_files(task: Task, data_dir: str | os.PathLike | None, split: str) -> list[str]:
+    """The local files `split` of `task` is read from ([] for a hub split), after checking
+    they exist, so a cache can fingerprint them before reading a row."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if data_dir is None:
+        return []
+    data_dir = os.fspath(data_dir)
+    if split not in task.files:
+        raise DataError(
+            f"task {task.name} has no local {split!r} split; it has {sorted(task.files)}"
+        )
+    path = os.path.join(data_dir, task.files[split])
+    if not os.path.isfile(path):
+        present = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else "no such directory"
+        raise DataError(
+            f"{split} file {path!r} for task {task.name} is missing; files present in "
+            f"{data_dir!r}: {present or 'none'}"
+        )
+    return [path]
+
+
+def iter_split_chunks(
+    task: Task, data_dir: str | os.PathLike | None, split: str, chunk_rows: int
+) -> Iterator[Examples]:
+    """`split` of `task` as validated Examples of at most `chunk_rows` rows, in file order.
+
+    Local files stream through `datasets`' CSV builder (`streaming=True`: pandas reads
+    `chunk_rows` lines at a time, no Arrow copy of the file), so memory does not grow with
+    the file. A hub split is loaded whole and then cut into chunks.
+    """
+    if data_dir is None:
+        examples = load_split(task, None, split)
+        for start in range(0, len(examples), chunk_rows):
+            yield take(examples, np.arange(start, min(start + chunk_rows, len(examples))))
+        return
+    (path,) = split_files(task, data_dir, split)
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path!r} is empty; expected a tab-separated file")
+    names = _column_names(task, path)
+    stream = datasets.load_dataset(
+        "csv",
+        data_files={"train": path},
+        split="train",
+        streaming=True,
+        delimiter="\t",
+        quoting=csv.QUOTE_NONE,
+        column_names=names,
+        header=0 if task.has_header else None,
+        features=datasets.Features({n: datasets.Value("string") for n in names}),
+        keep_default_na=False,
+        skip_blank_lines=False,
+        chunksize=chunk_rows,
+    )
+    line = 2 if task.has_header else 1  # 1-based line number of the chunk's first row
+    rows = 0
+    try:
+        for table in stream.iter(batch_size=chunk_rows):
+            labels = _parse_labels(task, table[task.label_column], path, line)
+            texts = [_clean_texts(table[c], path, c, line) for c in task.text_columns]
+            line, rows = line + len(labels), rows + len(labels)
+            yield Examples(texts[0], texts[1] if len(texts) > 1 else None, labels, path)
+    except DataError:
+        raise
+    except Exception as e:  # the builder wraps pandas' parse errors; name the file instead
+        cause = e.__cause__ or e
+        raise DataError(
+            f"could not parse {path!r} as a tab-separated file with columns {names}: {cause}"
+        ) from e
+    if not rows:
+        raise DataError(
+            f"{path!r} has no data rows; task {task.name} needs a non-empty {split} split"
+        )

@@ -1,0 +1,250 @@
+"""Tokenized text splits cached on disk: built chunk by chunk once, memory-mapped after.
+
+A split's cache lives in `<root>/text_tokens/<key>/`, root being `data.cache_dir` or the
+project's cache root (`$FINETUNE_JAX_CACHE`, else `~/.cache/finetune_jax`). The key hashes
+everything the tokens depend on: the content digest of every source file, the tokenizer's
+class and full definition (vocab, normalizer, special tokens), `max_length` and the task
+(columns, label mapping). So a run, its restart, `eval` and `predict` share one cache, and
+changing any of those builds a new one.
+
+Storage is flat binary arrays read with `np.memmap`:
+  input_ids.bin       int32, every row's tokens back to back
+  token_type_ids.bin  int8, aligned with input_ids
+  offsets.bin         int64 [rows + 1]: row i is tokens[offsets[i]:offsets[i + 1]]
+  labels.bin          int32 class ids or float32 scores [rows]
+  meta.json           row and token counts, label dtype, what the key was made of
+Why not Arrow: the batcher wants random access to a few rows of a ragged int array, which a
+memmap slice gives with no decoding and no dependency; the OS page cache shares the pages
+between processes on a host, and a process touches only the rows of its own batch slices.
+Building appends each tokenized chunk to these files, so peak memory is one chunk, not the
+split. A build writes a temporary sibling directory and renames it into place, under a file
+lock: concurrent processes on a host wait for one builder; hosts sharing a file system that
+cannot lock build identical copies and the first rename wins.
+
+Source files are fingerprinted by a content digest (blake2b), memoised in a stamp keyed by
+(path, size, mtime), so an unchanged file is not hashed again and a touched-but-equal file
+still hits the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+
+from finetune_jax.data import text_batches, text_sources
+from finetune_jax.data.tasks import Task
+from finetune_jax.hf.converted_models import cache_root
+
+CHUNK_ROWS = 10_000  # rows read and tokenized at a time while building
+FORMAT_VERSION = 1  # bump when the layout or the tokenization call changes
+_FILES = {"input_ids": np.int32, "token_type_ids": np.int8, "offsets": np.int64}
+
+
+def tokens_root(cache_dir: str = "") -> pathlib.Path:
+    """`<data.cache_dir or the project cache root>/text_tokens`."""
+    root = pathlib.Path(cache_dir).expanduser() if cache_dir else cache_root()
+    return root / "text_tokens"
+
+
+def file_digest(path: str, root: pathlib.Path) -> str:
+    """Content digest of `path`, reusing the stamp of an earlier hash of the same
+    (path, size, mtime)."""
+    stat = os.stat(path)
+    absolute = os.path.abspath(path)
+    name = hashlib.blake2b(absolute.encode(), digest_size=16).hexdigest()
+    stamp_path = root / "stamps" / f"{name}.json"
+    seen = {"path": absolute, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    with contextlib.suppress(OSError, ValueError):
+        stamp = json.loads(stamp_path.read_text())
+        if {k: stamp.get(k) for k in seen} == seen:
+            return stamp["digest"]
+    digest = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        for block in iter(functools.partial(f.read, 1 << 20), b""):
+            digest.update(block)
+    _write_json_atomic(stamp_path, {**seen, "digest": digest.hexdigest()})
+    return digest.hexdigest()
+
+
+def split_fingerprint(
+    task: Task, data_dir: str | None, split: str, root: pathlib.Path
+) -> dict[str, str]:
+    """{source file: content digest} of `split`; a hub split is named by its hub id."""
+    files = text_sources.split_files(task, data_dir, split)
+    if not files:
+        return {"hub:" + "/".join(task.hub_name) + f"[{split}]": "hub"}
+    return {path: file_digest(path, root) for path in files}
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """Class and digest of the tokenizer's full definition (vocab, normalizer, special
+    tokens): the same tokenizer saved in two directories has one identity."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # Truncation and padding are set per call (tokenize sets them): not the identity.
+        definition = json.loads(backend.to_str())
+        definition = json.dumps({**definition, "truncation": None, "padding": None})
+    else:  # a slow tokenizer: its vocab and settings
+        definition = json.dumps(
+            [sorted(tokenizer.get_vocab().items()), repr(tokenizer.init_kwargs)], default=str
+        )
+    digest = hashlib.blake2b(definition.encode(), digest_size=16).hexdigest()
+    return f"{type(tokenizer).__name__}:{digest}"
+
+
+def open_split(
+    task: Task,
+    data_dir: str | None,
+    split: str,
+    tokenizer,
+    max_length: int,
+    cache_dir: str = "",
+) -> TokenSplit:
+    """The tokenized `split` (a file split: train, validation, test), built on first use."""
+    root = tokens_root(cache_dir)
+    fingerprint = split_fingerprint(task, data_dir, split, root)
+    recipe = {
+        "format": FORMAT_VERSION,
+        "sources": sorted(fingerprint.values()),
+        "tokenizer": tokenizer_identity(tokenizer),
+        "max_length": max_length,
+        "task": repr(task),  # columns, label names / raw labels, ranges: all of it
+        "split": split,
+    }
+    key = hashlib.blake2b(json.dumps(recipe, sort_keys=True).encode(), digest_size=16)
+    target = root / key.hexdigest()
+    if not (target / "meta.json").is_file():
+        with _locked(root / f"{target.name}.lock"):
+            if not (target / "meta.json").is_file():  # another process may have built it
+                chunks = text_sources.iter_split_chunks(task, data_dir, split, CHUNK_ROWS)
+                _build(chunks, tokenizer, max_length, target, {**recipe, "files": fingerprint})
+    return TokenSplit(target, fingerprint)
+
+
+def _build(
+    chunks: Iterator[text_sources.Examples],
+    tokenizer,
+    max_length: int,
+    target: pathlib.Path,
+    meta: dict,
+) -> None:
+    """Tokenizes `chunks` into a temporary directory and renames it to `target`."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    temporary.mkdir(parents=True)
+    try:
+        rows = tokens = 0
+        label_dtype = None
+        with contextlib.ExitStack() as stack:
+            out = {
+                name: stack.enter_context(open(temporary / f"{name}.bin", "wb"))
+                for name in (*_FILES, "labels")
+            }
+            out["offsets"].write(np.zeros(1, np.int64).tobytes())
+            for chunk in chunks:
+                encoded = text_batches.tokenize(chunk, tokenizer, max_length)
+                types = np.concatenate(encoded.token_type_ids)
+                if types.size and not 0 <= types.min() <= types.max() <= 127:
+                    raise ValueError(f"token_type_ids outside 0..127 in {chunk.source!r}")
+                ends = tokens + np.cumsum(encoded.lengths, dtype=np.int64)
+                out["input_ids"].write(np.concatenate(encoded.input_ids).tobytes())
+                out["token_type_ids"].write(types.astype(np.int8).tobytes())
+                out["offsets"].write(ends.tobytes())
+                out["labels"].write(encoded.labels.tobytes())
+                label_dtype = encoded.labels.dtype.name
+                rows, tokens = rows + len(encoded), int(ends[-1])
+        meta |= {"rows": rows, "tokens": tokens, "label_dtype": label_dtype}
+        _write_json_atomic(temporary / "meta.json", meta)
+        try:
+            os.rename(temporary, target)
+        except OSError:  # a process on another host renamed its identical copy first
+            if not (target / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+class TokenSplit:
+    """A cached tokenized split, memory-mapped, optionally restricted to `rows` (a view).
+
+    Quacks like `text_batches.Encoded` (input_ids[i], token_type_ids[i], labels, lengths,
+    len), so `collate`, `eval_batches` and the train iterators read it row by row.
+    """
+
+    def __init__(
+        self,
+        directory: pathlib.Path,
+        fingerprint: dict[str, str],
+        rows: np.ndarray | None = None,
+    ):
+        self.directory, self.fingerprint = directory, fingerprint
+        meta = json.loads((directory / "meta.json").read_text())
+        self.source = ", ".join(fingerprint)
+        maps = {
+            name: np.memmap(directory / f"{name}.bin", dtype, mode="r")
+            for name, dtype in _FILES.items()
+        }
+        self._offsets = maps["offsets"]
+        labels = np.memmap(directory / "labels.bin", np.dtype(meta["label_dtype"]), mode="r")
+        self._rows = rows
+        self.labels = np.asarray(labels if rows is None else labels[rows])
+        self.input_ids = _Ragged(maps["input_ids"], self._offsets, rows)
+        self.token_type_ids = _Ragged(maps["token_type_ids"], self._offsets, rows)
+        self.num_file_rows = int(meta["rows"])
+
+    def __len__(self) -> int:
+        return self.num_file_rows if self._rows is None else len(self._rows)
+
+    @functools.cached_property
+    def lengths(self) -> np.ndarray:
+        """Token count of every row, int32 [len(self)]."""
+        lengths = np.diff(self._offsets).astype(np.int32)
+        return lengths if self._rows is None else lengths[self._rows]
+
+    def take(self, rows: np.ndarray) -> TokenSplit:
+        """A view of the rows at `rows` (indices into this view), in that order."""
+        rows = np.asarray(rows, np.int64)
+        file_rows = rows if self._rows is None else self._rows[rows]
+        return TokenSplit(self.directory, self.fingerprint, file_rows)
+
+
+class _Ragged:
+    """Row i of a flat token array split at `offsets` (through an optional row view)."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray, rows: np.ndarray | None):
+        self._flat, self._offsets, self._rows = flat, offsets, rows
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1 if self._rows is None else len(self._rows)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        row = index if self._rows is None else self._rows[index]
+        return self._flat[self._offsets[row] : self._offsets[row + 1]]
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+    """An exclusive lock on `path` across the processes of this host."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_json_atomic(path: pathlib.Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    temporary.write_text(json.dumps(value, indent=1))
+    os.replace(temporary, path)
