@@ -126,3 +126,12 @@ def test_resuming_a_run_on_changed_data_is_an_error(tiny_bert_dir, sst2_slice, t
     config.train.max_steps = 2
     with pytest.raises(grain_batches.DataChangedError, match="train.tsv' changed"):
         train(config, str(tmp_path / "run"))
+
+
+def test_restore_with_other_batches_per_epoch_is_refused(split):
+    """Fewer training rows (max_train_rows, holdout_rows) move every batch number."""
+    state = batches(split).state()
+    state["grain"] = {"next_index": 7}  # epoch 1, batch 1 at 6 batches per epoch...
+    state["epoch"], state["batch_in_epoch"] = 2, 1  # ...but saved at 3 per epoch
+    with pytest.raises(grain_batches.DataChangedError, match="data.max_train_rows"):
+        batches(split).restore(state)

@@ -121,3 +121,11 @@ def test_chunks_equal_the_whole_split_and_errors_name_the_line(data_dir):
     train_file.write_text("".join(lines))
     with pytest.raises(text_sources.DataError, match=r"train.tsv' line 151: label 'maybe'"):
         list(text_sources.iter_split_chunks(SST2, data_dir, "train", 64))
+
+
+def test_slow_tokenizer_identity_is_its_vocab_and_settings(minilm_dir):
+    slow = transformers.BertTokenizer.from_pretrained(minilm_dir)
+    same = transformers.BertTokenizer.from_pretrained(minilm_dir)
+    assert token_cache.tokenizer_identity(slow) == token_cache.tokenizer_identity(same)
+    same.add_tokens(["zzzunseenword"])
+    assert token_cache.tokenizer_identity(slow) != token_cache.tokenizer_identity(same)
