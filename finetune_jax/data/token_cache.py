@@ -36,6 +36,8 @@ import json
 import os
 import pathlib
 import shutil
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -126,8 +128,15 @@ def open_split(
     if not (target / "meta.json").is_file():
         with _locked(root / f"{target.name}.lock"):
             if not (target / "meta.json").is_file():  # another process may have built it
+                # A long build should not look like a hang; one builder per host says so.
+                print(
+                    f"tokenizing {split} of {', '.join(fingerprint)} into {target}", file=sys.stderr
+                )
+                started = time.perf_counter()
                 chunks = text_sources.iter_split_chunks(task, data_dir, split, CHUNK_ROWS)
                 _build(chunks, tokenizer, max_length, target, {**recipe, "files": fingerprint})
+                seconds = time.perf_counter() - started
+                print(f"tokenized {split} in {seconds:.1f} s (reused from now on)", file=sys.stderr)
     return TokenSplit(target, fingerprint)
 
 
