@@ -12,8 +12,8 @@ directory, then measures, each in a fresh process (so peak RSS is that phase's o
   train        `python -m finetune_jax.train` with configs/glue/sst2_minilm.py (the packaged
                MiniLM, batch 32, max length 64) for 3 steps on the cached data: time from
                process start to the first step done, and the run's peak RSS
-The point is the RSS column: it should not grow with N (the cache is built chunk by chunk and
-memory-mapped; a process holds 8 bytes per row for the epoch permutation and 4 for lengths).
+The point is the RSS columns: building holds one chunk, not the split, and a reading process
+keeps ~24 bytes per row (offsets, labels, lengths, the epoch's permutation) plus its batches.
 """
 
 from __future__ import annotations
