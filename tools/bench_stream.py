@@ -131,6 +131,7 @@ def train_phase(data_dir: str, cache_dir: str, workdir: str, model: str) -> dict
     return {
         "first_step_s": summary["first_step_s"],
         "peak_rss_mb": summary["peak_host_rss_bytes"] / 2**20,
+        "compiled_train_shapes": summary["compiled_train_shapes"],  # each compile costs RSS
     }
 
 
@@ -158,8 +159,9 @@ def bench(rows: int, model: str, words: np.ndarray) -> dict:
 def table(results: list[dict]) -> str:
     lines = [
         "| rows | TSV MB | cache build s | build peak RSS MB | cache hit s | hit peak RSS MB "
-        "| first batch s | pipeline peak RSS MB | first step s (warm cache) | train peak RSS MB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| first batch s | pipeline peak RSS MB | first step s (warm cache) | train peak RSS MB "
+        "| train shapes |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         cold, warm, train, pipe = (r[k] for k in ("cache_cold", "cache_warm", "train", "pipeline"))
@@ -167,7 +169,8 @@ def table(results: list[dict]) -> str:
             f"| {r['rows']:,} | {r['file_mb']:.0f} | {cold['seconds']:.1f} | "
             f"{cold['peak_rss_mb']:.0f} | {warm['seconds']:.2f} | {warm['peak_rss_mb']:.0f} | "
             f"{pipe['first_batch_s']:.2f} | {pipe['peak_rss_mb']:.0f} | "
-            f"{train['first_step_s']:.1f} | {train['peak_rss_mb']:.0f} |"
+            f"{train['first_step_s']:.1f} | {train['peak_rss_mb']:.0f} | "
+            f"{train['compiled_train_shapes']} |"
         )
     return "\n".join(lines)
 
