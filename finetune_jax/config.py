@@ -94,6 +94,11 @@ def _data() -> ml_collections.ConfigDict:
     s.max_train_rows = 0  # train on a random subset of this many rows; 0 = all
     s.max_eval_rows = 0  # evaluate a random subset of this many rows; 0 = all
     s.split_seed = 0  # draws holdout and subsets; the same for every seed of a sweep
+    # Text classification: tokenized splits are cached under <cache_dir>/text_tokens, keyed by
+    # the files' content, the tokenizer, max_length and the task; "" = $FINETUNE_JAX_CACHE
+    # (or ~/.cache/finetune_jax).
+    s.cache_dir = ""
+    s.prefetch = 2  # training batches prepared ahead in a background thread; 0 = in the step
     s.packing = True  # chat tasks: several examples per max_length row
     # Image tasks (data/image_sources.py). Output side of the model's image processor
     # (resize + centre crop keep its ratio, e.g. DINOv2's 256/224); 0 = as the model saved

@@ -8,15 +8,16 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "finetune_jax"
 
-# What each part may import from the package besides itself. Leaves (config, tree_paths)
-# import nothing from the package; entry points (train, eval, export, predict, monitor, plot, cli)
-# may import anything.
+# What each part may import from the package besides itself. Leaves (config, tree_paths,
+# cache_paths) import nothing from the package; entry points (train, eval, export, predict,
+# monitor, plot, cli) may import anything.
 ALLOWED = {
     "config": set(),
     "tree_paths": set(),
+    "cache_paths": set(),
     "models": {"tree_paths"},
-    "data": set(),
-    "hf": {"models", "tree_paths"},
+    "data": {"cache_paths"},
+    "hf": {"models", "tree_paths", "cache_paths"},
     "cluster": {"tree_paths"},
     "evaluation": {"data", "models", "tree_paths"},
     "training": {"evaluation", "models", "data", "hf", "cluster", "config", "tree_paths"},

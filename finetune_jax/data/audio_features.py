@@ -23,10 +23,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from finetune_jax.cache_paths import cache_root
 from finetune_jax.data.audio_sources import AudioRow, read_audio
 from finetune_jax.data.text_sources import DataError
 
-CACHE_ENV = "FINETUNE_JAX_CACHE"  # the same root as converted models (hf/converted_models)
 FORMAT_VERSION = 1  # bump when the stored layout or the computation changes
 
 
@@ -128,10 +128,7 @@ def _fingerprint(source: str | bytes) -> str:
 def _cache_dir(cache_dir: str) -> pathlib.Path:
     if cache_dir:
         return pathlib.Path(cache_dir).expanduser()
-    if os.environ.get(CACHE_ENV):
-        return pathlib.Path(os.environ[CACHE_ENV]).expanduser() / "audio_features"
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "finetune_jax" / "audio_features"
+    return cache_root() / "audio_features"
 
 
 def _write(path: pathlib.Path, features: Features) -> None:

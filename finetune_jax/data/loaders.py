@@ -20,7 +20,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from finetune_jax.data import chat_batches, selection, text_batches, text_sources
+from finetune_jax.data import (
+    chat_batches,
+    grain_batches,
+    selection,
+    text_batches,
+    text_sources,
+    token_cache,
+)
 from finetune_jax.data.image_loader import ImageData
 from finetune_jax.data.speech_data import SpeechData
 from finetune_jax.data.tasks import ChatTask, ImageTask, SpeechTask, Task, choose_label_names
@@ -78,7 +85,10 @@ def resolve_text_task(
 
 
 class ClassificationData:
-    """Tokenized sentence(-pair) examples batched into a few padded lengths (buckets)."""
+    """Tokenized sentence(-pair) examples batched into a few padded lengths (buckets).
+
+    Splits are tokenized once into the on-disk cache (`token_cache`) and memory-mapped;
+    training batches come per process through Grain (`grain_batches`)."""
 
     def __init__(
         self,
@@ -121,17 +131,25 @@ class ClassificationData:
         rows = _rows(self.config, split, len(examples))
         return examples if rows is None else text_sources.take(examples, rows)
 
-    def load(self, split: str) -> text_batches.Encoded:
-        """Load and tokenize `split`."""
-        return text_batches.tokenize(
-            self.examples(split), self.tokenizer, self.config.data.max_length
+    def load(self, split: str) -> token_cache.TokenSplit:
+        """The tokenized rows of `split`, from the on-disk token cache (built on first use)."""
+        data = self.config.data
+        tokens = token_cache.open_split(
+            self.task,
+            data.dir or None,
+            selection.file_split(split),
+            self.tokenizer,
+            data.max_length,
+            data.cache_dir,
         )
+        rows = _rows(self.config, split, len(tokens))
+        return tokens if rows is None else tokens.take(rows)
 
     def label_prior(self) -> np.ndarray:
         """The train labels' prior as head biases [num_labels]: the mean score for
         regression, log class frequencies (add-one smoothed) for classification, each
         class's log-odds for multi-label."""
-        labels = np.asarray(self.examples("train").labels)
+        labels = self.load("train").labels
         if self.task.is_regression:
             return np.asarray([labels.mean()], np.float32)
         if self.task.is_multi_label:
@@ -140,19 +158,19 @@ class ClassificationData:
         counts = np.bincount(labels, minlength=self.task.num_labels) + 1.0
         return np.log(counts / counts.sum()).astype(np.float32)
 
-    def train_batches(self) -> text_batches.TrainBatches:
-        """The resumable, seeded, bucketed training iterator for this process."""
-        return text_batches.TrainBatches(
+    def train_batches(self) -> grain_batches.GrainTrainBatches:
+        """This process's slices of the seeded, bucketed global batches, prepared ahead in
+        a background thread; resumable, and checked against the data on resume."""
+        return grain_batches.GrainTrainBatches(
             self.load("train"),
             batch_size=self.config.train.batch_size,
             seed=self.config.seed,
             buckets=self.buckets,
             pad_id=self.tokenizer.pad_token_id,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            prefetch=self.config.data.prefetch,
         )
 
-    def eval_batches(self, encoded: text_batches.Encoded) -> Iterator[dict[str, np.ndarray]]:
+    def eval_batches(self, encoded: token_cache.TokenSplit) -> Iterator[dict[str, np.ndarray]]:
         """Fixed-order eval batches (last one padded with weight-0 rows)."""
         return text_batches.eval_batches(
             encoded,

@@ -110,7 +110,7 @@ def collate(
     }
 
 
-def _bucket_for(lengths: np.ndarray, buckets: Sequence[int]) -> int:
+def bucket_for(lengths: np.ndarray, buckets: Sequence[int]) -> int:
     """Smallest bucket that holds the longest of `lengths`."""
     longest = int(lengths.max()) if lengths.size else 1
     position = int(np.searchsorted(buckets, longest))
@@ -119,6 +119,11 @@ def _bucket_for(lengths: np.ndarray, buckets: Sequence[int]) -> int:
             f"an example has {longest} tokens, more than the largest bucket {buckets[-1]}"
         )
     return int(buckets[position])
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the examples; (seed, epoch) alone fix it."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
 def local_rows(global_rows: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
@@ -168,8 +173,7 @@ class EpochOrder:
     def next_rows(self) -> np.ndarray:
         """Example indices of the next global batch."""
         if self._permutation is None:
-            rng = np.random.default_rng([self._seed, self._epoch])
-            self._permutation = rng.permutation(self._n)
+            self._permutation = epoch_permutation(self._n, self._seed, self._epoch)
         start = self._batch_in_epoch * self._batch_size
         rows = self._permutation[start : start + self._batch_size]
         self._batch_in_epoch += 1
@@ -236,11 +240,11 @@ class TrainBatches(OrderedBatches):
         self._buckets = tuple(sorted(buckets))
         self._pad_id = pad_id
         self._process = (process_index, process_count)
-        _bucket_for(self._lengths, self._buckets)  # fail now, not after hours of training
+        bucket_for(self._lengths, self._buckets)  # fail now, not after hours of training
 
     def __next__(self) -> dict[str, np.ndarray]:
         global_rows = self.order.next_rows()
-        length = _bucket_for(self._lengths[global_rows], self._buckets)
+        length = bucket_for(self._lengths[global_rows], self._buckets)
         rows = local_rows(global_rows, *self._process)
         return collate(self._encoded, rows, length, self._pad_id)
 
@@ -266,7 +270,7 @@ def eval_batches(
     buckets = tuple(sorted(buckets))
     for start in range(0, len(encoded), batch_size):
         global_rows = np.arange(start, min(start + batch_size, len(encoded)))
-        length = _bucket_for(lengths[global_rows], buckets)
+        length = bucket_for(lengths[global_rows], buckets)
         padded = np.full(batch_size, PADDING_ROW, np.int64)
         padded[: len(global_rows)] = global_rows
         yield collate(encoded, local_rows(padded, process_index, process_count), length, pad_id)

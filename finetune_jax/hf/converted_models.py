@@ -23,9 +23,10 @@ import shutil
 import tempfile
 from collections.abc import Callable
 
+from finetune_jax.cache_paths import CACHE_ENV, cache_root  # noqa: F401 (CACHE_ENV: re-exported)
+
 CONVERTER_VERSION = 1
 STAMP = "converted_from.json"
-CACHE_ENV = "FINETUNE_JAX_CACHE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +76,6 @@ def names() -> list[str]:
 
 def is_converted(name: str) -> bool:
     return _ALIASES.get(name.lower(), name.lower()) in CONVERTED
-
-
-def cache_root() -> pathlib.Path:
-    """Where converted models are kept (see the module docstring)."""
-    if os.environ.get(CACHE_ENV):
-        return pathlib.Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "finetune_jax"
 
 
 def source_path(name: str, package_root: PackageRoot) -> pathlib.Path:
