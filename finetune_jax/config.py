@@ -72,6 +72,10 @@ def _data() -> ml_collections.ConfigDict:
     s.max_train_rows = 0  # train on a random subset of this many rows; 0 = all
     s.max_eval_rows = 0  # evaluate a random subset of this many rows; 0 = all
     s.split_seed = 0  # draws holdout and subsets; the same for every seed of a sweep
+    # Draw the holdout and the row caps per class, in proportion (classification tasks:
+    # text or image; ELPV stratifies by defect grade x cell type, so its binary and
+    # 4-grade tasks share one split). Needs labels known before the split.
+    s.stratify = False
     s.packing = True  # chat tasks: several examples per max_length row
     # Image tasks (data/image_sources.py). Output side of the model's image processor
     # (resize + centre crop keep its ratio, e.g. DINOv2's 256/224); 0 = as the model saved

@@ -49,8 +49,10 @@ def batch_spec(
     return _loader_class(task).batch_spec(config, task)
 
 
-def _rows(config: ml_collections.ConfigDict, split: str, num_rows: int) -> np.ndarray | None:
-    return selection.config_rows(config, split, num_rows)
+def _rows(
+    config: ml_collections.ConfigDict, split: str, num_rows: int, strata=None
+) -> np.ndarray | None:
+    return selection.config_rows(config, split, num_rows, strata)
 
 
 class ClassificationData:
@@ -84,7 +86,8 @@ class ClassificationData:
         examples = text_sources.load_split(
             self.task, self.config.data.dir or None, selection.file_split(split)
         )
-        rows = _rows(self.config, split, len(examples))
+        classes = None if self.task.is_regression else np.asarray(examples.labels)
+        rows = _rows(self.config, split, len(examples), classes)
         return examples if rows is None else text_sources.take(examples, rows)
 
     def load(self, split: str) -> text_batches.Encoded:
