@@ -45,14 +45,14 @@ QUICK_LR = {
     "llrd": 2e-4,
     "lora": 1e-3,
 }
-# In the order the quick runner script runs them across all tasks: the two that matter most
-# first, so a sweep cut short still answers the main question.
+# In the order the quick study ran them across all tasks (README): the two that matter most
+# first, then the cheaper ones, so a sweep cut short still answers the main question.
 PRESETS = {
     "full": {"optim.preset": "full"},
     "linear_probe": {"optim.preset": "linear_probe"},  # the classifier on CLS + mean patch
+    "top2": {"optim.preset": "top_k_layers", "optim.top_k": 2},  # last 2 of 12 blocks + head
     # Rank 8 on the query and value projections, alpha = rank (scale 1), as in peft_glue.
     "lora": {"optim.preset": "lora", "peft.rank": 8, "peft.alpha": 8.0},
-    "top2": {"optim.preset": "top_k_layers", "optim.top_k": 2},  # last 2 of 12 blocks + head
     "llrd": {"optim.preset": "llrd", "optim.llrd_decay": 0.75},
 }
 
