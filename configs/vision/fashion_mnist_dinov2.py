@@ -10,7 +10,9 @@ lora (rank 8 on query/value). Only the 60k train images are shipped: 6,000 of th
 per class, fixed by data.split_seed) are the holdout the run selects on and reports. CPU
 defaults: 112x112 images (8x8 patches of 14; the 37x37 position grid is interpolated; any
 multiple of 14 works), batch 32. Greyscale is repeated over RGB by the image processor's convert.
-Expected: not measured here yet (see experiments/vision_transfer once it exists).
+Expected (experiments/vision_transfer, CPU quick budget: 42x42, 48 steps of 16): holdout
+accuracy 0.64 (linear_probe) to 0.76 (llrd), full 0.68; this config's 112x112 x 1000 steps
+is not measured here.
 """
 
 from finetune_jax.config import base_config
