@@ -51,3 +51,6 @@ def test_config_rows_stratifies_only_when_asked_and_names_the_key_without_labels
     np.testing.assert_array_equal(np.bincount(STRATA[stratified]), [14, 4, 2])
     with pytest.raises(ValueError, match="data.stratify=True.*'sst2'.*stratify=False"):
         selection.config_rows(config, "holdout", 100)
+    multi_hot = np.zeros((100, 3))
+    with pytest.raises(ValueError, match=r"one class per row.*\(100, 3\).*stratify=False"):
+        selection.config_rows(config, "holdout", 100, multi_hot)

@@ -91,6 +91,11 @@ def config_rows(
             f"data.stratify=True but task {data.task!r} has no labels known before the "
             "split (regression, chat and speech tasks have none): set data.stratify=False"
         )
+    if data.stratify and np.ndim(strata) != 1:
+        raise ValueError(
+            f"data.stratify=True needs one class per row, but task {data.task!r} has labels "
+            f"of shape {np.shape(strata)} (multi-label?): set data.stratify=False"
+        )
     cap = data.max_train_rows if split == "train" else data.max_eval_rows
     return split_rows(
         num_rows,
