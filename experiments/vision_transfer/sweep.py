@@ -16,7 +16,7 @@ from experiments.sweep import Setting, Sweep
 
 SEEDS = (0, 1, 2)
 
-# Full study (sized for one GPU, not run here): 224x224 images (16x16 patches, the
+# Full study (sized for one GPU, not run here): 224x224 images (a 16x16 patch grid, the
 # pretraining size), batch 64, augmentation on (the configs' random resized crop + flip).
 # Fashion-MNIST: 54k train / 6k holdout, ~5 epochs. ELPV: 1,968 train / 656 holdout
 # (Deitsch et al.'s 75/25), ~30 epochs.
