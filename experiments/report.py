@@ -115,6 +115,9 @@ def grid_points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ]
         selection = [m["summary"]["best"] for m in done]
         finals = [v for v in (_final_value(m["summary"]) for m in done) if v is not None]
+        # No train.final_split (a study whose only labelled split is the holdout): the
+        # holdout number is the result; the table says so in its split column.
+        finals = finals or ([] if any(m["summary"].get("final") for m in done) else selection)
         metric = done[0]["summary"]["metric"] if done else None
         points.append(
             {
@@ -164,7 +167,7 @@ def table_rows(selected: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str
     rows = []
     for (task, setting), point in selected.items():
         summaries = [m["summary"] for m in point["members"]]
-        final_split = (summaries[0].get("final") or {}).get("split")
+        final_split = (summaries[0].get("final") or {}).get("split") or SELECTION_AS_FINAL
         rows.append(
             {
                 "task": task,
@@ -190,6 +193,9 @@ def table_rows(selected: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str
             }
         )
     return rows
+
+
+SELECTION_AS_FINAL = "selection split, no final split"
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -279,6 +285,15 @@ def markdown(
         "Per (task, setting) the lr is selected by the mean over seeds of the selection metric "
         "(best holdout eval during training); `final` is that lr's runs at their best-on-holdout "
         "checkpoint on the final split. Values are mean ± sample std (ddof=1) over seeds.",
+        *(
+            [
+                "",
+                f"Where the split column says '{SELECTION_AS_FINAL}', the runs had no "
+                "`train.final_split`: `final` repeats the selection (holdout) number.",
+            ]
+            if any(r["final_split"] == SELECTION_AS_FINAL for r in rows)
+            else []
+        ),
         "",
         "| task | setting | selected | final (split, metric) | selection | trainable params "
         "| s/step | optimizer state | peak host RSS | peak device | seeds |",

@@ -99,6 +99,10 @@ def _data() -> ml_collections.ConfigDict:
     # (or ~/.cache/finetune_jax).
     s.cache_dir = ""
     s.prefetch = 2  # training batches prepared ahead in a background thread; 0 = in the step
+    # Draw the holdout and the row caps per class, in proportion (classification tasks:
+    # text or image; ELPV stratifies by defect grade x cell type, so its binary and
+    # 4-grade tasks share one split). Needs labels known before the split.
+    s.stratify = False
     s.packing = True  # chat tasks: several examples per max_length row
     # Image tasks (data/image_sources.py). Output side of the model's image processor
     # (resize + centre crop keep its ratio, e.g. DINOv2's 256/224); 0 = as the model saved

@@ -1,4 +1,5 @@
-"""tools/bench.py: the --versus comparison of two variants of one config."""
+"""tools/bench.py: the --versus comparison of two variants of one config; image configs
+and their torch peer (tools/peer_torch_vision.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.util
 import pytest
 
 from tests.helpers import REPO, tiny_config
+from tests.test_image_train import image_config, tiny_dinov2_dir  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +38,25 @@ def test_frozen_backbone_benches_cheaper_than_full(bench, tiny_bert_dir, sst2_sl
     assert probe["gflop_per_step"] < full["gflop_per_step"]
     assert probe["optimizer_state_bytes"] < full["optimizer_state_bytes"]
     assert probe["trainable_params"] < full["trainable_params"]
+
+
+def _image_config(request):
+    config = image_config(request.getfixturevalue("tiny_dinov2_dir"))
+    config.train.batch_size = 4
+    return config
+
+
+def test_image_config_benches(bench, request):
+    """Image batches (pixels, no tokens) bench: one compiled shape, images/s as samples/s."""
+    result = bench.bench(_image_config(request), 2, 1)
+    assert result["samples_per_s"] > 0 and result["gflop_per_step"] > 0
+    assert result["tokens_per_s"] == 0 and result["compiled_train_shapes"] == 1
+
+
+@pytest.mark.slow  # a torch + transformers subprocess: ~40 s on 2 cores
+def test_vision_torch_peer_runs_on_the_benched_model_and_size(bench, request):
+    config = _image_config(request)
+    model_dir = str(request.getfixturevalue("tiny_dinov2_dir"))
+    script = str(REPO / "tools" / "peer_torch_vision.py")
+    peer = bench.torch_peer(script, config, 2, model_dir)
+    assert peer["torch_samples_per_s"] == pytest.approx(4 / peer["torch_step_s"], rel=0.01)

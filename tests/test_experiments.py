@@ -442,3 +442,52 @@ def test_run_and_report_commands_end_to_end(tiny_bert_dir, sst2_slice, tmp_path,
     assert row["seeds"] == "2" and finals[0]["split"] == "validation"
     expected = statistics.mean(f["accuracy"] for f in finals)
     assert float(row["final_mean"]) == pytest.approx(expected)
+
+
+def test_report_without_a_final_split_reports_the_holdout_and_says_so(tmp_path):
+    fake = demo_sweep(
+        tasks={"elpv_binary": {}},
+        settings={"full": Setting({"optim.preset": "full"}, {"optim.lr": (1e-4,)})},
+        seeds=(0, 1),
+    )
+    for r in sweep.expand(fake, tmp_path / "runs"):
+        write_fake_run(r, [0.80, 0.84][r.seed], final=None)
+        path = Path(r.workdir) / "summary.json"
+        summary = json.loads(path.read_text())
+        del summary["final"]  # train.final_split unset
+        path.write_text(json.dumps(summary))
+    paths = report.write_report(fake, tmp_path / "runs", tmp_path / "results", "cmd")
+    (row,) = csv.DictReader(open(paths["csv"]))
+    assert float(row["final_mean"]) == pytest.approx(0.82)
+    assert float(row["final_std"]) == pytest.approx(statistics.stdev([0.80, 0.84]))
+    assert row["final_split"] == report.SELECTION_AS_FINAL
+    assert "repeats the selection (holdout) number" in paths["md"].read_text()
+
+
+def test_vision_transfer_quick_runs_are_valid_configs_on_one_stratified_split():
+    quick, full = sweep.load("vision_transfer", quick=True), sweep.load("vision_transfer")
+    settings = {"full", "linear_probe", "lora", "top2", "llrd"}
+    tasks = {"fashion_mnist", "elpv_binary", "elpv_grades"}
+    for study in (quick, full):
+        runs = sweep.expand(study)
+        assert {r.setting for r in runs} == settings and {r.task for r in runs} == tasks
+    quick_runs = sweep.expand(quick)
+    assert len(quick_runs) == 3 * 5 * 2 and quick.notes
+    for r in quick_runs[::2]:
+        config = sweep.build_config(r)
+        assert config.data.stratify and config.data.eval_split == "holdout"
+        assert config.train.eval_every == config.train.max_steps  # one eval: nothing picked
+        assert config.data.image_size % 14 == 0 and config.optim.preset == PRESET[r.setting]
+    grades = sweep.build_config(next(r for r in quick_runs if r.task == "elpv_grades"))
+    binary = sweep.build_config(next(r for r in quick_runs if r.task == "elpv_binary"))
+    assert grades.data.holdout_rows == binary.data.holdout_rows == 656
+    assert sweep.build_config(sweep.expand(full)[0]).data.image_size == 224
+
+
+PRESET = {
+    "full": "full",
+    "linear_probe": "linear_probe",
+    "lora": "lora",
+    "top2": "top_k_layers",
+    "llrd": "llrd",
+}

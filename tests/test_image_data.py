@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -225,3 +226,42 @@ def test_elpv_source_matches_the_packages_own_loader(task_name):
         assert rgb.shape == (*images[i].shape, 3)
         for channel in range(3):  # greyscale repeated over the channels
             np.testing.assert_array_equal(rgb[..., channel], images[i])
+
+
+def test_image_holdout_is_stratified_by_class_when_asked(tmp_path):
+    labels = np.repeat([0, 1, 2], [24, 8, 8])  # a file sorted by class, 60/20/20
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((40, 28, 28)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    config = _data(task="fashion_mnist", dir=str(tmp_path), holdout_rows=10, stratify=True)
+    data = ImageData(config, get_task("fashion_mnist"), processor=_FakeProcessor())
+    np.testing.assert_array_equal(np.bincount(data.load("holdout").labels), [6, 2, 2])
+    np.testing.assert_array_equal(np.bincount(data.load("train").labels), [18, 6, 6])
+
+
+def _elpv_config(labels: str):
+    path = Path(__file__).resolve().parents[1] / "configs" / "vision" / "elpv_dinov2.py"
+    spec = importlib.util.spec_from_file_location("elpv_dinov2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(f"{labels},full")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("elpv_dataset") is None, reason="elpv-dataset is not installed"
+)
+def test_elpv_binary_and_grades_share_one_split_stratified_by_grade_and_type():
+    """The ELPV config's holdout keeps each (grade, mono/poly) group's share to within a
+    row, and the binary and the 4-grade task hold out the very same cells."""
+    held = {}
+    for labels in ("binary", "grades"):
+        config = _elpv_config(labels)
+        data = ImageData(config, get_task(config.data.task), processor=_FakeProcessor())
+        held[labels] = data.load("holdout")
+    cells = {k: [split.locate(i) for i in range(len(split))] for k, split in held.items()}
+    assert len(cells["grades"]) == config.data.holdout_rows
+    assert cells["binary"] == cells["grades"]
+    task = get_task("elpv_grades")
+    every = image_sources.load_split(task, config.data, "train", task.label_names)
+    want = np.bincount(every.strata) * config.data.holdout_rows / len(every)
+    got = np.bincount(held["grades"].strata, minlength=len(want))
+    assert np.all(np.abs(got - want) < 1), (got, want)

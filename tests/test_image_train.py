@@ -80,31 +80,80 @@ def test_resumed_image_run_is_bitwise_identical(tiny_dinov2_dir, tmp_path):
     assert train_losses(tmp_path / "straight") == train_losses(tmp_path / "resumed")
 
 
-def test_exported_lora_image_classifier_loads_in_transformers(tiny_dinov2_dir, tmp_path):
-    config = image_config(tiny_dinov2_dir, max_steps=3)
-    config.peft.rank = 4
-    config.optim.preset = "lora"
-    workdir, out = tmp_path / "run", tmp_path / "hf"
-    train(config, str(workdir))
-    export(config, str(workdir), str(out), which="latest")
-    hf_config = json.loads((out / "config.json").read_text())
-    assert hf_config["architectures"] == ["Dinov2ForImageClassification"]
-    assert hf_config["id2label"]["0"] == "T-shirt/top" and hf_config["num_labels"] == 10
-    saved = json.loads((out / "preprocessor_config.json").read_text())
-    assert saved["crop_size"] == {"height": 28, "width": 28}  # the size it was tuned at
+@pytest.fixture(scope="module")
+def tiny_vit_dir(tmp_path_factory):
+    """A tiny random bare ViTModel (pooler included, as hub ViTs are) + a ViT processor."""
+    out_dir = tmp_path_factory.mktemp("tiny_vit")
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=7,
+    )
+    torch.manual_seed(1)
+    transformers.ViTModel(config).save_pretrained(out_dir, safe_serialization=True)
+    transformers.ViTImageProcessor(size={"height": 28, "width": 28}).save_pretrained(out_dir)
+    return out_dir
 
+
+def export_matches_transformers(config, workdir, out, step: str) -> dict:
+    """Exports step `step` of `workdir` to `out`, loads it with transformers' Auto classes
+    and checks: the processor makes our pixels, the logits equal ours (params restored from
+    the checkpoint, LoRA unmerged), no weight is missing or left over. Returns config.json."""
+    export(config, str(workdir), str(out), which=step)
     exp = builder.build(config)
-    _, params = exp.restore_params(str(workdir), "3")  # base + adapter, unmerged
-    batch = next(exp.data.eval_batches(exp.data.load("holdout")))
-    ours = np.asarray(exp.module.apply({"params": jax.device_get(params)}, batch["pixel_values"]))
-    model = transformers.AutoModelForImageClassification.from_pretrained(out).eval()
-    processor = transformers.AutoImageProcessor.from_pretrained(out)
+    _, params = exp.restore_params(str(workdir), step)
     split = exp.data.load("holdout")
+    batch = next(exp.data.eval_batches(split))
+    ours = np.asarray(exp.module.apply({"params": jax.device_get(params)}, batch["pixel_values"]))
+    model, loading = transformers.AutoModelForImageClassification.from_pretrained(
+        out, output_loading_info=True
+    )
+    assert not any(loading.values()), loading  # missing / unexpected / mismatched keys
+    processor = transformers.AutoImageProcessor.from_pretrained(out)
     images = [split.image(i) for i in range(len(batch["labels"]))]
     pixels = processor(images, return_tensors="pt")["pixel_values"]
     np.testing.assert_allclose(
         pixels.numpy().transpose(0, 2, 3, 1), batch["pixel_values"], atol=1e-6
     )
     with torch.no_grad():
-        theirs = model(pixel_values=pixels).logits.numpy()
+        theirs = model.eval()(pixel_values=pixels).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    hf_config = json.loads((out / "config.json").read_text())
+    want = {str(i): name for i, name in enumerate(exp.data.task.label_names)}
+    assert hf_config["id2label"] == want and hf_config["num_labels"] == len(want)
+    return hf_config
+
+
+def test_exported_lora_image_classifier_loads_in_transformers(tiny_dinov2_dir, tmp_path):
+    config = image_config(tiny_dinov2_dir, max_steps=3)
+    config.peft.rank = 4
+    config.optim.preset = "lora"
+    out = tmp_path / "hf"
+    train(config, str(tmp_path / "run"))
+    hf_config = export_matches_transformers(config, tmp_path / "run", out, "3")
+    assert hf_config["architectures"] == ["Dinov2ForImageClassification"]
+    assert hf_config["id2label"]["0"] == "T-shirt/top"
+    saved = json.loads((out / "preprocessor_config.json").read_text())
+    assert saved["crop_size"] == {"height": 28, "width": 28}  # the size it was tuned at
+
+
+@pytest.mark.parametrize(
+    "model_dir, architecture",
+    [
+        ("tiny_dinov2_dir", "Dinov2ForImageClassification"),
+        ("tiny_vit_dir", "ViTForImageClassification"),
+    ],
+)
+def test_exported_full_finetuned_classifier_loads_in_transformers(
+    model_dir, architecture, request, tmp_path
+):
+    """Every weight trains (full): the exported DINOv2 (mask token written as zeros, which
+    our model has no use for) and ViT load with nothing missing and give our logits."""
+    config = image_config(request.getfixturevalue(model_dir), max_steps=2)
+    config.optim.preset = "full"
+    train(config, str(tmp_path / "run"))
+    hf_config = export_matches_transformers(config, tmp_path / "run", tmp_path / "hf", "2")
+    assert hf_config["architectures"] == [architecture]

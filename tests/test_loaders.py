@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from finetune_jax.data import loaders, tasks
+from finetune_jax.data import loaders, selection, tasks, text_sources
 from finetune_jax.hf import model_files
 from tests.helpers import tiny_config
 from tests.test_sft_train import tiny_sft_config
@@ -39,3 +39,20 @@ def test_chat_batch_spec_matches_batches(tiny_chat_llama_dir):
     batch = next(data.train_batches())
     _assert_batch_fits_spec(batch, loaders.batch_spec(config, task), exact_shapes=True)
     assert np.all(batch["weights"][batch["attention_mask"] == 0] == 0)
+
+
+def test_text_classification_holdout_stratifies_by_label(tiny_bert_dir, sst2_slice):
+    """With data.stratify the loader hands the labels to the one holdout mechanism."""
+    config = tiny_config(tiny_bert_dir, sst2_slice)
+    config.data.holdout_rows, config.data.stratify = 50, True
+    task = tasks.get_task("sst2")
+    data = loaders.make_loader(config, task, model_files.load_tokenizer(str(tiny_bert_dir)))
+    every = text_sources.load_split(task, str(sst2_slice), "train")
+    rows = selection.split_rows(len(every), "holdout", 50, 0, 0, strata=every.labels)
+    held = data.examples("holdout")
+    assert held.text_a == [every.text_a[i] for i in rows]
+    want = np.bincount(every.labels) * 50 / len(every)
+    assert np.all(np.abs(np.bincount(held.labels, minlength=len(want)) - want) < 1)
+    # The tokenized (cached) split training and eval read holds out the same rows.
+    np.testing.assert_array_equal(data.load("holdout").labels, every.labels[rows])
+    assert len(data.load("train")) == len(every) - 50

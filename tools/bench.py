@@ -5,12 +5,16 @@
       [--torch_peer=../shared/tools/peer_torch_glue.py]
   python tools/bench.py --config=configs/sft/smollm2_gsm8k_lora.py --steps=5 --warmup=2 \
       --versus=optim.preset=full,peft.rank=0
+  python tools/bench.py --config=configs/vision/fashion_mnist_dinov2.py:full --steps=10 \
+      --warmup=3 --config.train.batch_size=16 --torch_peer=tools/peer_torch_vision.py
 
 Runs real batches from the config's data pipeline through the jitted train step. The first
 `--warmup` steps (compilation of every bucket shape) are timed separately; the table reports
 the median and mean of the rest. FLOPs come from XLA's cost analysis of each compiled shape.
 `--torch_peer` runs the transformers+torch reference right afterwards on the same data, batch
-size and max length, and reports the step-time ratio (one sitting, one machine state).
+size and max length (image tasks: the same model directory and image size,
+`tools/peer_torch_vision.py`), and reports the step-time ratio (one sitting, one machine
+state). For images, samples/s is images/s.
 `--versus` benchmarks the same config with other overrides right afterwards (e.g. LoRA vs
 full fine-tuning) and reports the ratios of step time, FLOPs and optimizer-state bytes.
 """
@@ -32,6 +36,7 @@ from ml_collections import config_flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune_jax import config as config_lib  # noqa: E402
 from finetune_jax.cli import quiet_libraries  # noqa: E402
+from finetune_jax.data import tasks  # noqa: E402
 from finetune_jax.training import builder, optim  # noqa: E402
 
 
@@ -61,21 +66,22 @@ def bench(config, steps: int, warmup: int) -> dict:
     batches = exp.data.train_batches()
     state = exp.initial_state()
     build_s = time.perf_counter() - t_build
-    flops_by_len, times, tokens = {}, [], []
+    flops_by_shape, times, tokens = {}, [], []
     t_compile = time.perf_counter()
     for i in range(warmup + steps):
         batch = next(batches)
-        length = batch["input_ids"].shape[1]
-        if length not in flops_by_len:
-            flops_by_len[length] = step_flops(exp, state, batch)
+        shape = tuple((key, value.shape) for key, value in sorted(batch.items()))
+        if shape not in flops_by_shape:
+            flops_by_shape[shape] = step_flops(exp, state, batch)
         start = time.perf_counter()
         state, metrics = exp.train_step(state, exp.put_batch(batch))
         jax.block_until_ready(metrics)
         if i == warmup - 1:
             warmup_s = time.perf_counter() - t_compile
         if i >= warmup:
-            times.append((time.perf_counter() - start, flops_by_len[length]))
-            tokens.append(int(batch["attention_mask"].sum()))
+            times.append((time.perf_counter() - start, flops_by_shape[shape]))
+            # Images have no tokens: their tokens_per_s is 0 (samples_per_s is images/s).
+            tokens.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0)
     step_s = statistics.median(t for t, _ in times)
     mean_s = float(np.mean([t for t, _ in times]))
     flops = float(np.mean([f for _, f in times]))
@@ -94,26 +100,28 @@ def bench(config, steps: int, warmup: int) -> dict:
         "trainable_params": optim.param_counts(exp.groups, exp.abstract_params)[0],
         "optimizer_state_bytes": optim.tree_bytes(state.opt_state),
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "model_dir": exp.model_ref,
     }
 
 
-def torch_peer(script: str, config, steps: int) -> dict:
-    """The transformers+torch reference on the same data, batch and max length, run now so
-    the ratio compares one machine state. Only the SST-2-style peer script is supported."""
-    command = [
-        sys.executable,
-        script,
-        "--data",
-        config.data.dir,
-        "--steps",
-        str(steps),
-        "--batch",
-        str(config.train.batch_size),
-        "--max_len",
-        str(config.data.max_length),
-        "--lr",
-        str(config.optim.lr),
-    ]
+def torch_peer(script: str, config, steps: int, model_dir: str) -> dict:
+    """The transformers+torch reference on the same data, batch and max length (image
+    tasks: the same model directory and image size), run now so the ratio compares one
+    machine state. Peers: `peer_torch_glue.py` (SST-2-style TSVs) and
+    `tools/peer_torch_vision.py` (Fashion-MNIST IDX files)."""
+    common = ["--steps", str(steps), "--batch", str(config.train.batch_size)]
+    common += ["--lr", str(config.optim.lr)]
+    if tasks.get_task(config.data.task).kind == "image_classification":
+        if config.data.task != "fashion_mnist":
+            raise ValueError(
+                f"--torch_peer for images reads Fashion-MNIST only, not data.task="
+                f"{config.data.task!r}; bench configs/vision/fashion_mnist_dinov2.py"
+            )
+        size = ["--image_size", str(config.data.image_size)]
+        data = ["--model_dir", model_dir, "--fashion_mnist", config.data.dir, *size]
+    else:
+        data = ["--data", config.data.dir, "--max_len", str(config.data.max_length)]
+    command = [sys.executable, script, *data, *common]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     peer = json.loads(done.stdout.strip().splitlines()[-1])
     return {
@@ -144,7 +152,10 @@ def main() -> None:
     peak = flags.DEFINE_float("peak_gflops", 0.0, "Peak GFLOP/s; 0 = measure a large matmul.")
     out = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
     peer = flags.DEFINE_string(
-        "torch_peer", "", "Path of peer_torch_glue.py: run it right after, same batch and length."
+        "torch_peer",
+        "",
+        "Path of peer_torch_glue.py (text) or tools/peer_torch_vision.py (images): run it "
+        "right after, same batch and length / image size.",
     )
     versus = flags.DEFINE_string(
         "versus", "", "Overrides 'a.b=v,c.d=w': benchmark that variant right after and compare."
@@ -157,7 +168,8 @@ def main() -> None:
         result["peak_gflops"] = peak.value or measure_peak_gflops()
         result["utilisation"] = result["achieved_gflops"] / result["peak_gflops"]
         if peer.value:
-            result.update(torch_peer(peer.value, config.value, warmup.value + steps.value))
+            steps_run = warmup.value + steps.value
+            result.update(torch_peer(peer.value, config.value, steps_run, result["model_dir"]))
             # > 1: our steps are faster than the reference's.
             result["speed_ratio_torch_step_over_ours"] = (
                 result["torch_step_s"] / result["step_s_mean"]

@@ -86,7 +86,8 @@ class ImageData:
         loaded = image_sources.load_split(
             self.task, self.config.data, selection.file_split(split), self.task.label_names
         )
-        rows = selection.config_rows(self.config, split, len(loaded))
+        strata = loaded.labels if loaded.strata is None else loaded.strata
+        rows = selection.config_rows(self.config, split, len(loaded), strata)
         return loaded if rows is None else image_sources.take(loaded, rows)
 
     def label_prior(self) -> np.ndarray:

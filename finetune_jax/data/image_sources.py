@@ -45,6 +45,8 @@ class ImageSplit:
     read: Callable[[int], Image.Image]
     locate: Callable[[int], str]
     source: str
+    # Groups a stratified split (data.stratify) draws in proportion; None = the labels.
+    strata: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -66,6 +68,7 @@ def take(split: ImageSplit, rows: np.ndarray) -> ImageSplit:
         lambda i: split.read(int(rows[i])),
         lambda i: split.locate(int(rows[i])),
         split.source,
+        None if split.strata is None else split.strata[rows],
     )
 
 
@@ -264,6 +267,9 @@ def hub_split(dataset, image_column: str, label_column: str, source: str) -> _Ra
     )
 
 
+_ELPV_TYPES = ("mono", "poly")
+
+
 def _elpv(task: ImageTask, data_dir: str, split: str) -> ImageSplit:
     """ELPV: `labels.csv` rows `images/cellNNNN.png <defect probability> <mono|poly>`."""
     if split != "train":
@@ -275,7 +281,7 @@ def _elpv(task: ImageTask, data_dir: str, split: str) -> ImageSplit:
     path = os.path.join(root, "labels.csv")
     if not os.path.isfile(path):
         raise DataError(f"ELPV labels {path!r} are missing (pip install elpv-dataset)")
-    paths, labels = [], []
+    paths, labels, strata = [], [], []
     with open(path) as f:
         for number, line in enumerate(f, 1):
             fields = line.split()
@@ -288,14 +294,23 @@ def _elpv(task: ImageTask, data_dir: str, split: str) -> ImageSplit:
                 ) from None
             if abs(probability * 3 - grade) > 1e-6 or not 0 <= grade <= 3:
                 raise DataError(f"{path!r} line {number}: probability {probability} not k/3")
+            cell_type = fields[2] if len(fields) > 2 else ""
+            if cell_type not in _ELPV_TYPES:
+                raise DataError(
+                    f"{path!r} line {number}: cell type {cell_type!r} is not one of "
+                    f"{list(_ELPV_TYPES)}"
+                )
             paths.append(os.path.join(root, fields[0]))
             # Binary: the cells rated likelier defective than not (p >= 2/3) are defective.
             labels.append(grade if task.elpv_grades else int(grade >= 2))
+            # Grade x type: the binary and the 4-grade task draw the same stratified split.
+            strata.append(grade * len(_ELPV_TYPES) + _ELPV_TYPES.index(cell_type))
     return ImageSplit(
         np.asarray(labels, np.int32),
         lambda i: Image.open(paths[i]),
         lambda i: f"{path!r} line {i + 1} ({paths[i]!r})",
         path,
+        np.asarray(strata, np.int32),
     )
 
 

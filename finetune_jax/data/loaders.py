@@ -65,8 +65,10 @@ def batch_spec(
     return _loader_class(task).batch_spec(config, task)
 
 
-def _rows(config: ml_collections.ConfigDict, split: str, num_rows: int) -> np.ndarray | None:
-    return selection.config_rows(config, split, num_rows)
+def _rows(
+    config: ml_collections.ConfigDict, split: str, num_rows: int, strata=None
+) -> np.ndarray | None:
+    return selection.config_rows(config, split, num_rows, strata)
 
 
 def resolve_text_task(
@@ -128,7 +130,8 @@ class ClassificationData:
         examples = text_sources.load_split(
             self.task, self.config.data.dir or None, selection.file_split(split)
         )
-        rows = _rows(self.config, split, len(examples))
+        classes = None if self.task.is_regression else np.asarray(examples.labels)
+        rows = _rows(self.config, split, len(examples), classes)
         return examples if rows is None else text_sources.take(examples, rows)
 
     def load(self, split: str) -> token_cache.TokenSplit:
@@ -142,7 +145,8 @@ class ClassificationData:
             data.max_length,
             data.cache_dir,
         )
-        rows = _rows(self.config, split, len(tokens))
+        classes = None if self.task.is_regression else tokens.labels
+        rows = _rows(self.config, split, len(tokens), classes)
         return tokens if rows is None else tokens.take(rows)
 
     def label_prior(self) -> np.ndarray:

@@ -97,8 +97,7 @@ class SpeechData:
             audio_column=data.audio_column,
             text_column=data.text_column,
         )
-        cap = data.max_train_rows if split == "train" else data.max_eval_rows
-        chosen = selection.split_rows(len(rows), split, data.holdout_rows, cap, data.split_seed)
+        chosen = selection.config_rows(self.config, split, len(rows))
         return rows if chosen is None else [rows[i] for i in chosen]
 
     def load(self, split: str) -> SpeechSplit:

@@ -275,6 +275,8 @@ def _family(model_type: str, class_prefix: str) -> ModelFamily:
         init_params=init_params,
         hf_param_mappings=vit_hf.hf_param_mappings,
         layer_stacks=vit_hf.layer_stacks,
+        constant_tensors=vit_hf.constant_tensors,
+        ignored_tensors=("embeddings.mask_token",),  # written by export, never read
         new_params=("classifier",),
         bare_prefix=model_type + ".",
         # Bare checkpoints carry a pooler (ViTModel) or a mask token (Dinov2Model) that no

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from finetune_jax.models.hf_mapping import HFMapping, stack_layers
 
 if TYPE_CHECKING:
@@ -92,6 +94,15 @@ def hf_mappings(config: ViTConfig) -> list[HFMapping]:
                 for j in (1, 2)
             ]
     return rows + layer_norm("layernorm", "layernorm")
+
+
+def constant_tensors(config: ViTConfig) -> dict[str, np.ndarray]:
+    """Tensors an export adds that no param of ours holds: DINOv2's mask token (used only by
+    masked-image pretraining, so our model has none) as zeros, HF's init, so transformers
+    loads the exported classifier with no weight left newly initialised."""
+    if config.model_type != "dinov2":
+        return {}
+    return {"dinov2.embeddings.mask_token": np.zeros((1, config.hidden_size), np.float32)}
 
 
 def layer_stacks(config: ViTConfig) -> dict[str, int]:
