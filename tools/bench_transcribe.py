@@ -1,0 +1,110 @@
+"""Generation speed: seconds of audio transcribed per second of compute, ours vs transformers.
+
+  python tools/bench_transcribe.py --config=configs/speech/whisper_tiny_commands.py \\
+      --clips=32 --batch=16 [--repeats=2] [--config.data.audio_seconds=30]
+
+Both sides transcribe the same validation clips of the config's speech task, greedy, from the
+same log-mel features (Whisper's 30 s window, which transformers' `generate` requires, whatever
+the config says), in batches of --batch, one after
+the other in this process (one sitting, same CPU): ours is the jitted `Transcriber` (warm:
+compiled on a first pass that is not timed), theirs `WhisperForConditionalGeneration.generate`
+on torch CPU (also warmed on one batch). Reports audio seconds / compute seconds for each, the
+ratio, and how many transcripts agree. The model is the config's pretrained model (LoRA off).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from finetune_jax.cli import quiet_libraries  # noqa: E402
+from finetune_jax.data import audio_sources  # noqa: E402
+from finetune_jax.hf import model_files  # noqa: E402
+from finetune_jax.training import builder  # noqa: E402
+
+RATE = 16_000
+CONFIG = config_flags.DEFINE_config_file("config", None, "A speech config (configs/speech/*.py).")
+CLIPS = flags.DEFINE_integer("clips", 32, "Validation clips to transcribe (a fixed subset).")
+BATCH = flags.DEFINE_integer("batch", 16, "Clips per generate call, both sides.")
+REPEATS = flags.DEFINE_integer("repeats", 2, "Timed passes over the clips; the best is kept.")
+JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+
+
+def timed_passes(transcribe, batches, repeats: int) -> tuple[float, list[str]]:
+    """The fastest of `repeats` passes over `batches` (seconds) and the last pass's texts."""
+    best, texts = float("inf"), []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        texts = [text for batch in batches for text in transcribe(batch)]
+        best = min(best, time.perf_counter() - start)
+    return best, texts
+
+
+def main(argv) -> None:
+    del argv
+    quiet_libraries()
+    import torch
+    import transformers
+
+    config = CONFIG.value
+    config.unlock()
+    config.data.audio_seconds = 30.0  # transformers' Whisper generate takes 30 s windows only
+    config.data.max_eval_rows = CLIPS.value
+    config.peft.rank = 0
+    config.lock()
+    setup = builder.build(config)
+    params = setup.pretrained_params()
+    rows = setup.data.rows("validation")
+    features = setup.data.load("validation").features
+    audio_s = sum(len(audio_sources.read_audio(row.source, RATE)) for row in rows) / RATE
+    batches = [
+        features.take(range(i, min(i + BATCH.value, len(rows))))
+        for i in range(0, len(rows), BATCH.value)
+    ]
+    transcriber = setup.transcriber
+
+    def ours(batch):
+        return transcriber.transcribe(params, batch)
+
+    model_dir = model_files.resolve_model_dir(config.model.name)
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = transformers.WhisperProcessor.from_pretrained(model_dir)
+
+    def theirs(batch):
+        with torch.no_grad():
+            out = model.generate(torch.from_numpy(batch), max_new_tokens=transcriber.max_new_tokens)
+        return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
+
+    for batch in {b.shape: b for b in batches}.values():  # compile every batch shape
+        ours(batch)
+    theirs(batches[0])
+    ours_s, ours_texts = timed_passes(ours, batches, REPEATS.value)
+    theirs_s, theirs_texts = timed_passes(theirs, batches, REPEATS.value)
+    result = {
+        "clips": len(rows),
+        "audio_seconds": round(audio_s, 2),
+        "batch": BATCH.value,
+        "window_seconds": config.data.audio_seconds,
+        "max_new_tokens": transcriber.max_new_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "ours_seconds": round(ours_s, 3),
+        "theirs_seconds": round(theirs_s, 3),
+        "ours_audio_s_per_s": round(audio_s / ours_s, 2),
+        "theirs_audio_s_per_s": round(audio_s / theirs_s, 2),
+        "speedup": round(theirs_s / ours_s, 2),
+        "same_transcripts": sum(a == b for a, b in zip(ours_texts, theirs_texts)),
+    }
+    print(json.dumps(result, indent=2))
+    if JSON.value:
+        Path(JSON.value).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
