@@ -4,8 +4,8 @@
       --clips=32 --batch=16 [--repeats=2] [--config.data.audio_seconds=30]
 
 Both sides transcribe the same validation clips of the config's speech task, greedy, from the
-same log-mel features (Whisper's 30 s window, which transformers' `generate` requires, whatever
-the config says), in batches of --batch, one after
+same log-mel features (the model's whole window, Whisper's 30 s, which transformers' `generate`
+requires, whatever the config says), in batches of --batch, one after
 the other in this process (one sitting, same CPU): ours is the jitted `Transcriber` (warm:
 compiled on a first pass that is not timed), theirs `WhisperForConditionalGeneration.generate`
 on torch CPU (also warmed on one batch). Reports audio seconds / compute seconds for each, the
@@ -24,11 +24,10 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune_jax.cli import quiet_libraries  # noqa: E402
-from finetune_jax.data import audio_sources  # noqa: E402
+from finetune_jax.data import audio_features, audio_sources  # noqa: E402
 from finetune_jax.hf import model_files  # noqa: E402
 from finetune_jax.training import builder  # noqa: E402
 
-RATE = 16_000
 CONFIG = config_flags.DEFINE_config_file("config", None, "A speech config (configs/speech/*.py).")
 CLIPS = flags.DEFINE_integer("clips", 32, "Validation clips to transcribe (a fixed subset).")
 BATCH = flags.DEFINE_integer("batch", 16, "Clips per generate call, both sides.")
@@ -46,33 +45,35 @@ def timed_passes(transcribe, batches, repeats: int) -> tuple[float, list[str]]:
     return best, texts
 
 
-def main(argv) -> None:
-    del argv
-    quiet_libraries()
+def bench(config, clips: int, batch_size: int, repeats: int) -> dict:
+    """Times ours and transformers' greedy transcription of `clips` validation clips."""
     import torch
     import transformers
 
-    config = CONFIG.value
+    model_dir = model_files.resolve_model_dir(config.model.name)
+    extractor = audio_features.load_extractor(model_dir)
+    frames = 2 * model_files.read_hf_config(model_dir)["max_source_positions"]
     config.unlock()
-    config.data.audio_seconds = 30.0  # transformers' Whisper generate takes 30 s windows only
-    config.data.max_eval_rows = CLIPS.value
-    config.peft.rank = 0
+    # The model's whole window (Whisper's 30 s): transformers' generate takes nothing shorter.
+    config.data.audio_seconds = frames * extractor.hop_length / extractor.sampling_rate
+    config.data.max_eval_rows = clips
+    config.peft.rank, config.optim.preset = 0, "full"  # the pretrained model as it is
     config.lock()
     setup = builder.build(config)
     params = setup.pretrained_params()
     rows = setup.data.rows("validation")
     features = setup.data.load("validation").features
-    audio_s = sum(len(audio_sources.read_audio(row.source, RATE)) for row in rows) / RATE
+    rate = extractor.sampling_rate
+    audio_s = sum(len(audio_sources.read_audio(row.source, rate)) for row in rows) / rate
     batches = [
-        features.take(range(i, min(i + BATCH.value, len(rows))))
-        for i in range(0, len(rows), BATCH.value)
+        features.take(range(i, min(i + batch_size, len(rows))))
+        for i in range(0, len(rows), batch_size)
     ]
     transcriber = setup.transcriber
 
     def ours(batch):
         return transcriber.transcribe(params, batch)
 
-    model_dir = model_files.resolve_model_dir(config.model.name)
     model = transformers.WhisperForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = transformers.WhisperProcessor.from_pretrained(model_dir)
 
@@ -84,12 +85,12 @@ def main(argv) -> None:
     for batch in {b.shape: b for b in batches}.values():  # compile every batch shape
         ours(batch)
     theirs(batches[0])
-    ours_s, ours_texts = timed_passes(ours, batches, REPEATS.value)
-    theirs_s, theirs_texts = timed_passes(theirs, batches, REPEATS.value)
-    result = {
+    ours_s, ours_texts = timed_passes(ours, batches, repeats)
+    theirs_s, theirs_texts = timed_passes(theirs, batches, repeats)
+    return {
         "clips": len(rows),
         "audio_seconds": round(audio_s, 2),
-        "batch": BATCH.value,
+        "batch": batch_size,
         "window_seconds": config.data.audio_seconds,
         "max_new_tokens": transcriber.max_new_tokens,
         "torch_threads": torch.get_num_threads(),
@@ -98,8 +99,14 @@ def main(argv) -> None:
         "ours_audio_s_per_s": round(audio_s / ours_s, 2),
         "theirs_audio_s_per_s": round(audio_s / theirs_s, 2),
         "speedup": round(theirs_s / ours_s, 2),
-        "same_transcripts": sum(a == b for a, b in zip(ours_texts, theirs_texts)),
+        "same_transcripts": sum(a == b for a, b in zip(ours_texts, theirs_texts, strict=True)),
     }
+
+
+def main(argv) -> None:
+    del argv
+    quiet_libraries()
+    result = bench(CONFIG.value, CLIPS.value, BATCH.value, REPEATS.value)
     print(json.dumps(result, indent=2))
     if JSON.value:
         Path(JSON.value).write_text(json.dumps(result, indent=2) + "\n")
