@@ -1,13 +1,13 @@
 """Generation speed: seconds of audio transcribed per second of compute, ours vs transformers.
 
   python tools/bench_transcribe.py --config=configs/speech/whisper_tiny_commands.py \\
-      --clips=32 --batch=16 [--repeats=2] [--config.data.audio_seconds=30]
+      --clips=16 --batch=8 [--repeats=3]
 
 Both sides transcribe the same validation clips of the config's speech task, greedy, from the
 same log-mel features (the model's whole window, Whisper's 30 s, which transformers' `generate`
-requires, whatever the config says), in batches of --batch, one after
-the other in this process (one sitting, same CPU): ours is the jitted `Transcriber` (warm:
-compiled on a first pass that is not timed), theirs `WhisperForConditionalGeneration.generate`
+requires, whatever the config says), in batches of --batch, alternating pass by pass in this
+process (one sitting, same CPU): ours is the jitted `Transcriber` (warm: compiled on a first
+pass that is not timed), theirs `WhisperForConditionalGeneration.generate`
 on torch CPU (also warmed on one batch). Reports audio seconds / compute seconds for each, the
 ratio, and how many transcripts agree. The model is the config's pretrained model (LoRA off).
 """
@@ -31,18 +31,23 @@ from finetune_jax.training import builder  # noqa: E402
 CONFIG = config_flags.DEFINE_config_file("config", None, "A speech config (configs/speech/*.py).")
 CLIPS = flags.DEFINE_integer("clips", 32, "Validation clips to transcribe (a fixed subset).")
 BATCH = flags.DEFINE_integer("batch", 16, "Clips per generate call, both sides.")
-REPEATS = flags.DEFINE_integer("repeats", 2, "Timed passes over the clips; the best is kept.")
+REPEATS = flags.DEFINE_integer(
+    "repeats", 3, "Timed passes over the clips per side, alternating; the best is kept."
+)
 JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
 
 
-def timed_passes(transcribe, batches, repeats: int) -> tuple[float, list[str]]:
-    """The fastest of `repeats` passes over `batches` (seconds) and the last pass's texts."""
-    best, texts = float("inf"), []
+def timed_passes(sides, batches, repeats: int) -> list[tuple[float, list[str]]]:
+    """For each side (a transcribe function), the fastest of `repeats` passes over `batches`
+    (seconds) and its texts. The sides alternate pass by pass, so a change in the machine's
+    load during the sitting falls on both."""
+    best = [(float("inf"), []) for _ in sides]
     for _ in range(repeats):
-        start = time.perf_counter()
-        texts = [text for batch in batches for text in transcribe(batch)]
-        best = min(best, time.perf_counter() - start)
-    return best, texts
+        for i, transcribe in enumerate(sides):
+            start = time.perf_counter()
+            texts = [text for batch in batches for text in transcribe(batch)]
+            best[i] = min(best[i], (time.perf_counter() - start, texts), key=lambda x: x[0])
+    return best
 
 
 def bench(config, clips: int, batch_size: int, repeats: int) -> dict:
@@ -85,8 +90,7 @@ def bench(config, clips: int, batch_size: int, repeats: int) -> dict:
     for batch in {b.shape: b for b in batches}.values():  # compile every batch shape
         ours(batch)
     theirs(batches[0])
-    ours_s, ours_texts = timed_passes(ours, batches, repeats)
-    theirs_s, theirs_texts = timed_passes(theirs, batches, repeats)
+    (ours_s, ours_texts), (theirs_s, theirs_texts) = timed_passes([ours, theirs], batches, repeats)
     return {
         "clips": len(rows),
         "audio_seconds": round(audio_s, 2),

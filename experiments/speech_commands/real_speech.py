@@ -68,8 +68,8 @@ def evaluate_runs(sweep: sweep_lib.Sweep, data_dir: str, rows: list[dict]) -> li
         if not is_finished(summary, config):
             print(f"skipping {run.name}: not finished")
             continue
-        # The checkpoint the study's final eval reported (the run's own tie-breaking).
-        step = summary["best_step"]
+        # The checkpoint the study's final eval reported (its best may have been pruned).
+        step = summary["final"]["step"]
         done = read_json(Path(run.workdir) / f"eval_{SPLIT}_step{step}.json")
         if done is not None and done.get("real_speech_clips") == rows_key:
             metrics = done  # evaluated on these clips already: an interrupted pass resumes
