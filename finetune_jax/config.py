@@ -195,7 +195,7 @@ def _train() -> ml_collections.ConfigDict:
 
 def _generate() -> ml_collections.ConfigDict:
     """Sample generations the eval script writes for causal-LM tasks; for speech tasks,
-    `max_new_tokens` and `batch_size` bound the greedy transcripts of every eval."""
+    `max_new_tokens`, `batch_size` and `num_beams` shape the transcripts of every eval."""
     s = ml_collections.ConfigDict()
     # Sample generations written by the eval script for causal-LM tasks.
     s.num_samples = 16  # prompts of the eval split to generate for; 0 = none
@@ -204,6 +204,10 @@ def _generate() -> ml_collections.ConfigDict:
     s.top_k = 0  # sample among the k most likely tokens; 0 = all
     s.batch_size = 8
     s.seed = 0
+    # Seq2seq (speech) transcripts: beam search of this width, 1 = greedy. transformers'
+    # algorithm and length penalty (generation_config.json's `length_penalty`, default 1.0:
+    # a hypothesis scores sum log p / generated tokens); K rows of decoder cache per clip.
+    s.num_beams = 1
     return s
 
 

@@ -17,9 +17,10 @@ from ml_collections import config_flags
 
 from experiments import report, run, sweep
 from experiments.sweep import Setting, Sweep
+from finetune_jax import tree_paths
 from finetune_jax.config import base_config
-from finetune_jax.training import manifest
-from tests.helpers import REPO
+from finetune_jax.training import manifest, optim
+from tests.helpers import REPO, load_whisper
 
 
 def demo_sweep(**changes) -> Sweep:
@@ -101,6 +102,26 @@ def test_peft_glue_full_and_quick_variants():
     assert (config.optim.preset, config.peft.rank) == ("lora", 8)
     top2 = next(r for r in full_runs if r.setting == "top2")
     assert sweep.build_config(top2).optim.top_k == 2
+
+
+def test_speech_commands_settings_are_data(tiny_whisper_dir):
+    full, quick = sweep.load("speech_commands"), sweep.load("speech_commands", quick=True)
+    settings = {"zero_shot", "lora", "full", "decoder_only"}
+    for study in (full, quick):
+        runs = sweep.expand(study)
+        assert {r.setting for r in runs} == settings
+        configs = {r.setting: sweep.build_config(r) for r in runs}
+        assert configs["zero_shot"].train.max_steps == 0  # the pretrained model, evaluated
+        assert all(c.train.final_split == "validation" for c in configs.values())
+        assert all(c.data.eval_split == "holdout" for c in configs.values())
+    # Decoder-only is a rule list, no special case: it freezes exactly the encoder.
+    _, module, params = load_whisper(tiny_whisper_dir)
+    decoder_only = next(r for r in sweep.expand(quick) if r.setting == "decoder_only")
+    groups = optim.param_groups(sweep.build_config(decoder_only).optim, params)
+    for path, trainable in zip(
+        tree_paths.param_paths(params), jax.tree.leaves(groups.trainable), strict=True
+    ):
+        assert trainable == (not path.startswith("model/encoder/")), path
 
 
 def test_unknown_override_key_names_the_key_and_the_sweep_file(tmp_path):

@@ -93,6 +93,20 @@ def test_early_stopping_after_patience(tiny_bert_dir, sst2_slice, tmp_path):
     assert summary["final_step"] == 3 and summary["best_step"] == 1
 
 
+def test_zero_steps_evaluates_the_pretrained_model(tiny_bert_dir, sst2_slice, tmp_path):
+    # A zero-shot baseline is a run like any other: evals, a step-0 checkpoint, a summary.
+    config = tiny_config(tiny_bert_dir, sst2_slice, max_steps=0, final_split="validation")
+    config.data.eval_split, config.data.holdout_rows = "holdout", 16
+    summary = train(config, str(tmp_path))
+    assert summary["final_step"] == 0 and summary["best_step"] == 0
+    assert summary["trainable_params"] == 0 and summary["final"]["step"] == 0
+    evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"eval"' in line]
+    assert [e["step"] for e in evals] == [0]
+    pretrained = run_eval(config, str(tmp_path / "eval"), "validation", which="pretrained")
+    assert pretrained["accuracy"] == summary["final"]["accuracy"]
+    assert train(config, str(tmp_path))["final_step"] == 0  # a rerun resumes at step 0
+
+
 def run_cli(*args, cwd=REPO):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("FINETUNE_JAX_DEBUG", None)

@@ -1,13 +1,16 @@
 """Cached greedy transcription equals uncached greedy decoding (the full decoder re-run over
-the growing sequence), with suppressed tokens, one program per shape."""
+the growing sequence), with suppressed tokens, one program per shape; beam search gives
+transformers' `generate(num_beams=k)` tokens, length penalty included."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from finetune_jax.evaluation.transcription import Transcriber
+from tests.conftest import TINY_WHISPER
 from tests.helpers import greedy_decode, load_whisper
 
 GENERATION = {
@@ -64,3 +67,73 @@ def test_max_new_tokens_fits_the_decoder_positions(tiny_whisper_dir):
     transcriber = Transcriber(module, with_timestamps, tokenizer=None, max_new_tokens=1000)
     assert transcriber.prompt == (3, 4)
     assert transcriber.max_new_tokens == config.max_target_positions - 2
+
+
+@pytest.fixture(scope="module")
+def peaked_whisper(tmp_path_factory):
+    """(torch model, our module, params): the tiny random Whisper with larger weights
+    (init_std 0.3) and a 3x EOS embedding. The default tiny model repeats one token and never
+    stops, so beams would equal greedy and no length penalty would act; this one varies its
+    tokens and ends rows at different lengths."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(**{**TINY_WHISPER, "init_std": 0.3})
+    model = transformers.WhisperForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.decoder.embed_tokens.weight[config.eos_token_id] *= 3.0
+    out_dir = tmp_path_factory.mktemp("peaked_whisper")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    _, module, params = load_whisper(out_dir)
+    return model, module, params
+
+
+def _until_eos(row, eos):
+    """Token ids before the first EOS (trailing pad id 0 dropped: transformers' filler)."""
+    row = list(row)
+    row = row[: row.index(eos)] if eos in row else row
+    while row and row[-1] == 0:
+        row.pop()
+    return row
+
+
+def test_beam_search_equals_transformers_generate(peaked_whisper):
+    import torch
+
+    model, module, params = peaked_whisper
+    features = np.asarray(jax.random.normal(jax.random.key(1), (6, 8, 64)), np.float32)
+    start = model.generation_config.decoder_start_token_id
+    generation = {**GENERATION, "decoder_start_token_id": start}
+
+    def hf_generate(num_beams, length_penalty=1.0):
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor(features),
+                num_beams=num_beams,
+                length_penalty=length_penalty,
+                max_new_tokens=12,
+                do_sample=False,
+                suppress_tokens=GENERATION["suppress_tokens"],
+                begin_suppress_tokens=GENERATION["begin_suppress_tokens"],
+            )
+        return [_until_eos(row, 2) for row in out.tolist()]
+
+    results = {}
+    for length_penalty in (1.0, 0.3):
+        generation["length_penalty"] = length_penalty
+        transcriber = Transcriber(module, generation, None, max_new_tokens=12, num_beams=3)
+        ours = [_until_eos(row, 2) for row in transcriber.tokens(params, features).tolist()]
+        assert ours == hf_generate(3, length_penalty), length_penalty
+        results[length_penalty] = ours
+    # Each case exercises something: beams differ from greedy, the penalty matters, and some
+    # rows end early while others run out of tokens.
+    assert results[1.0] != hf_generate(1) and results[0.3] != results[1.0]
+    lengths = {len(row) for rows in results.values() for row in rows}
+    assert min(lengths) < 12 - 1 and max(lengths) == 12
+
+
+def test_num_beams_must_be_positive(tiny_whisper_dir):
+    _, module, _ = load_whisper(tiny_whisper_dir)
+    with pytest.raises(ValueError, match="generate.num_beams=0"):
+        Transcriber(module, GENERATION, tokenizer=None, max_new_tokens=4, num_beams=0)

@@ -1,8 +1,8 @@
 """Jitted text generation for causal LMs with a KV cache and fixed shapes.
 
 Prompts are left-padded to a bucketed length P, the cache holds P + max_new_tokens slots, and
-one jitted program does the prefill and a `lax.while_loop` decode: a program per (batch size,
-bucket), never one per token or per call. Greedy at temperature 0, otherwise temperature +
+one jitted program does the prefill and the shared decode loop (`decoding.py`): a program per
+(batch size, bucket), never one per token or per call. Greedy at temperature 0, otherwise temperature +
 top-k sampling from `jax.random`. A row that emits an EOS id keeps that token and emits
 `pad_id` after it; the loop stops early once every row has.
 
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from finetune_jax.evaluation import decoding
 from finetune_jax.models import llama
 
 
@@ -71,7 +72,6 @@ def _generate_tokens(
     sample = functools.partial(
         sample_tokens, temperature=sampling.temperature, top_k=sampling.top_k
     )
-    eos_E = jnp.asarray(eos_ids, jnp.int32)
     # Generated slots are valid from the start: causality already hides the unwritten ones.
     mask_BS = jnp.concatenate([mask_BP, jnp.ones((batch, steps), mask_BP.dtype)], axis=1)
     positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0)
@@ -81,35 +81,25 @@ def _generate_tokens(
     logits_B1V, cache = apply(
         ids_BP, mask_BS, positions=positions_BP, cache=cache, cache_index=0, last_logits_only=True
     )
-    token_B = sample(logits_B1V[:, -1], jax.random.fold_in(key, 0))
-    # Rows without a real token (batch filler) start finished.
-    done_B = lengths_B == 0
-    token_B = jnp.where(done_B, pad_id, token_B)
-    out_BN = jnp.full((batch, steps), pad_id, jnp.int32).at[:, 0].set(token_B)
-    done_B |= jnp.isin(token_B, eos_E)
 
-    def cond(state):
-        step, _, done_B, _ = state
-        return (step < steps) & ~jnp.all(done_B)
-
-    def body(state):
-        # Feed token step-1 (slot prompt_len + step - 1), sample token `step`.
-        step, cache, done_B, out_BN = state
-        previous_B1 = lax.dynamic_slice_in_dim(out_BN, step - 1, 1, axis=1)
+    def step(previous_B1, t, cache):
+        # Feeds the token of generation step t - 1, at slot prompt_len + t - 1.
         logits_B1V, cache = apply(
             previous_B1,
             mask_BS,
-            positions=(lengths_B + step - 1)[:, None],
+            positions=(lengths_B + t - 1)[:, None],
             cache=cache,
-            cache_index=prompt_len + step - 1,
+            cache_index=prompt_len + t - 1,
         )
-        token_B = sample(logits_B1V[:, -1], jax.random.fold_in(key, step))
-        token_B = jnp.where(done_B, pad_id, token_B)
-        out_BN = lax.dynamic_update_slice_in_dim(out_BN, token_B[:, None], step, axis=1)
-        return step + 1, cache, done_B | jnp.isin(token_B, eos_E), out_BN
+        return logits_B1V[:, -1], cache
 
-    _, _, _, out_BN = lax.while_loop(cond, body, (jnp.int32(1), cache, done_B, out_BN))
-    return out_BN
+    def choose(logits_BV, t):
+        return sample(logits_BV, jax.random.fold_in(key, t))
+
+    # Rows without a real token (batch filler) start finished.
+    return decoding.greedy_search(
+        step, logits_B1V[:, -1], cache, steps, choose, eos_ids, pad_id, lengths_B == 0
+    )
 
 
 class Generator:

@@ -1,12 +1,16 @@
-"""Greedy transcription with an encoder-decoder's cached decoding, jitted at fixed shapes.
+"""Transcription (greedy or beam search) with an encoder-decoder's cached decoding, jitted
+at fixed shapes.
 
 One program per (batch, mel, frames) shape runs everything: the encoder once, every decoder
-layer's cross-attention K/V once (`init_cache`), a prefill of the decoder prompt, then a
-`lax.while_loop` of one cached step per token that stops when every row has emitted EOS.
-The model's suppressed tokens are never chosen, its begin-suppressed ones not first (as
-transformers' Whisper logits processors do). The module contract: `models/whisper.py`.
+layer's cross-attention K/V once (`init_cache`), a prefill of the decoder prompt, then the
+shared decode loop (`decoding.py`: one cached step per token, stopping when every row has
+emitted EOS, or transformers' beam search over K beams per clip whose caches are gathered
+from their parents'). The model's suppressed tokens are never chosen, its begin-suppressed
+ones not first (as transformers' Whisper logits processors do). The module contract:
+`models/whisper.py`.
 
-    transcriber = Transcriber(module, generation_config, tokenizer, max_new_tokens=48)
+    transcriber = Transcriber(module, generation_config, tokenizer, max_new_tokens=48,
+                              num_beams=1)
     texts = transcriber.transcribe(params, input_features_BMF)
 """
 
@@ -19,16 +23,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from finetune_jax.data.seq2seq_batches import decoder_prompt
+from finetune_jax.evaluation import decoding
 
 
-def _greedy_tokens(
+def _generate_tokens(
     module: Any,
     prompt: tuple[int, ...],
     eos_id: int,
     max_new_tokens: int,
+    num_beams: int,
+    length_penalty: float,
     params: Any,
     features: jax.Array,
     banned_V: jax.Array,
@@ -44,33 +50,32 @@ def _greedy_tokens(
         prompt_BP, cache=cache, cache_index=0, last_logits_only=True, method="decode"
     )
 
-    def pick(logits_BV, banned_V):
-        return jnp.argmax(jnp.where(banned_V, -jnp.inf, logits_BV), axis=-1).astype(jnp.int32)
-
-    token_B = pick(logits_B1V[:, -1], banned_V | banned_first_V)
-    out_BN = jnp.full((batch, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(token_B)
-
-    def cond(state):
-        step, _, done_B, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done_B)
-
-    def body(state):
-        # Feed token step - 1 (decoder slot prompt_len + step - 1), choose token `step`.
-        step, cache, done_B, out_BN = state
-        previous_B1 = lax.dynamic_slice_in_dim(out_BN, step - 1, 1, axis=1)
+    def step(previous_B1, t, cache):
+        # Feeds the token of generation step t - 1, at decoder slot prompt_len + t - 1.
         logits_B1V, cache = apply(
             previous_B1,
             cache=cache,
-            cache_index=prompt_len + step - 1,
+            cache_index=prompt_len + t - 1,
             last_logits_only=True,
             method="decode",
         )
-        token_B = jnp.where(done_B, eos_id, pick(logits_B1V[:, -1], banned_V))
-        out_BN = lax.dynamic_update_slice_in_dim(out_BN, token_B[:, None], step, axis=1)
-        return step + 1, cache, done_B | (token_B == eos_id), out_BN
+        return logits_B1V[:, -1], cache
 
-    state = (jnp.int32(1), cache, token_B == eos_id, out_BN)
-    return lax.while_loop(cond, body, state)[3]
+    def suppress(scores_BV, t):
+        banned = banned_V | ((t == 0) & banned_first_V)
+        return jnp.where(banned, -jnp.inf, scores_BV)
+
+    if num_beams == 1:
+        choose = lambda logits_BV, t: jnp.argmax(suppress(logits_BV, t), axis=-1).astype(jnp.int32)  # noqa: E731
+        done_B = jnp.zeros((batch,), bool)
+        return decoding.greedy_search(
+            step, logits_B1V[:, -1], cache, max_new_tokens, choose, (eos_id,), eos_id, done_B
+        )
+    # Encoder, cross-attention K/V and prompt once per clip; then K rows per clip.
+    logits_BKV, cache = decoding.repeat_beams((logits_B1V[:, -1], cache), num_beams)
+    return decoding.beam_search(
+        step, logits_BKV, cache, num_beams, max_new_tokens, eos_id, eos_id, length_penalty, suppress
+    )
 
 
 def _mask(token_ids: Sequence[int], vocab_size: int) -> np.ndarray:
@@ -81,14 +86,22 @@ def _mask(token_ids: Sequence[int], vocab_size: int) -> np.ndarray:
 
 
 class Transcriber:
-    """Greedy transcripts of `input_features` batches with a seq2seq `module`.
+    """Transcripts of `input_features` batches with a seq2seq `module`.
 
     generation: the model's generation_config.json as a dict (prompt, EOS, suppressed
-    tokens); max_new_tokens is capped so that prompt + new tokens fit the decoder's
-    positions (`max_target_positions`, 448 for Whisper).
+    tokens, `length_penalty` for beam search, default 1.0); max_new_tokens is capped so that
+    prompt + new tokens fit the decoder's positions (`max_target_positions`, 448 for
+    Whisper); num_beams 1 is greedy, K > 1 beam search of width K.
     """
 
-    def __init__(self, module: Any, generation: dict[str, Any], tokenizer, max_new_tokens: int):
+    def __init__(
+        self,
+        module: Any,
+        generation: dict[str, Any],
+        tokenizer,
+        max_new_tokens: int,
+        num_beams: int = 1,
+    ):
         config = module.config
         self.prompt = tuple(int(i) for i in decoder_prompt(generation))
         self.eos_id = int(generation["eos_token_id"])
@@ -97,8 +110,25 @@ class Transcriber:
         self.max_new_tokens = max(1, min(int(max_new_tokens), limit))
         self._banned = _mask(generation.get("suppress_tokens") or (), config.vocab_size)
         self._banned_first = _mask(generation.get("begin_suppress_tokens") or (), config.vocab_size)
+        if num_beams < 1:
+            raise ValueError(f"generate.num_beams={num_beams} must be >= 1 (1 = greedy)")
+        if num_beams > 1 and generation.get("early_stopping") not in (None, False):
+            raise ValueError(
+                f"generation_config.json sets early_stopping={generation['early_stopping']!r}; "
+                "beam search here implements transformers' default (false) only"
+            )
+        self.num_beams = int(num_beams)
+        length_penalty = float(generation.get("length_penalty", 1.0))
         self._generate = jax.jit(
-            functools.partial(_greedy_tokens, module, self.prompt, self.eos_id, self.max_new_tokens)
+            functools.partial(
+                _generate_tokens,
+                module,
+                self.prompt,
+                self.eos_id,
+                self.max_new_tokens,
+                self.num_beams,
+                length_penalty,
+            )
         )
 
     def tokens(self, params: Any, input_features: Any) -> np.ndarray:

@@ -117,7 +117,8 @@ def build(
 
 
 def _transcriber(config, task, module, data, tokenizer) -> Transcriber | None:
-    """Greedy transcription for a seq2seq task's evals (its WER / CER), else None."""
+    """Transcription (greedy, or beam search of generate.num_beams) for a seq2seq task's
+    evals (its WER / CER), else None."""
     if task.kind != "seq2seq" or data is None:
         return None
     _, frames = data.window()
@@ -126,7 +127,13 @@ def _transcriber(config, task, module, data, tokenizer) -> Transcriber | None:
             f"data.audio_seconds={config.data.audio_seconds} gives {frames} feature frames, "
             f"more than the model's window of {2 * module.config.max_source_positions}"
         )
-    return Transcriber(module, data.generation, tokenizer, config.generate.max_new_tokens)
+    return Transcriber(
+        module,
+        data.generation,
+        tokenizer,
+        config.generate.max_new_tokens,
+        num_beams=config.generate.num_beams,
+    )
 
 
 def _model_config(config, task, family: ModelFamily, hf_config, source) -> Any:

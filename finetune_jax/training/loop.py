@@ -133,8 +133,15 @@ class _Run:
 
 
 def _steps(run: _Run, state, start: int, end: int, guard) -> tuple[Any, str | None]:
-    """Steps `start + 1 ... end` with evals and checkpoints; (state, what stopped it early)."""
+    """Steps `start + 1 ... end` with evals and checkpoints; (state, what stopped it early).
+
+    `train.max_steps=0` trains nothing: the initial (pretrained) model is evaluated and
+    saved as step 0, so a zero-shot baseline is a run like any other (summary, final eval).
+    """
     setup, train_cfg, log, stopper = run.setup, run.setup.config.train, run.log, run.stopper
+    if end == 0:
+        _save(run, state, _evaluate(run, state, 0))
+        return state, None
     for step in range(start + 1, end + 1):
         state, metrics = setup.train_step(state, setup.put_batch(next(run.batches)))
         if step == start + 1:  # how long a (re)start takes: imports, data, weights, compile
@@ -142,25 +149,10 @@ def _steps(run: _Run, state, start: int, end: int, guard) -> tuple[Any, str | No
         log.step(step, metrics)
         results = None
         if _every(step, train_cfg.eval_every) or step == end:
-            log.flush()
-            batches = setup.data.eval_batches(run.eval_data)
-            results = evaluate(
-                setup.eval_step,
-                state.params,
-                batches,
-                setup.task,
-                setup.put_batch,
-                transcriber=setup.transcriber,
-            )
-            improved = stopper.update(results[setup.metric], step)
-            log.eval(step, results, stopper.best, improved)
+            results = _evaluate(run, state, step)
         preempted = guard.should_stop(_every(step, train_cfg.log_every) or step == end)
         if results or _every(step, train_cfg.checkpoint_every) or stopper.should_stop or preempted:
-            log.flush()  # sees every step's metrics (non-finite check) before saving
-            log.sync()  # and a resume from this checkpoint finds them in the workdir
-            progress = {"data": run.batches.state(), "early_stopping": stopper.to_dict()}
-            checkpoints.save(run.manager, state, progress, metrics=results)
-            log.restart_timer()
+            _save(run, state, results)
         if preempted:
             checkpoints.wait(run.manager)
             log.message(
@@ -181,6 +173,33 @@ def _every(step: int, interval: int) -> bool:
     """Whether `step` is a multiple of `interval` (0: never; the run's last step is handled
     by the callers)."""
     return interval > 0 and step % interval == 0
+
+
+def _evaluate(run: _Run, state, step: int) -> dict[str, Any]:
+    """Evaluates on data.eval_split, updates early stopping and logs; the metrics."""
+    setup = run.setup
+    run.log.flush()
+    batches = setup.data.eval_batches(run.eval_data)
+    results = evaluate(
+        setup.eval_step,
+        state.params,
+        batches,
+        setup.task,
+        setup.put_batch,
+        transcriber=setup.transcriber,
+    )
+    improved = run.stopper.update(results[setup.metric], step)
+    run.log.eval(step, results, run.stopper.best, improved)
+    return results
+
+
+def _save(run: _Run, state, results: dict[str, Any] | None) -> None:
+    """Checkpoints `state` with the data position and early-stopping record."""
+    run.log.flush()  # sees every step's metrics (non-finite check) before saving
+    run.log.sync()  # and a resume from this checkpoint finds them in the workdir
+    progress = {"data": run.batches.state(), "early_stopping": run.stopper.to_dict()}
+    checkpoints.save(run.manager, state, progress, metrics=results)
+    run.log.restart_timer()
 
 
 def _check_final_split(config: ml_collections.ConfigDict) -> None:
@@ -250,7 +269,10 @@ def _summary(setup, state, stopper, log, wall_time) -> dict[str, Any]:
         "metric": setup.metric,
         "best": stopper.best,
         "best_step": stopper.best_step,
-        "trainable_params": optim.param_counts(setup.groups, setup.abstract_params)[0],
+        # max_steps=0 (zero-shot) trains nothing, whatever the optimizer groups say.
+        "trainable_params": optim.param_counts(setup.groups, setup.abstract_params)[0]
+        if setup.config.train.max_steps
+        else 0,
         "optimizer_state_bytes": optim.tree_bytes(state.opt_state),
         **peak_memory(),
     }
