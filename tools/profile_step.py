@@ -14,16 +14,28 @@ on one real batch of the config's data padded to `--length` tokens:
   update        clipping + AdamW over the gradients + apply_updates (`exp.tx`)
   step          the real jitted train step (fwd+bwd+update+metrics, state donated)
 
+`--trace` also runs 3 steps under `jax.profiler` (XLA:CPU per-op trace events) and prints
+where the step's thread time goes: matmuls (YNNPACK / XNNPACK / dot kernels), the dropout
+masks' random bits, the embedding gradient's [vocab, D] buffer, and the rest (elementwise,
+transposes, optimizer), with the most expensive ops and the JAX op each came from.
 `--torch` times the same batch through transformers' model and torch's AdamW (forward,
-backward, optimizer step) and prints torch.profiler's most expensive ops. The parts overlap
+backward, optimizer step) in a process of its own, and prints torch.profiler's most
+expensive ops. The parts overlap
 (fwd+bwd includes forward); shares are of `step`. XLA's FLOPs per program come from
 `cost_analysis()`.
 """
 
 from __future__ import annotations
 
+import collections
+import glob
+import json
+import os
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -123,8 +135,58 @@ def profile_ours(config, length: int, repeats: int) -> tuple[dict[str, float], d
         return metrics
 
     flops["step"] = gflops(exp.train_step, state, batch)
+    hlo = exp.train_step.lower(state, batch).compile().as_text()
     seconds["step"] = timed(step, batch, repeats=repeats)
-    return {"seconds": seconds, "gflops": flops}, host_batch
+    return {"seconds": seconds, "gflops": flops, "step": step, "batch": batch, "hlo": hlo}, host_batch
+
+
+TRACE_STEPS = 3
+MATMUL_OPS = ("ynn_fusion", "xnn_fusion", "onednn", "dot", "custom-call")
+# Executor bookkeeping events that enclose the per-op ones.
+NOT_OPS = ("ThunkExecutor", "SlinkyThreadPool", "$", "PjitFunction")
+
+
+def op_category(name: str, op_name: str) -> str:
+    """Where an XLA op's time goes, from its HLO name and the JAX op it came from."""
+    if "bernoulli" in op_name or "_uniform" in op_name:
+        return "dropout random bits"
+    if "word_embeddings" in op_name and "transpose(" in op_name:
+        return "embedding gradient buffer"
+    if name.startswith(MATMUL_OPS):
+        return "matmul"
+    if "jvp(" not in op_name:
+        return "optimizer / metrics"
+    return "elementwise / transposes"
+
+
+def trace_ops(step, batch, hlo: str, top: int = 12) -> None:
+    """Per-op thread time of `TRACE_STEPS` steps from a jax.profiler trace, by category."""
+    from jaxlib import _profile_data
+
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory):
+            for _ in range(TRACE_STEPS):
+                jax.block_until_ready(step(batch))
+        path = sorted(glob.glob(f"{directory}/**/*.xplane.pb", recursive=True))[-1]
+        profile = _profile_data.ProfileData.from_file(path)
+    totals: collections.Counter = collections.Counter()
+    for plane in profile.planes:
+        for line in plane.lines:
+            if "XLAEigen" in line.name or "PjRtCpuClient" in line.name:
+                for event in line.events:
+                    if not event.name.startswith(NOT_OPS):
+                        totals[event.name] += event.duration_ns / TRACE_STEPS / 1e6
+    op_names = dict(re.findall(r'\n\s*(?:ROOT )?%([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo))
+    categories: collections.Counter = collections.Counter()
+    for name, ms in totals.items():
+        categories[op_category(name, op_names.get(name, ""))] += ms
+    total = sum(totals.values())
+    print(f"thread time of XLA ops: {total:.1f} ms/step (both cores together)")
+    for category, ms in categories.most_common():
+        print(f"  {category:<28}{ms:>9.1f} ms{ms / total:>7.1%}")
+    print("most expensive ops (ms/step, op, the JAX op it came from):")
+    for name, ms in totals.most_common(top):
+        print(f"  {ms:>8.1f}  {name:<28}{op_names.get(name, '')[-90:]}")
 
 
 def _word_embeddings(params) -> jax.Array:
@@ -186,9 +248,19 @@ def main() -> None:
     length = flags.DEFINE_integer("length", 0, "Pad / cut the batch to this length; 0 = as read.")
     repeats = flags.DEFINE_integer("repeats", 10, "Timed calls per part (median reported).")
     peer = flags.DEFINE_bool("torch", False, "Also time transformers + torch on the same batch.")
+    trace = flags.DEFINE_bool("trace", False, "Also break the step down per XLA op (profiler).")
+    peer_batch = flags.DEFINE_string("peer_batch", "", "Internal: time only torch on this .npz.")
     flags.mark_flags_as_required(["config"])
 
     def run(argv):
+        if peer_batch.value:
+            batch = dict(np.load(peer_batch.value))
+            print(json.dumps(profile_torch(batch, repeats.value, config.value.optim.lr)))
+            return
+        if trace.value:  # per-op trace events; read when the CPU backend starts, i.e. later
+            os.environ["XLA_FLAGS"] = (
+                os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+            )
         quiet_libraries()
         ours, host_batch = profile_ours(config.value, length.value, repeats.value)
         step_s = ours["seconds"]["step"]
@@ -198,9 +270,11 @@ def main() -> None:
         for name, s in ours["seconds"].items():
             gf = ours["gflops"].get(name, float("nan"))
             print(f"{name:<12}{1e3 * s:>10.1f}{s / step_s:>9.2f}{gf:>9.2f}{gf / s:>9.1f}")
+        if trace.value:
+            trace_ops(ours["step"], ours["batch"], ours["hlo"])
         if peer.value:
-            theirs = profile_torch(host_batch, repeats.value, config.value.optim.lr)
-            print(f"torch {torch_version()}, same batch")
+            theirs = torch_in_subprocess(host_batch, sys.argv)
+            print("transformers + torch, same batch (own process)")
             for name, s in theirs.items():
                 print(f"{name:<12}{1e3 * s:>10.1f}{s / theirs['step']:>9.2f}")
             print(f"step ratio torch/ours {theirs['step'] / step_s:.3f} (> 1: ours faster)")
@@ -208,10 +282,16 @@ def main() -> None:
     app.run(run)
 
 
-def torch_version() -> str:
-    import torch
-
-    return torch.__version__
+def torch_in_subprocess(host_batch: dict, argv: list[str]) -> dict[str, float]:
+    """`profile_torch` in a fresh process: XLA's idle worker threads must not compete with
+    torch's, and torch's must not with ours."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = f"{directory}/batch.npz"
+        np.savez(path, **host_batch)
+        command = [sys.executable, *argv, f"--peer_batch={path}"]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+    print(done.stdout.rsplit("\n", 2)[0])  # torch.profiler's table
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
