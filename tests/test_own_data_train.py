@@ -75,7 +75,9 @@ def test_csv_with_string_labels_trains_evaluates_exports_and_pipeline_names_them
     setup = builder.build(config, workdir=str(workdir))
     _, params = setup.restore_params(str(workdir), "latest")
     encoded = setup.tokenizer([text], return_tensors="np", return_token_type_ids=True)
-    inputs = {k: encoded[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    inputs = {
+        k: encoded[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")
+    }
     logits = np.asarray(setup.module.apply({"params": jax.device_get(params)}, **inputs))[0]
     ours = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     for i, name in enumerate(names):

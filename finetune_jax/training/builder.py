@@ -71,7 +71,9 @@ def build(
     family = family_for(hf_config.get("model_type", ""))
     tokenizer = None if abstract else _preprocessor(config, task, model_ref)
     saved_names = workdir_files.read_label_names(workdir)
-    data = None if abstract else loaders.make_loader(config, task, tokenizer, model_ref, saved_names)
+    data = (
+        None if abstract else loaders.make_loader(config, task, tokenizer, model_ref, saved_names)
+    )
     if data is not None:
         task = data.task  # class names may come from the data (or the run's saved names)
     elif task.kind == "image_classification":

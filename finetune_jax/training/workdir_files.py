@@ -222,4 +222,3 @@ def write_label_names(workdir: str | os.PathLike, names: tuple[str, ...]) -> str
     if jax.process_index() == 0:
         write_text_atomic(path, json_text(list(names), indent=2))
     return os.fspath(path)
-
