@@ -36,10 +36,11 @@ def make_manager(
     writes the arrays with its GCS driver); a local one is made absolute, as Orbax requires.
     """
     keep_policies: list[Any] = [policies.LatestN(n=max(keep, 1))]
+    rank = _best_rank(metric, mode) if metric else None
     if metric:
         keep_policies.append(
             policies.BestN(
-                get_metric_fn=lambda m: m[metric],
+                get_metric_fn=rank,
                 reverse=(mode == "min"),
                 n=1,
                 keep_checkpoints_without_metrics=False,
@@ -47,7 +48,7 @@ def make_manager(
         )
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(keep_policies),
-        best_fn=(lambda m: m[metric]) if metric else None,
+        best_fn=rank,
         best_mode=mode,
         enable_async_checkpointing=async_save,
         create=not read_only,
@@ -74,6 +75,20 @@ def make_manager(
         ) from e
 
 
+# The checkpoint's own step, saved with its metrics so ties on the metric can be broken.
+_STEP_KEY = "checkpoint_step"
+
+
+def _best_rank(metric: str, mode: str):
+    """Orbax's sort key for "best": the metric, ties going to the EARLIEST step, as early
+    stopping (`early_stopping.py`, strict improvement) counts them, so summary.json's
+    best_step and `eval --checkpoint=best` name the same checkpoint. Orbax takes the last of
+    an ascending sort ("max") or of a descending one ("min"); checkpoints saved before the
+    step was recorded tie-break by save order, as before."""
+    sign = -1 if mode == "max" else 1
+    return lambda m: (m[metric], sign * m.get(_STEP_KEY, 0))
+
+
 def save(
     manager: ocp.CheckpointManager,
     state: Any,
@@ -88,6 +103,8 @@ def save(
     never touches, so the message says they are intact.
     """
     step = int(jax.device_get(state.step))
+    if metrics is not None:
+        metrics = {**metrics, _STEP_KEY: step}
     args = ocp.args.Composite(
         **{STATE: ocp.args.PyTreeSave(state), PROGRESS: ocp.args.JsonSave(progress)}
     )
