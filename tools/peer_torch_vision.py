@@ -103,7 +103,7 @@ def main() -> None:
                 "batch": a.batch,
                 "image_size": list(pixels.shape[2:]),
                 "first_step_s": round(times[0], 3),
-                "steady_step_s": round(step_s, 4),
+                "steady_step_s": round(step_s, 6),
                 "steady_samples_per_s": round(a.batch / step_s, 2),
                 "final_loss": round(float(loss), 4),
             }
