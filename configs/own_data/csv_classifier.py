@@ -4,9 +4,10 @@ The README's "Fine-tune on your own data" writes `data/tickets/{train,validation
 (columns `text,label`, three classes: billing, shipping, technical) and runs:
 
   python -m finetune_jax.train --config=configs/own_data/csv_classifier.py --workdir=runs/tickets
-  python -m finetune_jax.eval --config=configs/own_data/csv_classifier.py --workdir=runs/tickets
-  python -m finetune_jax.export --config=configs/own_data/csv_classifier.py \\
-      --workdir=runs/tickets --out=runs/tickets/hf
+  python -m finetune_jax.eval --workdir=runs/tickets
+  python -m finetune_jax.predict --workdir=runs/tickets --input=data/tickets/new.csv \\
+      --output=runs/tickets/predictions.csv
+  python -m finetune_jax.export --workdir=runs/tickets --out=runs/tickets/hf
 
 The class names are read from the train split (sorted: billing=0, shipping=1, technical=2),
 printed, and saved as runs/tickets/label_names.json; the export's config.json carries them as
@@ -35,4 +36,7 @@ def get_config():
     config.train.log_every = 10
     config.train.eval_every = 20
     config.train.checkpoint_every = 20
+    # Select the best checkpoint on eval loss: 9 validation rows put accuracy at 1.0 from the
+    # first eval on, and a tie goes to the earliest step, the least trained model.
+    config.train.metric = "loss"
     return config
