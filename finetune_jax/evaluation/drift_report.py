@@ -4,7 +4,6 @@ whether it flags drift, then the plots), PNG plots (matplotlib, Agg backend) and
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -14,21 +13,9 @@ import numpy as np
 
 from finetune_jax.evaluation import drift
 from finetune_jax.evaluation.monitoring import Check, Sample, accuracy
+from finetune_jax.json_values import finite, json_text
 
 _TITLE = "Drift report"
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe: NaN / inf -> None, numpy scalars -> Python, recursively."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _number(value: float | None) -> str:
@@ -39,7 +26,7 @@ def summary(
     checks: Sequence[Check], mmd: drift.MMDResult, reference: Sample, new: Sample, meta: dict
 ) -> dict[str, Any]:
     """The drift.json content."""
-    return _finite(
+    return finite(
         {
             **meta,
             "drift": any(c.flagged for c in checks),
@@ -181,7 +168,7 @@ def write(out_dir: str, result: dict[str, Any], reference: Sample, new: Sample, 
     plots = plot(out_dir, reference, new, label_names)
     for name, text in (
         ("report.md", markdown(result, plots)),
-        ("drift.json", json.dumps(result, indent=2, allow_nan=False)),
+        ("drift.json", json_text(result, indent=2)),
     ):
         tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}")
         with open(tmp, "w") as f:

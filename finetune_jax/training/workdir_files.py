@@ -10,7 +10,6 @@ copied to a workdir path), plus the start-up write check and the resolved config
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -20,6 +19,8 @@ from typing import Any
 import jax
 import ml_collections
 from etils import epath
+
+from finetune_jax.json_values import json_text  # noqa: F401  (workdir_files.json_text)
 
 # URL schemes a workdir may have. epath also reads s3:// and az://, but Orbax writes checkpoint
 # arrays (through TensorStore) only to local paths and gs://.
@@ -66,28 +67,6 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-def json_text(value: Any, **kwargs: Any) -> str:
-    """`json.dumps(value, **kwargs)` with NaN and infinities written as null.
-
-    Python writes them as the bare words `NaN` / `Infinity`, which are not JSON: jq, browsers
-    and most other readers reject the whole file. Every JSON file the project writes goes
-    through here (`allow_nan=False` makes a value this misses an error, not a bad file).
-    """
-    return json.dumps(_finite(value), allow_nan=False, **kwargs)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / jax scalars
-        return _finite(value.item())
-    return value
 
 
 def read_json(path: epath.Path) -> Any:
