@@ -277,3 +277,16 @@ def test_stacked_layers_resolve_rules_per_layer_and_step_like_unrolled(preset):
         np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-12, err_msg=path)
     table = optim.group_table(stacked_groups, stacked(params))
     assert f"({N_LAYERS} layers, stacked)" in table
+
+
+def test_per_layer_groups_store_moments_in_state_dtype():
+    """optim.state_dtype holds for the per-layer AdamW of stacked leaves too."""
+    params = stacked(jax.tree.map(jnp.asarray, bert_like_params()))
+    config = optim_config(preset="llrd", llrd_decay=0.5, state_dtype="bfloat16")
+    groups = optim.param_groups(config, params, STACKS)
+    assert groups.per_layer
+    tx, _ = optim.make_optimizer(config, groups, total_steps=10)
+    state = tx.init(params)
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and {x.dtype for x in floats} == {jnp.dtype(jnp.bfloat16)}

@@ -12,6 +12,7 @@ from configs.glue.sst2_minilm import get_config as glue_config
 from configs.sft.smollm2_gsm8k_lora import get_config as sft_config
 from finetune_jax.data import loaders, text_sources
 from finetune_jax.hf import model_files
+from finetune_jax.training import builder
 from tests.helpers import REPO
 
 spec = importlib.util.spec_from_file_location("preflight", REPO / "tools" / "preflight.py")
@@ -74,3 +75,38 @@ def test_model_config_json_is_read_without_weights(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     assert preflight.read_model_config(str(path))["hidden_size"] == 64
+
+
+def test_scanned_bf16_step_converts_one_layer_at_a_time(monkeypatch, nothing_read):
+    """XLA:CPU computes bf16 dots in f32; left to itself it hoists that conversion out of the
+    layer loop, making an f32 copy of every layer's weights at once. The scanned steps are
+    compiled without that hoisting (builder.SCANNED_STEP_OPTIONS): temp memory drops by about
+    that copy, all but one layer of it."""
+    layers, hidden, mlp = 4, 256, 1024
+    hf_config = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=mlp,
+        vocab_size=4096,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config = sft_config()
+    config.optim.preset, config.peft.rank = "full", 0
+    config.model.param_dtype = config.optim.state_dtype = "bfloat16"
+    config.train.batch_size, config.data.max_length = 2, 128
+    assert config.model.scan_layers
+    temp = lambda: preflight.preflight(config, hf_config)["temp_bytes_per_device"]
+    with_options = temp()
+    monkeypatch.setattr(builder, "SCANNED_STEP_OPTIONS", None)
+    hoisted = temp()
+    per_layer = hidden * (2 * hidden + 2 * hidden // 2) + 3 * hidden * mlp  # q,o + k,v + MLP
+    assert hoisted - with_options >= 4 * per_layer * (layers - 1)

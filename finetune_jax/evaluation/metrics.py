@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import scipy.stats
 
 from finetune_jax.data.tasks import Task
 
@@ -57,6 +56,8 @@ def pearson(predictions: np.ndarray, labels: np.ndarray) -> float:
 def spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Spearman rank correlation (average ranks for ties); 0.0 when either side is constant."""
     predictions, labels = _check(predictions, labels)
+    import scipy.stats  # noqa: PLC0415 (60 MB of imports, for STS-B's metric alone)
+
     return pearson(scipy.stats.rankdata(predictions), scipy.stats.rankdata(labels))
 
 

@@ -221,7 +221,10 @@ def make_optimizer(
     transforms = {}
     for name, mult in groups.multipliers.items():
         if name in groups.per_layer:
-            transforms[name] = layer_groups.per_layer_adamw(optim, lr, groups.per_layer[name])
+            transforms[name] = with_state_dtype(
+                layer_groups.per_layer_adamw(optim, lr, groups.per_layer[name]),
+                jnp.dtype(optim.state_dtype),
+            )
         elif mult is None:
             transforms[name] = optax.set_to_zero()
         else:

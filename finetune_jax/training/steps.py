@@ -161,7 +161,9 @@ def train_step(
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     weight_sum = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     loss_sum, grads = trainable_grads(objective, state.params, trainable, batch, rng, microbatches)
-    grads = [g / weight_sum for g in grads]
+    # In the gradients' own dtype: a float32 quotient of bfloat16 gradients would be a float32
+    # copy of every one of them (XLA materialises it: several fusions read it).
+    grads = [g / weight_sum.astype(g.dtype) for g in grads]
     # Frozen leaves get a zero gradient that no transform reads (set_to_zero ignores it).
     it = iter(grads)
     full_grads = jax.tree.map(
@@ -169,14 +171,18 @@ def train_step(
     )
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads])
+    # Finiteness from each leaf's squared norm (the sums the norm and clipping compute
+    # anyway): a NaN or inf gradient makes its sum non-finite, and no [param]-sized mask is
+    # formed. A finite gradient whose squares overflow (norm > ~1e19) also counts as bad.
+    squares = [optax.tree.norm(g, squared=True) for g in grads]
+    grad_finite = jnp.stack([jnp.isfinite(s) for s in squares])
     finite = jnp.isfinite(loss_sum) & jnp.all(grad_finite)
     if skip_nonfinite:
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics = {
         "loss": loss_sum / weight_sum,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": jnp.sqrt(sum(squares)),
         "lr": lr_fn(state.step),
         "skipped": (~finite).astype(jnp.float32) if skip_nonfinite else jnp.zeros(()),
         "grad_finite": grad_finite,
