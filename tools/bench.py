@@ -9,8 +9,9 @@
       --warmup=3 --config.train.batch_size=16 --torch_peer=tools/peer_torch_vision.py
 
 Runs real batches from the config's data pipeline through the jitted train step. The first
-`--warmup` steps (compilation of every bucket shape) are timed separately; the table reports
-the median and mean of the rest. FLOPs come from XLA's cost analysis of each compiled shape.
+`--warmup` steps are timed separately, and each batch shape's first call (its compilation)
+runs once untimed before its timed step; the table reports the median and mean of the rest.
+FLOPs come from XLA's cost analysis of each compiled shape.
 `--torch_peer` runs the transformers+torch reference right afterwards on the same data, batch
 size and max length (image tasks: the same model directory and image size,
 `tools/peer_torch_vision.py`), and reports the step-time ratio (one sitting, one machine
@@ -73,6 +74,10 @@ def bench(config, steps: int, warmup: int) -> dict:
         shape = tuple((key, value.shape) for key, value in sorted(batch.items()))
         if shape not in flops_by_shape:
             flops_by_shape[shape] = step_flops(exp, state, batch)
+            # A shape's first call compiles it (or loads it from the compilation cache): run
+            # it once untimed, so a bucket first seen after the warm-up is not timed compiling.
+            state, metrics = exp.train_step(state, exp.put_batch(batch))
+            jax.block_until_ready(metrics)
         start = time.perf_counter()
         state, metrics = exp.train_step(state, exp.put_batch(batch))
         jax.block_until_ready(metrics)

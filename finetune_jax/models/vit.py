@@ -95,7 +95,7 @@ class ViTEmbeddings(nn.Module):
         cls_B1D = jnp.broadcast_to(cls_D.astype(cfg.dtype), (batch, 1, cfg.hidden_size))
         x_BLD = jnp.concatenate([cls_B1D, x_BND.astype(cfg.dtype)], axis=1)
         x_BLD = x_BLD + _positions(positions_PD, cfg.grid_size, rows, cols).astype(cfg.dtype)
-        return nn.Dropout(cfg.hidden_dropout_prob)(x_BLD, deterministic=deterministic)
+        return layers.Dropout(cfg.hidden_dropout_prob)(x_BLD, deterministic=deterministic)
 
 
 def _positions(positions_PD, grid: int, rows: int, cols: int):
@@ -129,7 +129,7 @@ class ViTAttention(nn.Module):
         scores_BHLL = jnp.einsum("bqhd,bkhd->bhqk", q_BLHK, k_BLHK)
         # Softmax in float32 whatever the compute dtype: bf16 exp/sum loses too much.
         probs_BHLL = jax.nn.softmax(scores_BHLL.astype(jnp.float32), axis=-1)
-        probs_BHLL = nn.Dropout(cfg.attention_probs_dropout_prob)(
+        probs_BHLL = layers.Dropout(cfg.attention_probs_dropout_prob)(
             probs_BHLL, deterministic=deterministic
         ).astype(cfg.dtype)
         context_BLHK = jnp.einsum("bhqk,bkhd->bqhd", probs_BHLL, v_BLHK)
@@ -182,11 +182,11 @@ class ViTLayer(nn.Module):
         for block, name, index in branches:
             h_BLD = layers.layer_norm(cfg, f"norm{index}")(x_BLD)
             h_BLD = block(cfg, name=name)(h_BLD, deterministic)
-            h_BLD = nn.Dropout(cfg.hidden_dropout_prob)(h_BLD, deterministic=deterministic)
+            h_BLD = layers.Dropout(cfg.hidden_dropout_prob)(h_BLD, deterministic=deterministic)
             if cfg.layerscale_value is not None:
                 h_BLD = LayerScale(cfg, name=f"layer_scale{index}")(h_BLD)
             # Stochastic depth: one keep / drop draw per sample, shared by its tokens.
-            h_BLD = nn.Dropout(cfg.drop_path_rate, broadcast_dims=(1, 2))(
+            h_BLD = layers.Dropout(cfg.drop_path_rate, broadcast_dims=(1, 2))(
                 h_BLD, deterministic=deterministic
             )
             x_BLD = x_BLD + h_BLD

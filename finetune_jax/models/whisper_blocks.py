@@ -77,7 +77,7 @@ class WhisperAttention(nn.Module):
             bias_init=layers.zeros_init(("embed",)),
             lora=cfg.lora,
         )
-        self.probs_dropout = nn.Dropout(cfg.attention_dropout)
+        self.probs_dropout = layers.Dropout(cfg.attention_dropout)
 
     def key_values(self, x_BSD, deterministic=True) -> dict[str, jax.Array]:
         """{"k", "v"} [B, S, N, H] of the S positions of x."""
@@ -144,8 +144,8 @@ class WhisperEncoderLayer(nn.Module):
         self.fc1 = _dense(cfg, cfg.encoder_ffn_dim, ("embed", "mlp"))
         self.fc2 = _dense(cfg, cfg.d_model, ("mlp", "embed"))
         self.final_layer_norm = layers.layer_norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.activation_dropout = nn.Dropout(cfg.activation_dropout)
+        self.dropout = layers.Dropout(cfg.dropout)
+        self.activation_dropout = layers.Dropout(cfg.activation_dropout)
 
     def __call__(self, x_BSD, deterministic=True):
         h_BSD = self.self_attn.self_attention(self.self_attn_layer_norm(x_BSD), None, deterministic)
@@ -194,7 +194,7 @@ class WhisperEncoder(nn.Module):
         x_BSD = act(conv2(x_BFD))
         positions_SD = sinusoids(cfg.max_source_positions, cfg.d_model)[: x_BSD.shape[1]]
         x_BSD = x_BSD + jnp.asarray(positions_SD, cfg.dtype)
-        x_BSD = nn.Dropout(cfg.dropout)(x_BSD, deterministic=deterministic)
+        x_BSD = layers.Dropout(cfg.dropout)(x_BSD, deterministic=deterministic)
         x_BSD = nn.with_logical_constraint(x_BSD, ACTIVATION_AXES)
         # static_argnums counts `self` as 0, so 2 is `deterministic` (a Python bool).
         block = layers.remat(WhisperEncoderLayer, cfg.remat, static_argnums=(2,))
@@ -217,8 +217,8 @@ class WhisperDecoderLayer(nn.Module):
         self.fc1 = _dense(cfg, cfg.decoder_ffn_dim, ("embed", "mlp"))
         self.fc2 = _dense(cfg, cfg.d_model, ("mlp", "embed"))
         self.final_layer_norm = layers.layer_norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.activation_dropout = nn.Dropout(cfg.activation_dropout)
+        self.dropout = layers.Dropout(cfg.dropout)
+        self.activation_dropout = layers.Dropout(cfg.activation_dropout)
 
     def cross_key_values(self, memory_BSD, deterministic=True) -> dict[str, jax.Array]:
         """This layer's cross-attention {"k", "v"} [B, S, N, H] of the memory."""
@@ -272,7 +272,7 @@ class WhisperDecoder(nn.Module):
         block = layers.remat(WhisperDecoderLayer, cfg.remat, static_argnums=(5,))
         self.layers = [block(cfg) for _ in range(cfg.decoder_layers)]
         self.layer_norm = layers.layer_norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = layers.Dropout(cfg.dropout)
 
     def _check_length(self, length: int, what: str) -> None:
         if length > self.config.max_target_positions:
