@@ -159,7 +159,7 @@ NOT_OPS = ("ThunkExecutor", "SlinkyThreadPool", "$", "PjitFunction")
 
 def op_category(name: str, op_name: str) -> str:
     """Where an XLA op's time goes, from its HLO name and the JAX op it came from."""
-    if "bernoulli" in op_name or "_uniform" in op_name:
+    if any(s in op_name for s in ("bernoulli", "_uniform", "random_bits", "threefry")):
         return "dropout random bits"
     if "word_embeddings" in op_name and "transpose(" in op_name:
         return "embedding gradient buffer"
