@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from finetune_jax import host_memory
 from finetune_jax.evaluation.evaluator import evaluate
 from finetune_jax.evaluation.metrics import metric_mode
 from finetune_jax.training import (
@@ -59,6 +60,7 @@ def train(
     # Every split the run evaluates is read now, before weights load and steps compile.
     eval_data = setup.data.load(config.data.eval_split)
     final_data = setup.data.load(config.train.final_split) if config.train.final_split else None
+    host_memory.release_freed()  # what tokenizing left behind, before weights and state arrive
     manager = checkpoints.make_manager(
         workdir,
         config.train.keep_checkpoints,
