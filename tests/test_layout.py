@@ -9,13 +9,14 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "finetune_jax"
 
 # What each part may import from the package besides itself. Leaves (config, tree_paths,
-# cache_paths, json_values) import nothing from the package; entry points (train, eval, export, predict,
+# cache_paths, json_values, host_memory) import nothing from the package; entry points (train, eval, export, predict,
 # monitor, plot, cli) may import anything.
 ALLOWED = {
     "config": set(),
     "tree_paths": set(),
     "cache_paths": set(),
     "json_values": set(),
+    "host_memory": set(),
     "models": {"tree_paths"},
     "data": {"cache_paths"},
     "hf": {"models", "tree_paths", "cache_paths"},
@@ -30,6 +31,7 @@ ALLOWED = {
         "config",
         "tree_paths",
         "json_values",
+        "host_memory",
     },
 }
 ENTRY_POINTS = {"train", "eval", "export", "predict", "monitor", "plot", "cli", "__init__"}
