@@ -62,28 +62,6 @@ ROWS = (
 )
 
 
-def run_peer(script: str, config, mode: str, steps: int) -> dict:
-    """The peer script on the row's data, batch, max length and lr."""
-    command = [
-        sys.executable,
-        script,
-        "--data",
-        config.data.dir,
-        "--max_len",
-        str(config.data.max_length),
-        "--steps",
-        str(steps),
-        "--batch",
-        str(config.train.batch_size),
-        "--lr",
-        str(config.optim.lr),
-        "--mode",
-        mode,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def time_tests() -> float:
     """Wall seconds of the default test run (the README's test command)."""
     start = time.perf_counter()
@@ -138,8 +116,8 @@ def main() -> None:
         row = {"name": name, "overrides": overrides, "sft": sft}
         row.update(bench.bench(config, steps, warmup))
         if peer_mode:
-            peer = run_peer(args.peer, config, peer_mode, warmup + steps)
-            row.update(peer_step_s=peer["steady_step_s"], peer=peer)
+            peer = bench.torch_peer(args.peer, config, warmup + steps, row["model_dir"], peer_mode)
+            row["peer_step_s"] = peer["torch_step_s"]
         rows.append(row)
     tests_s = time_tests() if args.tests else None
     header = (

@@ -156,16 +156,20 @@ def encoder_stack(
 _DRAW_LEVELS = 1 << 16
 
 
+def _keep_threshold(keep_prob: float) -> int:
+    """A 16-bit draw below this keeps its element: probability threshold / 2^16."""
+    return round(keep_prob * _DRAW_LEVELS)
+
+
 def keep_mask(rng: jax.Array, shape: tuple[int, ...], keep_prob: float) -> jax.Array:
     """Boolean mask of `shape`, True with probability round(keep_prob * 2^16) / 2^16."""
-    threshold = round(keep_prob * _DRAW_LEVELS)
-    if not shape or shape[-1] == 0:
-        return jax.random.bernoulli(rng, keep_prob, shape)
+    if not shape:  # a scalar: one draw, the same rounded probability
+        return keep_mask(rng, (1,), keep_prob).reshape(())
     pairs = -(-shape[-1] // 2)
     words = jax.random.bits(rng, (*shape[:-1], pairs), jnp.uint32)
     halves = jnp.stack([words & 0xFFFF, words >> 16], axis=-1)
     draws = halves.reshape(*shape[:-1], 2 * pairs)[..., : shape[-1]]
-    return draws < threshold
+    return draws < _keep_threshold(keep_prob)
 
 
 class Dropout(nn.Module):
@@ -183,7 +187,7 @@ class Dropout(nn.Module):
             return jnp.zeros_like(inputs)
         shape = [1 if d in self.broadcast_dims else n for d, n in enumerate(inputs.shape)]
         keep = keep_mask(self.make_rng(self.rng_collection), tuple(shape), 1.0 - self.rate)
-        kept = round((1.0 - self.rate) * _DRAW_LEVELS) / _DRAW_LEVELS
+        kept = _keep_threshold(1.0 - self.rate) / _DRAW_LEVELS
         mask = jnp.broadcast_to(keep, inputs.shape)
         return jax.lax.select(
             mask, inputs / jnp.asarray(kept, inputs.dtype), jnp.zeros_like(inputs)
