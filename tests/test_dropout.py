@@ -50,4 +50,3 @@ def test_mask_is_the_same_whatever_the_sharding():
     plain = layers.keep_mask(key, shape, 0.9)
     sharded = jax.jit(lambda k: layers.keep_mask(k, shape, 0.9), out_shardings=sharding)(key)
     np.testing.assert_array_equal(plain, sharded)
-

@@ -141,19 +141,21 @@ def test_exported_lora_image_classifier_loads_in_transformers(tiny_dinov2_dir, t
 
 
 @pytest.mark.parametrize(
-    "model_dir, architecture",
+    "model_dir, architecture, scan_layers",
     [
-        ("tiny_dinov2_dir", "Dinov2ForImageClassification"),
-        ("tiny_vit_dir", "ViTForImageClassification"),
+        ("tiny_dinov2_dir", "Dinov2ForImageClassification", True),  # as configs/vision do
+        ("tiny_vit_dir", "ViTForImageClassification", False),
     ],
 )
 def test_exported_full_finetuned_classifier_loads_in_transformers(
-    model_dir, architecture, request, tmp_path
+    model_dir, architecture, scan_layers, request, tmp_path
 ):
     """Every weight trains (full): the exported DINOv2 (mask token written as zeros, which
-    our model has no use for) and ViT load with nothing missing and give our logits."""
+    our model has no use for; layers scanned) and ViT load with nothing missing and give
+    our logits."""
     config = image_config(request.getfixturevalue(model_dir), max_steps=2)
     config.optim.preset = "full"
+    config.model.scan_layers = scan_layers
     train(config, str(tmp_path / "run"))
     hf_config = export_matches_transformers(config, tmp_path / "run", tmp_path / "hf", "2")
     assert hf_config["architectures"] == [architecture]

@@ -68,7 +68,9 @@ def commands(args: argparse.Namespace, train_args: list[str]) -> list[list[str]]
             *where, repo_dir=args.repo_dir, local_dir=os.path.relpath(ROOT)
         )
     if args.setup:
-        result.append(launch_commands.tpu_pod_command(*where, [], args.repo_dir, args.venv, setup=True))
+        result.append(
+            launch_commands.tpu_pod_command(*where, [], args.repo_dir, args.venv, setup=True)
+        )
     result.append(launch_commands.tpu_pod_command(*where, train_args, args.repo_dir, args.venv))
     return result
 

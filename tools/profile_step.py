@@ -112,19 +112,18 @@ def profile_ours(config, length: int, repeats: int) -> tuple[dict[str, float], d
         updates, opt_state = exp.tx.update(g, opt_state, params)
         return jax.tree.map(jnp.add, params, updates), opt_state
 
-    update_fn = jax.jit(update)
-    table = _word_embeddings(state.params)
-    ids = batch["input_ids"]
-    cotangent = jnp.ones((*ids.shape, table.shape[1]), table.dtype)
-    # ids and cotangent are arguments, not closed-over constants XLA would fold at compile time.
-    embed_grad = jax.jit(jax.grad(lambda t, i, c: jnp.vdot(jnp.take(t, i, axis=0), c)))
-
     programs = {
         "forward": (forward, (state.params, batch, rng)),
         "fwd+bwd": (grads_fn, (state.params, batch, rng)),
-        "embed_grad": (embed_grad, (table, ids, cotangent)),
-        "update": (update_fn, (full_grads, state.opt_state, state.params)),
     }
+    table = _word_embeddings(state.params)
+    if table is not None:  # image models have no token table
+        ids = batch["input_ids"]
+        cotangent = jnp.ones((*ids.shape, table.shape[1]), table.dtype)
+        # ids and cotangent are arguments, not closed-over constants XLA would fold at compile time.
+        embed_grad = jax.jit(jax.grad(lambda t, i, c: jnp.vdot(jnp.take(t, i, axis=0), c)))
+        programs["embed_grad"] = (embed_grad, (table, ids, cotangent))
+    programs["update"] = (jax.jit(update), (full_grads, state.opt_state, state.params))
     flops = {}
     for name, (fn, args) in programs.items():
         # Compiled once, for both the timing and the FLOPs.
@@ -200,17 +199,15 @@ def trace_ops(step, batch, hlo: str, top: int = 12) -> None:
         print(f"  {ms:>8.1f}  {name:<28}{op_names.get(name, '')[-90:]}")
 
 
-def _word_embeddings(params) -> jax.Array:
-    """The largest 2-D leaf whose path names word embeddings (the [vocab, D] table)."""
+def _word_embeddings(params) -> jax.Array | None:
+    """The largest leaf whose path names word embeddings (the [vocab, D] table), if any."""
     found = [
         leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path(params)
         if "word_embeddings" in jax.tree_util.keystr(path)
         or "embed_tokens" in jax.tree_util.keystr(path)
     ]
-    if not found:
-        raise KeyError("no word_embeddings / embed_tokens param to time the embedding gradient of")
-    return max(found, key=lambda x: x.size)
+    return max(found, key=lambda x: x.size) if found else None
 
 
 def profile_torch(host_batch: dict, repeats: int, lr: float) -> dict[str, float]:
@@ -261,6 +258,7 @@ def main() -> None:
     repeats = flags.DEFINE_integer("repeats", 10, "Timed calls per part (median reported).")
     peer = flags.DEFINE_bool("torch", False, "Also time transformers + torch on the same batch.")
     trace = flags.DEFINE_bool("trace", False, "Also break the step down per XLA op (profiler).")
+    top = flags.DEFINE_integer("top", 12, "With --trace: how many of the most expensive ops.")
     peer_batch = flags.DEFINE_string("peer_batch", "", "Internal: time only torch on this .npz.")
     flags.mark_flags_as_required(["config"])
 
@@ -276,14 +274,14 @@ def main() -> None:
         quiet_libraries()
         ours, host_batch = profile_ours(config.value, length.value, repeats.value)
         step_s = ours["seconds"]["step"]
-        shape = tuple(host_batch["input_ids"].shape)
+        shape = next(tuple(x.shape) for x in host_batch.values() if x.ndim >= 2)
         print(f"ours, batch {shape}, {jax.device_count()} x {jax.devices()[0].device_kind}")
         print(f"{'part':<12}{'ms':>10}{'of step':>9}{'GFLOP':>9}{'GFLOP/s':>9}")
         for name, s in ours["seconds"].items():
             gf = ours["gflops"].get(name, float("nan"))
             print(f"{name:<12}{1e3 * s:>10.1f}{s / step_s:>9.2f}{gf:>9.2f}{gf / s:>9.1f}")
         if trace.value:
-            trace_ops(ours["step"], ours["batch"], ours["hlo"])
+            trace_ops(ours["step"], ours["batch"], ours["hlo"], top.value)
         if peer.value:
             theirs = torch_in_subprocess(host_batch, sys.argv)
             print("transformers + torch, same batch (own process)")

@@ -30,7 +30,9 @@ def get_config():
 
     c.peft.rank = 16
     c.peft.alpha = 32.0
-    c.peft.targets = r".*/(self_attn|encoder_attn)/(q_proj|k_proj|v_proj|out_proj)/kernel|.*/(fc1|fc2)/kernel"
+    c.peft.targets = (
+        r".*/(self_attn|encoder_attn)/(q_proj|k_proj|v_proj|out_proj)/kernel|.*/(fc1|fc2)/kernel"
+    )
     c.optim.preset = "lora"
     c.optim.head = ""  # the LM head is the tied token embedding: nothing new to train
     c.optim.lr = 1e-3

@@ -32,6 +32,11 @@ def get_config(recipe: str = "linear_probe"):
     config.optim.preset = recipe
     config.optim.lr = _LR.get(recipe, 5e-5)
     config.optim.llrd_decay = 0.75
+    # Recipes that train every layer's weights run the layers under nn.scan: XLA:CPU fuses an
+    # unrolled pre-norm stack's residual gradient into every layer's weight gradient (O(L^2)
+    # work; full FT 1.50 -> 1.19 s/step at batch 16, 112 px). Recipes that freeze the lower
+    # layers stay unrolled, so their backward stops at the first trained layer.
+    config.model.scan_layers = recipe in ("full", "llrd")
     if recipe == "lora":
         config.peft.rank = 8
     config.train.batch_size = 32
