@@ -18,7 +18,7 @@ ALLOWED = {
     "json_values": set(),
     "host_memory": set(),
     "models": {"tree_paths"},
-    "data": {"cache_paths"},
+    "data": {"cache_paths", "json_values"},
     "hf": {"models", "tree_paths", "cache_paths"},
     "cluster": {"tree_paths"},
     "evaluation": {"data", "models", "tree_paths", "json_values"},

@@ -63,6 +63,11 @@ def test_writer_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
     with prediction_io.RowWriter(str(tmp_path / "out.csv")) as writer:
         writer.write([{"text": "x", "label": ["a", "b"]}])
     assert (tmp_path / "out.csv").read_text().splitlines() == ["text,label", "x,a|b"]
+    # A diverged model's NaN probabilities (scalar or in a list) are null: valid JSON lines.
+    with prediction_io.RowWriter(str(tmp_path / "nan.jsonl")) as writer:
+        writer.write([{"p": np.float32("nan"), "probs": np.array([np.nan, 1.0])}])
+    text = (tmp_path / "nan.jsonl").read_text()
+    assert json.loads(text) == {"p": None, "probs": [None, 1.0]} and "NaN" not in text
     assert prediction_io.merge({"label": "gold"}, {"label": "a"}) == {
         "label": "gold",
         "predicted_label": "a",

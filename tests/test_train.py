@@ -227,6 +227,17 @@ def test_head_bias_init_errors_name_the_key(tiny_bert_dir, sst2_slice):
         builder.build(config)
 
 
+def test_beam_search_is_refused_where_it_would_be_ignored(tiny_bert_dir, sst2_slice):
+    """Only seq2seq transcription implements beam search: a causal-LM or classification run
+    asking for it is told so before anything loads, rather than silently decoding greedily."""
+    config = tiny_config(tiny_bert_dir, sst2_slice)
+    config.generate.num_beams = 4
+    for task in ("sst2", "gsm8k"):
+        config.data.task = task
+        with pytest.raises(ValueError, match=r"generate.num_beams=4: beam search is for seq2seq"):
+            builder.build(config)
+
+
 def test_final_split_must_differ_from_the_selection_split(tiny_bert_dir, sst2_slice, tmp_path):
     config = tiny_config(tiny_bert_dir, sst2_slice, final_split="validation")
     with pytest.raises(ValueError, match=r"train.final_split='validation' is also data.eval_split"):

@@ -20,6 +20,7 @@ from PIL import Image
 
 from finetune_jax.data.image_sources import ImageSplit
 from finetune_jax.data.text_sources import DataError, Examples
+from finetune_jax.json_values import json_text
 
 INPUT_FORMATS = (".csv", ".tsv", ".jsonl", ".parquet", ".txt")
 OUTPUT_FORMATS = (".csv", ".jsonl")
@@ -191,7 +192,10 @@ class RowWriter:
             return
         assert self._file is not None, "use RowWriter in a with block"
         if _extension(self.path) == ".jsonl":
-            self._file.writelines(json.dumps(row, default=_plain) + "\n" for row in rows)
+            # NaN (a diverged model's probabilities) as null: the file stays valid JSON lines.
+            self._file.writelines(
+                json_text({k: _plain(v) for k, v in row.items()}) + "\n" for row in rows
+            )
         else:
             if self._csv is None and rows:
                 self._csv = csv.DictWriter(self._file, fieldnames=list(rows[0]))
@@ -209,9 +213,11 @@ class RowWriter:
 
 
 def _plain(value: Any) -> Any:
-    """numpy scalars / arrays and dates (from parquet) as JSON values."""
+    """numpy scalars / arrays and dates (from parquet) as JSON values; JSON values as they are."""
     if isinstance(value, np.generic | np.ndarray):
         return value.tolist()
+    if value is None or isinstance(value, str | int | float | bool | list | dict):
+        return value
     return str(value)
 
 

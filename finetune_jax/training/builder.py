@@ -270,6 +270,13 @@ def _check_task_options(config: ml_collections.ConfigDict, task) -> None:
             f"model.head_bias_init='prior' sets a new classification head's bias; "
             f"data.task={config.data.task!r} trains the pretrained LM head: use 'zeros'"
         )
+    beams = config.generate.num_beams
+    if beams != 1 and task.kind != "seq2seq":
+        raise ValueError(
+            f"generate.num_beams={beams!r}: beam search is for seq2seq (speech) tasks; "
+            f"data.task={config.data.task!r} generates greedily or by sampling "
+            "(generate.temperature, generate.top_k): leave num_beams at 1"
+        )
 
 
 def _head_bias_override(config, family: ModelFamily, abstract_params, data) -> dict[str, Any]:
