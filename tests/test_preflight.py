@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import jax
 import pytest
 
 from configs.glue.sst2_minilm import get_config as glue_config
@@ -110,3 +111,25 @@ def test_scanned_bf16_step_converts_one_layer_at_a_time(monkeypatch, nothing_rea
     hoisted = temp()
     per_layer = hidden * (2 * hidden + 2 * hidden // 2) + 3 * hidden * mlp  # q,o + k,v + MLP
     assert hoisted - with_options >= 4 * per_layer * (layers - 1)
+
+
+def test_scanned_step_flops_count_every_layer(tiny_chat_llama_dir, nothing_read):
+    """XLA's cost analysis counts a while loop's body once: a scanned step's compiled count
+    is about one layer's. Preflight (tools/step_flops.py) reports what the unrolled step
+    costs, within a few percent of the unrolled program's own compiled count."""
+    config = sft_config()
+    config.optim.preset, config.peft.rank = "full", 0
+    config.train.batch_size, config.data.max_length = 2, 64
+    hf_config = preflight.read_model_config(str(tiny_chat_llama_dir))
+    # Layers that outweigh the LM head: 12 of them with a wide MLP.
+    hf_config = dict(hf_config, num_hidden_layers=12, intermediate_size=2048)
+    assert config.model.scan_layers
+    scanned = preflight.preflight(config, hf_config)["flops_per_step_per_device"]
+    setup = builder.build(config, hf_config=hf_config)
+    spec = loaders.batch_spec(config, setup.task)
+    batch = {name: jax.ShapeDtypeStruct(*shape_dtype) for name, shape_dtype in spec.items()}
+    compiled = setup.train_step.lower(setup.abstract_state(), batch).compile().cost_analysis()
+    config.model.scan_layers = False
+    unrolled = preflight.preflight(config, hf_config)["flops_per_step_per_device"]
+    assert scanned == pytest.approx(unrolled, rel=0.05)
+    assert compiled["flops"] < 0.5 * unrolled  # what was reported before

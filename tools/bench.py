@@ -39,14 +39,7 @@ from finetune_jax import config as config_lib  # noqa: E402
 from finetune_jax.cli import quiet_libraries  # noqa: E402
 from finetune_jax.data import tasks  # noqa: E402
 from finetune_jax.training import builder, optim  # noqa: E402
-
-
-def step_flops(exp, state, batch) -> float:
-    """FLOPs of one train step at this batch's shape (XLA cost analysis)."""
-    compiled = exp.train_step.lower(state, exp.put_batch(batch)).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan")))
+from tools.step_flops import StepFlops  # noqa: E402
 
 
 def measure_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -67,13 +60,14 @@ def bench(config, steps: int, warmup: int) -> dict:
     batches = exp.data.train_batches()
     state = exp.initial_state()
     build_s = time.perf_counter() - t_build
+    step_flops = StepFlops(config, exp.hf_config)
     flops_by_shape, times, tokens = {}, [], []
     t_compile = time.perf_counter()
     for i in range(warmup + steps):
         batch = next(batches)
         shape = tuple((key, value.shape) for key, value in sorted(batch.items()))
         if shape not in flops_by_shape:
-            flops_by_shape[shape] = step_flops(exp, state, batch)
+            flops_by_shape[shape] = step_flops(exp.train_step, state, exp.put_batch(batch))
             # A shape's first call compiles it (or loads it from the compilation cache): run
             # it once untimed, so a bucket first seen after the warm-up is not timed compiling.
             # (Timing the AOT executable above instead would compile once, but its calls ran

@@ -14,7 +14,7 @@ loader's batch spec: classification, regression, packed chat SFT, ...) are shape
 `--devices=N` fakes N CPU devices (set before jax starts), so a pod's mesh is checked on a
 laptop. Bytes of params and optimizer state come from the shardings; XLA temporaries and
 FLOPs from the compiled step (XLA:CPU's analysis: a GPU/TPU compile schedules differently,
-so leave headroom).
+so leave headroom); with scanned layers, FLOPs from the unrolled step (tools/step_flops.py).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from finetune_jax.cli import quiet_libraries, run_main  # noqa: E402
 from finetune_jax.data import loaders  # noqa: E402
 from finetune_jax.hf import model_files  # noqa: E402
 from finetune_jax.training import builder, optim  # noqa: E402
+from tools.step_flops import StepFlops  # noqa: E402
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 1e3, "mb": 1e6, "gb": 1e9}
 
@@ -103,8 +104,7 @@ def preflight(config, hf_config: dict, device_memory: int | None = None) -> dict
     }
     compiled = setup.train_step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = StepFlops(config, hf_config)(setup.train_step, state, batch)
     trainable, frozen = optim.param_counts(setup.groups, setup.abstract_params)
     params = per_device_bytes(state.params, setup.state_sharding.params)
     opt_state = per_device_bytes(state.opt_state, setup.state_sharding.opt_state)
@@ -123,7 +123,7 @@ def preflight(config, hf_config: dict, device_memory: int | None = None) -> dict
         "batch_bytes_per_device": batch_bytes,
         "temp_bytes_per_device": temp,
         "total_bytes_per_device": needed,
-        "flops_per_step_per_device": float(cost.get("flops", float("nan"))),
+        "flops_per_step_per_device": flops,
     }
     if device_memory:
         result["device_memory_bytes"] = device_memory

@@ -276,6 +276,8 @@ def main() -> None:
         step_s = ours["seconds"]["step"]
         shape = next(tuple(x.shape) for x in host_batch.values() if x.ndim >= 2)
         print(f"ours, batch {shape}, {jax.device_count()} x {jax.devices()[0].device_kind}")
+        if config.value.model.scan_layers:
+            print("layers scanned: XLA costs the layer loop's body once, so GFLOP counts one layer")
         print(f"{'part':<12}{'ms':>10}{'of step':>9}{'GFLOP':>9}{'GFLOP/s':>9}")
         for name, s in ours["seconds"].items():
             gf = ours["gflops"].get(name, float("nan"))
