@@ -13,17 +13,29 @@ spec.loader.exec_module(speed_table)
 
 
 def test_rows_are_variants_of_the_real_configs():
-    for name, make, overrides, peer_mode, sft in speed_table.ROWS:
-        config = speed_table.bench.with_overrides(make(), overrides)  # unknown keys raise
-        assert (config.data.task == "gsm8k") == sft, name
-        assert peer_mode in (None, "full", "linear_probe"), name
-        if peer_mode == "linear_probe":
-            assert config.optim.preset == "linear_probe", name
+    tasks = {"glue": "sst2", "gsm8k": "gsm8k", "fashion_mnist": "fashion_mnist"}
+    for row in speed_table.ROWS:
+        config = speed_table.bench.with_overrides(row.make(), row.overrides)  # unknown keys raise
+        assert config.data.task == tasks[row.data], row.name
+        assert (row.group == "sft") == (row.data == "gsm8k"), row.name
+        assert row.peer in (
+            None,
+            ("glue", "full"),
+            ("glue", "linear_probe"),
+            ("vision", "full"),
+        ), row.name
+        if row.peer:
+            assert config.optim.preset == row.peer[1], row.name
 
 
 def test_markdown_reports_peer_ratio_and_lora_over_full():
     row = lambda name, step, sft, **kw: dict(
-        name=name, step_s_mean=step, samples_per_s=32 / step, achieved_gflops=50.0, sft=sft, **kw
+        name=name,
+        step_s_mean=step,
+        samples_per_s=32 / step,
+        achieved_gflops=50.0,
+        group="sft" if sft else "",
+        **kw,
     )
     rows = [
         row("MiniLM SST-2, full fine-tuning", 0.5, False, peer_step_s=0.6),
