@@ -63,33 +63,30 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS=None, *, is_causal=True, implementa
 
 
 def _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, is_causal):
-    """`jax.nn.dot_product_attention`'s XLA path (same masking and float32 softmax), with
-    the query scaled before the score matmul (as flax's attention does) and the groups as
-    an einsum axis rather than a vmap. On XLA:CPU the library's form materialised the scale
-    as a full [B, N, T, S] operand and copied the probabilities to a transposed layout: twice
-    the score matrix's memory traffic, 2.2x transformers' time on Whisper's 1,500-frame
-    encoder."""
-    batch, length, heads, head_dim = q_BTNH.shape
-    kv_heads = k_BSKH.shape[2]
-    scale = jnp.asarray(head_dim**-0.5, jnp.float32)
-    q_BTKGH = (q_BTNH.astype(jnp.float32) * scale).astype(q_BTNH.dtype)
-    q_BTKGH = q_BTKGH.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    logits_BKGTS = jnp.einsum(
-        "btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
-    )
+    """`jax.nn.dot_product_attention`'s XLA path (same masking, float32 softmax), with the
+    query scaled before the score matmul (as flax's attention does; exact for the usual
+    power-of-two 1/sqrt(head_dim)) and grouped K/V heads repeated rather than vmapped. On
+    XLA:CPU the library's form materialised the scale as a full [B, N, T, S] operand and
+    copied the probabilities to a transposed layout: Whisper tiny.en's 1,500-frame encoder
+    took 4.41 s per 8 clips, 3.58 s this way (transformers: 2.0 s)."""
+    groups = q_BTNH.shape[2] // k_BSKH.shape[2]
+    scale = jnp.asarray(q_BTNH.shape[3] ** -0.5, jnp.float32)
+    q_BTNH = (q_BTNH.astype(jnp.float32) * scale).astype(q_BTNH.dtype)
+    if groups > 1:  # each K/V head serves `groups` query heads
+        k_BSKH = jnp.repeat(k_BSKH, groups, axis=2)
+        v_BSKH = jnp.repeat(v_BSKH, groups, axis=2)
+    logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSKH, preferred_element_type=jnp.float32)
     keep = None
     if is_causal:
-        keep = jnp.tril(jnp.ones(logits_BKGTS.shape[-2:], bool))
+        keep = jnp.tril(jnp.ones(logits_BNTS.shape[-2:], bool))
     if mask_B1TS is not None:
-        mask_B11TS = mask_B1TS[:, :, None]
-        keep = mask_B11TS if keep is None else keep & mask_B11TS
+        keep = mask_B1TS if keep is None else keep & mask_B1TS
     if keep is not None:
         # A large negative rather than -inf: a row with no key left is uniform, not NaN.
         large_negative = -0.7 * jnp.finfo(jnp.float32).max
-        logits_BKGTS = jnp.where(keep, logits_BKGTS, large_negative)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
-    return out_BTKGH.reshape(batch, length, heads, head_dim)
+        logits_BNTS = jnp.where(keep, logits_BNTS, large_negative)
+    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BSKH.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSKH)
 
 
 def cache_attention_mask(
