@@ -28,6 +28,7 @@ from experiments.report import mean_std
 from experiments.run import is_finished, read_json
 from finetune_jax import config as config_lib
 from finetune_jax.eval import run_eval
+from finetune_jax.json_values import json_text
 
 STUDY = Path(__file__).resolve().parent
 SPLIT = "test"
@@ -81,7 +82,7 @@ def evaluate_runs(sweep: sweep_lib.Sweep, data_dir: str, rows: list[dict]) -> li
             metrics = run_eval(config, run.workdir, SPLIT, str(step))
             metrics["real_speech_clips"] = rows_key
             path = Path(run.workdir) / f"eval_{SPLIT}_step{step}.json"
-            path.write_text(json.dumps(metrics, indent=2))
+            path.write_text(json_text(metrics, indent=2))
         lines = Path(run.workdir, f"transcripts_{SPLIT}_step{step}.jsonl").read_text()
         transcripts = [json.loads(line) for line in lines.splitlines()]
         results.append(
@@ -142,7 +143,7 @@ def main() -> None:
         results = evaluate_runs(sweep, data_dir, rows)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{sweep.name}-real_speech.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{sweep.name}-real_speech.json").write_text(json_text(results, indent=2) + "\n")
     (out / f"{sweep.name}-real_speech.md").write_text(markdown(sweep, results, rows))
     print(f"wrote {out / f'{sweep.name}-real_speech.md'}")
 
