@@ -67,7 +67,9 @@ def bench(config, steps: int, warmup: int) -> dict:
         batch = next(batches)
         shape = tuple((key, value.shape) for key, value in sorted(batch.items()))
         if shape not in flops_by_shape:
-            flops_by_shape[shape] = step_flops(exp.train_step, state, exp.put_batch(batch))
+            device_batch = exp.put_batch(batch)
+            lowered = exp.train_step.lower(state, device_batch)
+            flops_by_shape[shape] = step_flops(lowered, device_batch)
             # A shape's first call compiles it (or loads it from the compilation cache): run
             # it once untimed, so a bucket first seen after the warm-up is not timed compiling.
             # (Timing the AOT executable above instead would compile once, but its calls ran

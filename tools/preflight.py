@@ -104,7 +104,7 @@ def preflight(config, hf_config: dict, device_memory: int | None = None) -> dict
     }
     compiled = setup.train_step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
-    flops = StepFlops(config, hf_config)(setup.train_step, state, batch)
+    flops = StepFlops(config, hf_config)(compiled, batch)
     trainable, frozen = optim.param_counts(setup.groups, setup.abstract_params)
     params = per_device_bytes(state.params, setup.state_sharding.params)
     opt_state = per_device_bytes(state.opt_state, setup.state_sharding.opt_state)

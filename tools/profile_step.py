@@ -48,7 +48,7 @@ from ml_collections import config_flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune_jax.cli import quiet_libraries  # noqa: E402
 from finetune_jax.training import builder, steps  # noqa: E402
-from tools.step_flops import StepFlops  # noqa: E402
+from tools.step_flops import StepFlops, xla_flops  # noqa: E402
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -64,9 +64,7 @@ def timed(fn, *args, repeats: int) -> float:
 
 def gflops(compiled) -> float:
     """GFLOPs of one call of a compiled program (XLA cost analysis)."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan"))) / 1e9
+    return xla_flops(compiled) / 1e9
 
 
 def pad_to(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
@@ -139,9 +137,7 @@ def profile_ours(config, length: int, repeats: int) -> tuple[dict[str, float], d
         step_state[0], metrics = train_step(step_state[0], b)
         return metrics
 
-    flops["step"] = gflops(train_step)
-    if config.model.scan_layers:  # XLA costs the layer loop once; count the unrolled step
-        flops["step"] = StepFlops(config, exp.hf_config)(exp.train_step, state, batch) / 1e9
+    flops["step"] = StepFlops(config, exp.hf_config)(train_step, batch) / 1e9  # every layer
     hlo = train_step.as_text()
     seconds["step"] = timed(step, batch, repeats=repeats)
     return {

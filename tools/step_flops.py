@@ -16,16 +16,19 @@ import jax
 from finetune_jax.training import builder
 
 
-def _flops(stage: Any) -> float:
+def xla_flops(stage: Any) -> float:
+    """FLOPs XLA's cost analysis gives a lowered or compiled program (nan if none)."""
     cost = stage.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get("flops", float("nan")))
 
 
 class StepFlops:
-    """`flops(train_step, state, batch)`: FLOPs per device of one call of a jitted train step
-    on (abstract or real) `state` and `batch`. Unrolled configs: the compiled program's own
-    count. Scanned ones: the unrolled twin's lowered step, over `jax.device_count()`."""
+    """`flops(step, batch)`: FLOPs per device of one train step on a batch of `batch`'s
+    shapes (arrays or ShapeDtypeStructs). `step` is the step lowered or compiled for that
+    batch. Unrolled configs: the compiled program's own count (a lowered step is compiled
+    for it). Scanned ones: the unrolled twin's lowered step over `jax.device_count()`; `step`
+    is not compiled for it."""
 
     def __init__(self, config, hf_config: dict[str, Any]):
         self._twin = None
@@ -35,13 +38,13 @@ class StepFlops:
             twin.model.scan_layers = False
             self._twin = builder.build(twin, hf_config=hf_config)
 
-    def __call__(self, train_step: Any, state: Any, batch: dict[str, Any]) -> float:
+    def __call__(self, step: jax.stages.Lowered | jax.stages.Compiled, batch: dict) -> float:
         twin = self._twin
         if twin is None:
-            return _flops(train_step.lower(state, batch).compile())
+            return xla_flops(step.compile() if isinstance(step, jax.stages.Lowered) else step)
         shapes = {
             name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=twin.batch_sharding)
             for name, value in batch.items()
         }
         lowered = twin.train_step.lower(twin.abstract_state(), shapes)
-        return _flops(lowered) / jax.device_count()
+        return xla_flops(lowered) / jax.device_count()
