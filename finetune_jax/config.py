@@ -59,34 +59,23 @@ def _model() -> ml_collections.ConfigDict:
 
 
 def _data() -> ml_collections.ConfigDict:
-    """The task, where its files are, lengths, splits and subsets."""
+    """The task, where its files are, lengths, splits and subsets.
+
+    Grouped by who reads them: every kind, then text (classification and token
+    classification), chat, image and speech keys. A key set for a kind that does not read it
+    is an error naming it (`tasks/kind.py`'s `check_data_keys`); the README's key table
+    lists which kind reads which.
+    """
     s = ml_collections.ConfigDict()
-    # A preset (sst2, mrpc, rte, cola, stsb, rotten_tomatoes: default values of the keys
-    # below), a generic text kind (text_classification, multi_label, regression: your own
-    # files), or a chat / image / speech task (data/tasks.py).
+    # -- every kind -------------------------------------------------------------------------
+    # A registered task: a text preset (sst2, mrpc, rte, cola, stsb, rotten_tomatoes), a
+    # generic kind (text_classification, multi_label, regression, token_classification:
+    # your own files), or a chat / image / speech / NER task (`finetune_jax/tasks/`).
     s.task = "sst2"
     s.dir = ""  # local dir with the task's files; "" = load from the HF hub
-    # Text tasks: csv | tsv | jsonl | parquet | hub; "" = the preset's, else the train
-    # file's extension. "hub" loads `data.hub_name` with `datasets.load_dataset`.
-    s.format = ""
     # Per split, a path or glob (relative to data.dir when that is set). All "" = the
     # preset's files; any set = these files only (a split left "" is not available).
-    # Chat tasks: a .jsonl / .json file per split.
     s.files = ml_collections.ConfigDict({"train": "", "validation": "", "test": ""})
-    s.text_columns = ()  # text tasks: the 1 or 2 text columns; () = the preset's ("text")
-    # Text tasks: the class-name column — a list of names (jsonl / parquet) or names joined
-    # by data.label_delimiter (csv / tsv) for multi_label, a float for regression.
-    # Image table / hub tasks: the label column. "" = the preset's ("label"; multi_label:
-    # "labels").
-    s.label_column = ""
-    # Class names, index = class id (text and image tasks). () = read from the train split
-    # (sorted unique values), printed at start and saved as <workdir>/label_names.json,
-    # which eval / export / predict read back so ids never shift.
-    s.label_names = ()
-    s.label_delimiter = "|"  # multi_label in csv / tsv: "sports|politics" = two labels
-    s.label_range = ()  # regression: (low, high) a score must lie in; () = any finite float
-    s.max_length = 64
-    s.buckets = (16, 32, 64)  # padded lengths: bounds the number of compiled shapes
     s.eval_split = "validation"  # evaluated every train.eval_every steps; picks "best"
     # Selection set: this many train rows are held out (fixed by split_seed, not by seed) and
     # evaluated as split "holdout"; set eval_split="holdout" to select on them.
@@ -94,35 +83,61 @@ def _data() -> ml_collections.ConfigDict:
     s.max_train_rows = 0  # train on a random subset of this many rows; 0 = all
     s.max_eval_rows = 0  # evaluate a random subset of this many rows; 0 = all
     s.split_seed = 0  # draws holdout and subsets; the same for every seed of a sweep
-    # Text classification: tokenized splits are cached under <cache_dir>/text_tokens, keyed by
-    # the files' content, the tokenizer, max_length and the task; "" = $FINETUNE_JAX_CACHE
-    # (or ~/.cache/finetune_jax).
-    s.cache_dir = ""
-    s.prefetch = 2  # training batches prepared ahead in a background thread; 0 = in the step
     # Draw the holdout and the row caps per class, in proportion (classification tasks:
     # text or image; ELPV stratifies by defect grade x cell type, so its binary and
     # 4-grade tasks share one split). Needs labels known before the split.
     s.stratify = False
-    s.packing = True  # chat tasks: several examples per max_length row
-    # Image tasks (data/image_sources.py). Output side of the model's image processor
-    # (resize + centre crop keep its ratio, e.g. DINOv2's 256/224); 0 = as the model saved
-    # it. Any multiple of the patch size works: the position grid is interpolated.
+    # -- several kinds ----------------------------------------------------------------------
+    # An HF dataset (`datasets.load_dataset` name, or a save_to_disk dir) for text tasks with
+    # format "hub", image_hub and speech tasks.
+    s.hub_name = ""
+    # The label column (text and image tables / hub datasets): class names, a list of names
+    # (jsonl / parquet) or names joined by label_delimiter (csv / tsv) for multi_label, a
+    # float for regression. "" = the task's ("label"; multi_label: "labels").
+    s.label_column = ""
+    # Class names, index = class id (text, token and image classification). () = read from
+    # the train split (sorted unique values), printed at start and saved as
+    # <workdir>/label_names.json, which eval / export / predict read back so ids never shift.
+    s.label_names = ()
+    # Tokens per row: text rows; token classification: word pieces; chat rows; speech: the
+    # decoder's row (prompt + transcript tokens + EOS).
+    s.max_length = 64
+    # Tokenized splits (<cache_dir>/text_tokens) and log-mel features
+    # (<cache_dir>/audio_features); "" = $FINETUNE_JAX_CACHE (or ~/.cache/finetune_jax).
+    s.cache_dir = ""
+    # -- text (classification; the first three also token classification) -------------------
+    # csv | tsv | jsonl | parquet | hub (token classification also conll); "" = the
+    # preset's, else the train file's extension. "hub" loads data.hub_name.
+    s.format = ""
+    s.text_columns = ()  # the 1 or 2 text columns; () = the preset's ("text")
+    s.label_delimiter = "|"  # multi_label in csv / tsv: "sports|politics" = two labels
+    s.label_range = ()  # regression: (low, high) a score must lie in; () = any finite float
+    s.buckets = (16, 32, 64)  # padded lengths: bounds the number of compiled shapes
+    s.prefetch = 2  # training batches prepared ahead in a background thread; 0 = in the step
+    # -- token classification (NER) ----------------------------------------------------------
+    s.tokens_column = "tokens"  # jsonl / parquet / hub: the list of words of a sentence
+    s.tags_column = "tags"  # ... and the list of their tags (names, or ids with label_names)
+    s.tag_scheme = "IOB2"  # IOB2 (= BIO) | IOB1: how the files' tags mark entity starts
+    # Which word pieces carry a word's tag: "first" (the rest are ignored, as BERT's paper
+    # and transformers' examples) | "all" (later pieces of a B- word get its I- tag).
+    s.label_pieces = "first"
+    # -- chat (causal-LM SFT) ------------------------------------------------------------------
+    s.packing = True  # several examples per max_length row
+    # -- image classification ------------------------------------------------------------------
+    # Output side of the model's image processor (resize + centre crop keep its ratio, e.g.
+    # DINOv2's 256/224); 0 = as the model saved it. Any multiple of the patch size works:
+    # the position grid is interpolated.
     s.image_size = 0
     s.augment = True  # random resized crop + flip on training batches (never on eval)
     s.augment_scale = (0.35, 1.0)  # area fraction range of the random crop
     s.augment_flip = True
     s.image_column = "image"  # table and hub tasks: the image (path) column
-    # image_hub and text tasks with format "hub": the dataset's hub name (or, for image_hub,
-    # data.dir from save_to_disk).
-    s.hub_name = ""
-    # Speech tasks (max_length is then the decoder's row: prompt + transcript tokens + EOS).
+    # -- speech recognition ---------------------------------------------------------------------
     # Audio window in seconds: 30 is Whisper's own; a shorter one uses the first encoder
     # positions only (much cheaper; see README "Fine-tune Whisper" for its effect on WER).
     s.audio_seconds = 30.0
-    s.hub_dataset = ""  # an HF dataset (hub name or local dir) instead of data.dir's files
     s.audio_column = "audio"
-    s.text_column = "text"
-    s.feature_cache = ""  # "" = $FINETUNE_JAX_CACHE (or ~/.cache/finetune_jax)/audio_features
+    s.transcript_column = "text"
     return s
 
 
@@ -142,8 +157,13 @@ def _optim() -> ml_collections.ConfigDict:
     s.preset = "full"  # full | linear_probe | bitfit | top_k_layers | llrd | lora | rules
     s.top_k = 2  # for top_k_layers
     s.llrd_decay = 0.8  # for llrd: layer i of N gets decay**(N - i)
-    s.head = r"(classifier|bert/pooler)/.*"  # new / task-specific params
-    s.layer = r".*/layer_(\d+)/.*"  # finds a param's layer index (group 1)
+    # The task head the presets train (linear_probe, bitfit, top_k_layers, lora): a regex;
+    # "auto" = the model family's head for the task's kind (BERT's sequence head:
+    # classifier + pooler; "" for an LM head tied to the embedding).
+    s.head = "auto"
+    # Finds a param's layer index (group 1) for top_k_layers / llrd; "auto" = the family's
+    # (`.*/layer_(\d+)/.*` for BERT and ViT, `.*/layers_(\d+)/.*` for Llama and Whisper).
+    s.layer = "auto"
     # (regex, label) pairs used when preset == "rules"; label: "trainable", "frozen" or an
     # lr multiplier (float). First full match wins; every param must be matched.
     s.rules = ()
@@ -165,8 +185,9 @@ def _peft() -> ml_collections.ConfigDict:
     s.rank = 0
     s.alpha = 16.0  # the update is scaled by alpha / rank
     s.dropout = 0.0  # on the LoRA branch's input only
-    # BERT's query/value; for Llama e.g. r".*/self_attn/(q_proj|v_proj)/kernel".
-    s.targets = r".*/attention/(query|value)/kernel"
+    # "auto" = the family's attention query/value kernels (BERT, ViT: attention/(query|
+    # value); Llama: self_attn/(q_proj|v_proj); Whisper: also encoder_attn).
+    s.targets = "auto"
     return s
 
 

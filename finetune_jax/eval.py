@@ -2,10 +2,11 @@
 
 Restores the best checkpoint (by the run's metric), the latest, a given step or the untuned
 pretrained model (`--checkpoint=pretrained`), evaluates on the requested split and writes
-`<workdir>/eval_<split>_step<step>.json`. For causal-LM tasks it also reports perplexity and
-writes sample generations (`generations_<split>_step<step>.jsonl`), with GSM8K exact match;
-for speech tasks WER / CER and every transcript next to its reference
-(`transcripts_<split>_step<step>.jsonl`).
+`<workdir>/eval_<split>_step<step>.json`, and the per-example records the task's kind adds as
+`<records>_<split>_step<step>.jsonl`: causal LMs report perplexity and write sample
+generations (`generations_...`, with GSM8K exact match); speech tasks WER / CER and every
+transcript next to its reference (`transcripts_...`); NER the entities of each sentence
+(`entities_...`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from absl import app, flags
 
 from finetune_jax.cli import define_run_config_flag, quiet_libraries, resolve_run_config, run_main
 from finetune_jax.cluster import distributed
-from finetune_jax.evaluation import generated_answers
-from finetune_jax.evaluation.evaluator import evaluate
 from finetune_jax.training import builder, workdir_files
 
 
@@ -41,17 +40,8 @@ def run_eval(
     else:
         step, params = setup.restore_params(workdir, which)
     data = setup.data.load(split)
-    batches = setup.data.eval_batches(data)
-    transcripts: list[dict[str, str]] = []
-    results = evaluate(
-        setup.eval_step,
-        params,
-        batches,
-        setup.task,
-        setup.put_batch,
-        transcriber=setup.transcriber,
-        transcripts=transcripts,
-    )
+    records: list[dict[str, Any]] = []  # per example, from the task's scorer and samples
+    results = setup.evaluate(params, data, records)
     tag = "pretrained" if which == "pretrained" else f"step{step}"
     results = {"split": split, "step": step, "task": setup.task.name, **results}
     if which == "best":
@@ -62,30 +52,18 @@ def run_eval(
                 "a choice was made on are optimistic (report a split nothing was chosen on)",
                 file=sys.stderr,
             )
-    samples = []
-    if setup.task.kind == "causal_lm" and config.generate.num_samples > 0:
-        conversations = data.conversations[: config.generate.num_samples]
-        samples = generated_answers.generate_samples(
-            setup.module,
-            params,
-            setup.tokenizer,
-            setup.hf_config,
-            conversations,
-            config.generate,
-            setup.task.answer_marker,
-        )
-        results.update(generated_answers.summarize(samples))
+    samples, summary = setup.kind.eval_samples(setup, params, data)
+    records += samples
+    results.update(summary)
     if jax.process_index() == 0:
         path = workdir_files.workdir_path(workdir)
         workdir_files.write_text_atomic(
             path / f"eval_{split}_{tag}.json", workdir_files.json_text(results, indent=2)
         )
-        if samples:
-            lines = "".join(workdir_files.json_text(s) + "\n" for s in samples)
-            workdir_files.write_text_atomic(path / f"generations_{split}_{tag}.jsonl", lines)
-        if transcripts:  # seq2seq: each greedy transcript next to its reference
-            lines = "".join(workdir_files.json_text(t) + "\n" for t in transcripts)
-            workdir_files.write_text_atomic(path / f"transcripts_{split}_{tag}.jsonl", lines)
+        if records:  # generations, transcripts or entities, one per example
+            lines = "".join(workdir_files.json_text(r) + "\n" for r in records)
+            name = f"{setup.kind.eval_records}_{split}_{tag}.jsonl"
+            workdir_files.write_text_atomic(path / name, lines)
     return results
 
 

@@ -63,35 +63,21 @@ def _write_local(setup: builder.Setup, params: Any, out_dir: str, overwrite: boo
     merged = params if lora is None else jax.tree.map(np.asarray, lora_lib.merge(params, lora))
     family, task = setup.family, setup.task
 
-    def write_adapter(model_dir: str) -> None:
-        adapter_dir = os.path.join(model_dir, "adapter")
-        adapters.save_hf_peft(
-            params,
-            lora,
-            family,
-            setup.model_config,
-            task.kind,
-            adapter_dir,
-            setup.config.model.name,
-        )
-
     def write_extra(model_dir: str) -> None:
-        if task.kind == "seq2seq":  # how audio becomes features travels with the model
-            shutil.copy(os.path.join(setup.model_ref, "preprocessor_config.json"), model_dir)
+        for path in setup.kind.export_files(setup):  # e.g. a speech model's feature extractor
+            shutil.copy(path, model_dir)
         if lora is not None:
-            write_adapter(model_dir)
+            adapter_dir = os.path.join(model_dir, "adapter")
+            adapters.save_hf_peft(
+                params, lora, family, setup.model_config, adapter_dir, setup.config.model.name
+            )
 
-    generation = None
-    if task.kind == "causal_lm":
-        generation = saving.generation_config(setup.tokenizer, setup.hf_config)
-    elif task.kind == "seq2seq":  # the model's own: prompt, suppressed tokens, EOS
-        generation = setup.data.generation
     return saving.write_model_dir(
         out_dir,
         hf_mapping.params_to_hf(merged, family, setup.model_config),
-        saving.exported_config(setup.hf_config, family, task),
+        saving.exported_config(setup.hf_config, family, setup.kind.export_config(task)),
         setup.tokenizer,
-        generation=generation,
+        generation=setup.kind.export_generation(setup),
         write_extra=write_extra,
         overwrite=overwrite,
     )

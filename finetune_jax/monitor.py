@@ -29,11 +29,7 @@ def reference_chunks(setup, reference: str, rows: int):
     """Chunks of the reference rows: a file (or image folder), or a split of the run's data."""
     if os.path.exists(reference) or os.path.splitext(reference)[1]:
         return prediction_io.read_chunks(reference, rows)
-    if setup.task.kind != "classification":
-        raise ValueError(f"--reference={reference!r}: for image runs pass a folder or list file")
-    task = setup.task
-    examples = setup.data.examples(reference)
-    return prediction_io.example_chunks(examples, task.text_columns, task.label_column, rows)
+    return setup.kind.monitor_reference(setup, reference, rows)
 
 
 def monitor(
@@ -52,11 +48,7 @@ def monitor(
     thresholds = thresholds or monitoring.Thresholds()
     reference = reference or config.data.eval_split
     setup = builder.build(config, workdir=workdir)  # the class names the run trained with
-    if setup.predict_step is None:
-        raise ValueError(
-            f"monitor watches classifiers and regressors (text or image); data.task="
-            f"{config.data.task!r} is a {setup.task.kind} task"
-        )
+    setup.kind.check_monitorable(setup)
     step, params = setup.restore_params(workdir, which)
     names = setup.task.label_names
     rows, seed = config.train.batch_size, config.seed

@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from finetune_jax.cli import define_run_config_flag, quiet_libraries, resolve_run_config, run_main
 from finetune_jax.data import prediction_io
-from finetune_jax.evaluation.prediction import Predictor
 from finetune_jax.training import builder
 
 
@@ -43,8 +42,7 @@ def predict(
     writer = prediction_io.RowWriter(output_path, overwrite, jax.process_index() == 0)
     setup = builder.build(config, workdir=workdir)  # the class names the run trained with
     step, params = setup.restore_params(workdir, which)
-    names = getattr(setup.task, "label_names", None)
-    predictor = Predictor(setup, params, names, input_path, threshold)
+    predictor = setup.kind.predictor(setup, params, input_path, threshold)
     rows = config.train.batch_size
     return {"step": step, **write_predictions(predictor, input_path, writer, rows)}
 

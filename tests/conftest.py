@@ -24,6 +24,20 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
     vocab_size matches MiniLM's 30522 so its tokenizer works; a full model + tokenizer dir
     that training tests can load in well under a second.
     """
+    import transformers
+
+    return _tiny_bert(tmp_path_factory, minilm_dir, transformers.BertForSequenceClassification, 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_token_bert_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
+    """The same tiny random BERT as a BertForTokenClassification with 5 labels."""
+    import transformers
+
+    return _tiny_bert(tmp_path_factory, minilm_dir, transformers.BertForTokenClassification, 5)
+
+
+def _tiny_bert(tmp_path_factory, minilm_dir, model_class, num_labels) -> pathlib.Path:
     import torch
     import transformers
 
@@ -35,11 +49,10 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=128,
-        num_labels=2,
+        num_labels=num_labels,
     )
     torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model_class(config).save_pretrained(out_dir, safe_serialization=True)
     transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out_dir)
     return out_dir
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 from finetune_jax.config import base_config
 from finetune_jax.hf import loading
 from finetune_jax.models import bert, llama, whisper
-from finetune_jax.training import builder
+from finetune_jax.training import builder, checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -34,10 +35,24 @@ def tiny_config(model_dir, data_dir, **train):
     return config
 
 
+def final_state(config, workdir):
+    """The latest checkpointed state of a run (host arrays), or None without a checkpoint."""
+    setup = builder.build(config)
+    manager = checkpoints.make_manager(str(workdir), 2, None, read_only=True)
+    restored = checkpoints.restore_latest(manager, setup.abstract_state())
+    return None if restored is None else jax.device_get(restored[0])
+
+
+def train_losses(workdir) -> list[tuple[int, float]]:
+    """(step, logged train loss) of a run's metrics.jsonl, in order."""
+    records = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+
+
 def load_bert(model_dir, num_labels=2, **overrides):
     """(config, module, params) of a BERT classifier from an HF dir, as the builder loads it."""
     return loading.load_pretrained(
-        bert.FAMILY, str(model_dir), "classification", num_labels=num_labels, **overrides
+        bert.FAMILY, str(model_dir), "text_classification", num_labels=num_labels, **overrides
     )
 
 
@@ -90,7 +105,9 @@ def check_remat_and_bfloat16(module_cls, config, params, bf16_atol):
 
 def load_whisper(model_dir, **overrides):
     """(config, module, params) of a Whisper seq2seq model from an HF dir."""
-    return loading.load_pretrained(whisper.FAMILY, str(model_dir), "seq2seq", **overrides)
+    return loading.load_pretrained(
+        whisper.FAMILY, str(model_dir), "speech_recognition", **overrides
+    )
 
 
 def greedy_decode(

@@ -13,7 +13,7 @@ import pytest
 from finetune_jax.data import chat_batches
 from finetune_jax.data.text_sources import DataError
 from finetune_jax.hf import model_files
-from finetune_jax.training import losses
+from finetune_jax.tasks import losses
 from tests.helpers import SHARED_DATA, load_llama
 
 GSM8K = SHARED_DATA / "gsm8k"

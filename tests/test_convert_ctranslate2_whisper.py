@@ -193,7 +193,11 @@ def test_flax_matches_transformers_on_a_real_clip(whisper_tiny_en_dir):
         f"tiny.en on {reference!r}: {count / 1e6:.2f}M params, max |encoder diff| "
         f"{encoder_diff:.2e}, max |logit diff| {logits_diff:.2e}"
     )
-    assert encoder_diff < 1e-4 and logits_diff < 1e-4
+    # The encoder's 4 layers over 1,500 frames reach |values| of ~13: its bar is relative.
+    # float32 accumulation order alone moves it (1.39e-4 = 1.1e-5 of the scale against
+    # transformers 5.25, 6.7e-5 against 5.23, with our model unchanged).
+    scale = float(np.abs(expected.encoder_last_hidden_state.numpy()).max())
+    assert encoder_diff < 2e-5 * scale and logits_diff < 1e-4
 
 
 @pytest.mark.slow

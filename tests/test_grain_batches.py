@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from finetune_jax.data import grain_batches, text_batches, token_cache
-from finetune_jax.data.tasks import TASKS
+from finetune_jax.data.text_tasks import TASKS
 from finetune_jax.train import train
 from tests.helpers import tiny_config
 

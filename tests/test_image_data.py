@@ -17,8 +17,8 @@ from PIL import Image
 from finetune_jax.config import base_config
 from finetune_jax.data import idx_files, image_batches, image_preprocess, image_sources
 from finetune_jax.data.image_loader import ImageData, resolve_task
-from finetune_jax.data.tasks import get_task
 from finetune_jax.data.text_sources import DataError
+from finetune_jax.tasks import get_task
 
 
 def write_idx(path, array: np.ndarray) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from finetune_jax.config import base_config
 from finetune_jax.eval import run_eval
 from finetune_jax.export import export
 from finetune_jax.train import train
@@ -45,6 +46,8 @@ def tiny_dinov2_dir(tmp_path_factory):
 def image_config(model_dir, **train_values):
     """Fashion-MNIST, 64 train rows and a 32-row holdout, 28x28 inputs, 6 steps."""
     config = tiny_config(model_dir, SHARED_DATA / "fashion_mnist", **train_values)
+    text_defaults = base_config().data  # tiny_config's text lengths: not an image task's keys
+    config.data.max_length, config.data.buckets = text_defaults.max_length, text_defaults.buckets
     config.data.task = "fashion_mnist"
     config.data.image_size = 28
     config.data.holdout_rows = 32

@@ -22,7 +22,10 @@ ALLOWED = {
     "hf": {"models", "tree_paths", "cache_paths"},
     "cluster": {"tree_paths"},
     "evaluation": {"data", "models", "tree_paths", "json_values"},
+    # Task kinds: how each kind is resolved, loaded, scored, predicted and exported.
+    "tasks": {"data", "evaluation", "models", "hf", "tree_paths", "json_values"},
     "training": {
+        "tasks",
         "evaluation",
         "models",
         "data",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from finetune_jax.data import loaders, selection, tasks, text_sources
+from finetune_jax import tasks
+from finetune_jax.data import selection, text_sources
 from finetune_jax.hf import model_files
 from tests.helpers import tiny_config
 from tests.test_sft_train import tiny_sft_config
@@ -24,8 +25,10 @@ def _assert_batch_fits_spec(batch, spec, exact_shapes):
 def test_classification_batch_spec_matches_batches(tiny_bert_dir, sst2_slice):
     config = tiny_config(tiny_bert_dir, sst2_slice)
     task = tasks.get_task(config.data.task)
-    data = loaders.make_loader(config, task, model_files.load_tokenizer(str(tiny_bert_dir)))
-    spec = loaders.batch_spec(config, task)
+    data = tasks.kind_of(task).loader(
+        config, task, model_files.load_tokenizer(str(tiny_bert_dir)), ""
+    )
+    spec = tasks.kind_of(task).batch_spec(config, task)
     assert spec["input_ids"][0] == (config.train.batch_size, max(config.data.buckets))
     batches = data.train_batches()
     for _ in range(3):
@@ -35,9 +38,11 @@ def test_classification_batch_spec_matches_batches(tiny_bert_dir, sst2_slice):
 def test_chat_batch_spec_matches_batches(tiny_chat_llama_dir):
     config = tiny_sft_config(tiny_chat_llama_dir)
     task = tasks.get_task(config.data.task)
-    data = loaders.make_loader(config, task, model_files.load_tokenizer(str(tiny_chat_llama_dir)))
+    data = tasks.kind_of(task).loader(
+        config, task, model_files.load_tokenizer(str(tiny_chat_llama_dir)), ""
+    )
     batch = next(data.train_batches())
-    _assert_batch_fits_spec(batch, loaders.batch_spec(config, task), exact_shapes=True)
+    _assert_batch_fits_spec(batch, tasks.kind_of(task).batch_spec(config, task), exact_shapes=True)
     assert np.all(batch["weights"][batch["attention_mask"] == 0] == 0)
 
 
@@ -46,7 +51,9 @@ def test_text_classification_holdout_stratifies_by_label(tiny_bert_dir, sst2_sli
     config = tiny_config(tiny_bert_dir, sst2_slice)
     config.data.holdout_rows, config.data.stratify = 50, True
     task = tasks.get_task("sst2")
-    data = loaders.make_loader(config, task, model_files.load_tokenizer(str(tiny_bert_dir)))
+    data = tasks.kind_of(task).loader(
+        config, task, model_files.load_tokenizer(str(tiny_bert_dir)), ""
+    )
     every = text_sources.load_split(task, str(sst2_slice), "train")
     rows = selection.split_rows(len(every), "holdout", 50, 0, 0, strata=every.labels)
     held = data.examples("holdout")

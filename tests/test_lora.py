@@ -277,8 +277,8 @@ def test_lora_step_forms_no_dense_weight_gradient(tiny_bert_dir, sst2_slice):
     dense = configs["dense"].optim
     dense.preset = "rules"
     dense.rules = (
-        (dense.head, "trainable"),
-        (configs["lora"].peft.targets, "trainable"),
+        (bert.FAMILY.head.trained, "trainable"),
+        (bert.FAMILY.lora_targets, "trainable"),  # what peft.targets='auto' adapts
         (".*", "frozen"),
     )
     flops = {}
@@ -319,10 +319,7 @@ def _export(model_dir, tmp_path, name):
         family, lora = bert.FAMILY, ALL_BERT
     params = _randomize_b(params)
     out_dir = str(tmp_path / name)
-    kind = next(iter(family.heads))
-    adapters.save_hf_peft(
-        params, lora, family, config, kind, out_dir, base_model_name=str(model_dir)
-    )
+    adapters.save_hf_peft(params, lora, family, config, out_dir, base_model_name=str(model_dir))
     return out_dir, _logits(module, params), (ids, mask)
 
 

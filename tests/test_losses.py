@@ -15,7 +15,8 @@ import pytest
 
 from finetune_jax.models import llama
 from finetune_jax.models import lora as lora_lib
-from finetune_jax.training import losses, steps
+from finetune_jax.tasks import losses
+from finetune_jax.training import steps
 from tests.test_llama import TINY
 
 # LoRA on the untied head and on an attention projection; a tied head has no lm_head kernel.
@@ -133,8 +134,9 @@ def test_multi_label_loss_is_mean_sigmoid_bce_per_row():
 
 
 def test_loss_is_chosen_by_problem_type():
-    from finetune_jax.data import tasks
+    from finetune_jax.data import text_tasks
+    from finetune_jax.tasks.text_classification import KIND
 
-    assert losses.loss_for(tasks.GENERIC["multi_label"]) is losses.multi_label_loss
-    assert losses.loss_for(tasks.PRESETS["stsb"]) is losses.regression_loss
-    assert losses.loss_for(tasks.PRESETS["sst2"]) is losses.classification_loss
+    assert KIND.loss(text_tasks.GENERIC["multi_label"]) is losses.multi_label_loss
+    assert KIND.loss(text_tasks.PRESETS["stsb"]) is losses.regression_loss
+    assert KIND.loss(text_tasks.PRESETS["sst2"]) is losses.classification_loss

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from finetune_jax.data import tasks
+from finetune_jax import tasks
+from finetune_jax.data import text_tasks
 from finetune_jax.evaluation import metrics
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
@@ -90,7 +91,7 @@ def test_shape_mismatch_and_empty_input_raise():
         metrics.accuracy(np.zeros(0), np.zeros(0))
 
 
-@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+@pytest.mark.parametrize("name", sorted(text_tasks.TASKS))
 def test_compute_metrics_reports_every_task_metric(name):
     task = tasks.get_task(name)
     predictions, labels = _scores(1) if task.is_regression else _classes(1)

@@ -6,7 +6,9 @@ import pytest
 
 from finetune_jax import tree_paths
 from finetune_jax.config import base_config
-from finetune_jax.training import optim, rules
+from finetune_jax.models import bert, llama
+from finetune_jax.training import builder, optim, rules
+from tests.test_sft_train import tiny_sft_config
 
 N_LAYERS = 3
 
@@ -43,7 +45,9 @@ def bert_like_params():
 
 
 def optim_config(**kw):
+    """optim defaults with BERT's head and layer regex (what 'auto' means for BERT)."""
     config = base_config().optim
+    config.head, config.layer = bert.FAMILY.head.trained, bert.FAMILY.layer_pattern
     config.unlock()
     for k, v in kw.items():
         config[k] = v
@@ -290,3 +294,22 @@ def test_per_layer_groups_store_moments_in_state_dtype():
     _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert floats and {x.dtype for x in floats} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_auto_values_are_the_familys_own(tiny_chat_llama_dir):
+    """optim.head / optim.layer / peft.targets default to the model family's values, so the
+    llrd preset works on a Llama config as written (it needs `layers_<i>`, not `layer_<i>`)."""
+    config = base_config()
+    assert (config.optim.head, config.optim.layer, config.peft.targets) == ("auto",) * 3
+    token = builder.with_family_defaults(config, bert.FAMILY.with_head("token_classification"))
+    assert token.optim.head == "classifier/.*" and config.optim.head == "auto"  # a copy
+    sft = tiny_sft_config(tiny_chat_llama_dir)
+    sft.optim.preset, sft.optim.llrd_decay, sft.peft.rank = "llrd", 0.5, 0
+    setup = builder.build(sft)
+    assert setup.config.optim.layer == llama.FAMILY.layer_pattern
+    mults = multiplier_by_path(setup.groups)
+    depth = {p: int(p.split("/layers_")[1].split("/")[0]) for p in mults if "/layers_" in p}
+    layers = max(depth.values()) + 1
+    assert layers >= 2
+    for path, i in depth.items():  # layer i of N at decay ** (N - i)
+        assert mults[path] == pytest.approx(0.5 ** (layers - i)), path

@@ -11,7 +11,7 @@ import pytest
 
 from configs.glue.sst2_minilm import get_config as glue_config
 from configs.sft.smollm2_gsm8k_lora import get_config as sft_config
-from finetune_jax.data import loaders, text_sources
+from finetune_jax.data import chat_loader, text_sources
 from finetune_jax.hf import model_files
 from finetune_jax.training import builder
 from tests.helpers import REPO
@@ -33,7 +33,7 @@ def nothing_read(monkeypatch):
         (model_files, "read_safetensors"),
         (model_files, "load_tokenizer"),
         (text_sources, "load_split"),
-        (loaders.ChatData, "load"),
+        (chat_loader.ChatData, "load"),
     ):
         monkeypatch.setattr(module, name, refuse)
 
@@ -126,7 +126,7 @@ def test_scanned_step_flops_count_every_layer(tiny_chat_llama_dir, nothing_read)
     assert config.model.scan_layers
     scanned = preflight.preflight(config, hf_config)["flops_per_step_per_device"]
     setup = builder.build(config, hf_config=hf_config)
-    spec = loaders.batch_spec(config, setup.task)
+    spec = setup.kind.batch_spec(config, setup.task)
     batch = {name: jax.ShapeDtypeStruct(*shape_dtype) for name, shape_dtype in spec.items()}
     compiled = setup.train_step.lower(setup.abstract_state(), batch).compile().cost_analysis()
     config.model.scan_layers = False

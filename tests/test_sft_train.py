@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from configs.sft.smollm2_gsm8k_lora import get_config as sft_config
+from finetune_jax import tasks, tree_paths
 from finetune_jax import train as train_lib
-from finetune_jax import tree_paths
-from finetune_jax.data import loaders, selection, tasks
+from finetune_jax.data import chat_loader, selection
 from finetune_jax.eval import run_eval
 from finetune_jax.evaluation import generated_answers
 from finetune_jax.training import builder, checkpoints
@@ -99,7 +99,7 @@ def test_sft_run_reports_heldout_loss_and_perplexity(tiny_chat_llama_dir, tmp_pa
 def test_a_single_chat_file_is_the_train_split_only(tmp_path):
     # Reading one file as every split would evaluate on the training data.
     config = tiny_sft_config(tmp_path, **{"data.dir": str(SHARED_DATA / "gsm8k" / "train.jsonl")})
-    data = loaders.ChatData(config, tasks.get_task("gsm8k"), tokenizer=None)
+    data = chat_loader.ChatData(config, tasks.get_task("gsm8k"), tokenizer=None)
     assert len(data.conversations("train")) == 48
     for split in ("test", "validation"):
         with pytest.raises(ValueError, match=rf"single file.*not '{split}'"):

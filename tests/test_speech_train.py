@@ -16,7 +16,7 @@ from finetune_jax.export import export
 from finetune_jax.hf import model_files
 from finetune_jax.train import train
 from finetune_jax.training import builder, checkpoints
-from tests.helpers import SHARED_DATA
+from tests.helpers import SHARED_DATA, train_losses
 
 CLIPS = SHARED_DATA / "speech_commands_synth"
 
@@ -44,7 +44,7 @@ def tiny_speech_config(model_dir, data_dir, cache_dir):
     config.model.name = str(model_dir)
     config.data.dir = str(data_dir)
     config.data.audio_seconds = 0.64
-    config.data.feature_cache = str(cache_dir)
+    config.data.cache_dir = str(cache_dir)
     config.data.eval_split = "holdout"
     config.data.holdout_rows = 4
     config.data.max_eval_rows = 0
@@ -66,11 +66,6 @@ def _state(config, workdir):
         return jax.device_get(checkpoints.restore_latest(manager, setup.abstract_state())[0])
     finally:
         checkpoints.close(manager)
-
-
-def _train_losses(workdir):
-    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
 
 
 def test_train_eval_resume_and_export(tiny_whisper_asr_dir, commands, tmp_path, monkeypatch):
@@ -113,7 +108,7 @@ def test_train_eval_resume_and_export(tiny_whisper_asr_dir, commands, tmp_path, 
     assert int(a.step) == int(b.step) == 4
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert np.array_equal(x, y)
-    assert _train_losses(straight) == _train_losses(resumed)
+    assert train_losses(straight) == train_losses(resumed)
 
     _export_generates_our_tokens(config, straight, tmp_path / "hf")
 
@@ -130,15 +125,15 @@ def _export_generates_our_tokens(config, workdir, out_dir):
     _, params = setup.restore_params(str(workdir), "latest")
     split = setup.data.load("validation")
     features = split.features.take(range(len(split.features)))
-    ours = setup.transcriber.tokens(params, features)
+    ours = setup.scorer.transcriber.tokens(params, features)
     with torch.no_grad():
         theirs = model.generate(
-            torch.from_numpy(features), max_new_tokens=setup.transcriber.max_new_tokens
+            torch.from_numpy(features), max_new_tokens=setup.scorer.transcriber.max_new_tokens
         ).numpy()
     # transformers' Whisper generate returns the new tokens only (the prompt stripped):
     # the same greedy tokens as ours, up to each row's EOS (it pads finished rows after it).
-    eos = setup.transcriber.eos_id
-    assert theirs.shape[1] == setup.transcriber.max_new_tokens
+    eos = setup.scorer.transcriber.eos_id
+    assert theirs.shape[1] == setup.scorer.transcriber.max_new_tokens
     for row, generated in zip(ours.tolist(), theirs.tolist()):
         row = row[: row.index(eos) + 1] if eos in row else row
         assert generated[: len(row)] == row
@@ -146,5 +141,5 @@ def _export_generates_our_tokens(config, workdir, out_dir):
     # of every validation clip.
     processor = transformers.WhisperProcessor.from_pretrained(out_dir)
     texts = [t.strip() for t in processor.batch_decode(theirs, skip_special_tokens=True)]
-    assert texts == setup.transcriber.texts(ours)
+    assert texts == setup.scorer.transcriber.texts(ours)
     assert len(texts) == 8 and any(texts)

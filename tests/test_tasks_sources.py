@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finetune_jax.data import tasks, text_sources
+from finetune_jax import tasks
+from finetune_jax.data import text_sources, text_tasks
 from finetune_jax.data.text_sources import DataError, load_split
+from tests.helpers import SHARED_DATA
 
-DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_ROOT = SHARED_DATA
 
 pytestmark = pytest.mark.skipif(not DATA_ROOT.is_dir(), reason=f"shared data not at {DATA_ROOT}")
 
@@ -95,18 +97,23 @@ def test_quotes_are_kept_verbatim():
 
 
 def test_registry_and_task_properties():
-    assert set(tasks.PRESETS) == {"sst2", "mrpc", "rte", "cola", "stsb", "rotten_tomatoes"}
-    assert set(tasks.TASKS) == {*tasks.PRESETS, "text_classification", "multi_label", "regression"}
+    assert set(text_tasks.PRESETS) == {"sst2", "mrpc", "rte", "cola", "stsb", "rotten_tomatoes"}
+    assert set(text_tasks.TASKS) == {
+        *text_tasks.PRESETS,
+        "text_classification",
+        "multi_label",
+        "regression",
+    }
     assert tasks.get_task("stsb").num_labels == 1 and tasks.get_task("stsb").is_regression
     assert tasks.get_task("rte").label_to_id == {"entailment": 0, "not_entailment": 1}
     assert tasks.get_task("mrpc").label_to_id == {"0": 0, "1": 1}
-    for task in tasks.PRESETS.values():
+    for task in text_tasks.PRESETS.values():
         assert task.main_metric in task.metrics
         assert task.num_labels == (1 if task.label_names is None else len(task.label_names))
-    with pytest.raises(ValueError, match="unknown task 'qqp'; known tasks: ") as error:
+    with pytest.raises(ValueError, match=r"unknown task 'qqp' \(data.task\); known tasks: ") as e:
         tasks.get_task("qqp")
-    registries = (tasks.TASKS, tasks.CHAT_TASKS, tasks.IMAGE_TASKS, tasks.SPEECH_TASKS)
-    named = str(error.value).split("known tasks: ")[1].split(", ")
+    registries = [kind.tasks for kind in tasks.KINDS.values()]
+    named = str(e.value).split("known tasks: ")[1].split(", ")
     assert named == sorted(name for registry in registries for name in registry)
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from finetune_jax.data import tasks, text_batches, text_sources
+from finetune_jax import tasks
+from finetune_jax.data import text_batches, text_sources
 from finetune_jax.data.text_batches import (
     Encoded,
     TrainBatches,
@@ -17,8 +17,9 @@ from finetune_jax.data.text_batches import (
     collate,
     eval_batches,
 )
+from tests.helpers import SHARED_DATA
 
-DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_ROOT = SHARED_DATA
 PAD_ID = 0
 KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "weights")
 

@@ -11,8 +11,9 @@ import datasets
 import numpy as np
 import pytest
 
+from finetune_jax import tasks
 from finetune_jax.config import base_config
-from finetune_jax.data import loaders, tasks, text_sources
+from finetune_jax.data import chat_loader, text_loader, text_sources, text_tasks
 from finetune_jax.data.text_sources import DataError, iter_split_chunks, load_split
 from tests.helpers import SHARED_DATA
 
@@ -60,7 +61,7 @@ def test_every_format_reads_the_same_rows(tmp_path, fmt):
     path = _write_rows(tmp_path, fmt)
     task, config = _task(train=str(path))
     assert task.format == fmt  # from the extension
-    task = loaders.resolve_text_task(config, task)
+    task = text_loader.resolve_text_task(config, task)
     assert task.label_names == ("billing", "shipping", "technical")  # sorted unique
     examples = load_split(task, None, "train")
     assert examples.text_a == [r[0] for r in ROWS]  # quotes and commas kept
@@ -72,7 +73,7 @@ def test_every_format_reads_the_same_rows(tmp_path, fmt):
 def test_multi_label_cells_become_multi_hot(tmp_path, fmt):
     _write_rows(tmp_path, fmt)
     task, config = _task("multi_label", dir=str(tmp_path), train=f"train.{fmt}")
-    task = loaders.resolve_text_task(config, task)
+    task = text_loader.resolve_text_task(config, task)
     assert task.label_names == ("billing", "shipping", "technical", "urgent")
     labels = load_split(task, tmp_path, "train").labels
     expected = [[name in names for name in task.label_names] for _, _, names, _ in ROWS]
@@ -94,7 +95,7 @@ def test_regression_scores_and_range(tmp_path):
 def test_given_label_names_fix_the_ids_and_reject_unknown_labels(tmp_path):
     path = _write_rows(tmp_path, "jsonl")
     task, config = _task(train=str(path), label_names=("technical", "billing", "shipping"))
-    assert loaders.resolve_text_task(config, task) == task
+    assert text_loader.resolve_text_task(config, task) == task
     assert load_split(task, None, "train").labels.tolist() == [1, 0, 2, 1, 0]
     task, _ = _task(train=str(path), label_names=("technical", "billing"))
     with pytest.raises(DataError, match=r"train.jsonl' line 3: label 'shipping' is not one of"):
@@ -105,16 +106,16 @@ def test_saved_label_names_win_over_inference_and_conflicts_are_named(tmp_path):
     path = _write_rows(tmp_path, "csv")
     task, config = _task(train=str(path))
     saved = ("technical", "shipping", "billing")
-    assert loaders.resolve_text_task(config, task, saved).label_names == saved
+    assert text_loader.resolve_text_task(config, task, saved).label_names == saved
     task, config = _task(train=str(path), label_names=("billing", "shipping", "technical"))
     with pytest.raises(ValueError, match="trained with class names .* label_names.json"):
-        loaders.resolve_text_task(config, task, saved)
+        text_loader.resolve_text_task(config, task, saved)
 
 
 def test_integer_labels_infer_in_numeric_order(tmp_path):
     rows = [(f"row {i}", str(label), [], 0.0) for i, label in enumerate([10, 2, 1, 2])]
     task, config = _task(train=str(_write_rows(tmp_path, "csv", rows)))
-    assert loaders.resolve_text_task(config, task).label_names == ("1", "2", "10")
+    assert text_loader.resolve_text_task(config, task).label_names == ("1", "2", "10")
 
 
 def test_wrong_column_is_named_with_the_columns_found(tmp_path):
@@ -123,7 +124,7 @@ def test_wrong_column_is_named_with_the_columns_found(tmp_path):
     with pytest.raises(
         DataError, match=r"train.parquet' lacks columns \['body'\] .*data.text_columns"
     ):
-        loaders.resolve_text_task(config, task)
+        text_loader.resolve_text_task(config, task)
 
 
 def test_bad_text_in_a_parquet_row_names_the_row(tmp_path):
@@ -139,7 +140,7 @@ def test_chunks_concatenate_to_the_split_across_a_glob(tmp_path):
     _write_rows(tmp_path, "csv", ROWS[:3], name="part-0")
     _write_rows(tmp_path, "csv", ROWS[3:], name="part-1")
     task, config = _task(dir=str(tmp_path), train="part-*.csv")
-    task = loaders.resolve_text_task(config, task)
+    task = text_loader.resolve_text_task(config, task)
     chunks = list(iter_split_chunks(task, tmp_path, "train", 2))
     assert [len(c) for c in chunks] == [2, 1, 2]  # per file, in file order
     whole = load_split(task, tmp_path, "train")
@@ -171,12 +172,12 @@ def test_a_local_dataset_dir_loads_as_a_hub_dataset(tmp_path):
         str(tmp_path / "hub" / "train.parquet")
     )
     task, config = _task(format="hub", hub_name=str(tmp_path / "hub"))
-    task = loaders.resolve_text_task(config, task)
+    task = text_loader.resolve_text_task(config, task)
     assert task.label_names == ("neg", "pos")
     assert load_split(task, None, "train").labels.tolist() == [0, 1, 1]
 
 
-def _reference_glue_rows(task: tasks.Task, path: Path) -> tuple[list, list]:
+def _reference_glue_rows(task: text_tasks.Task, path: Path) -> tuple[list, list]:
     """The previous registry's reading of a GLUE file, by plain `csv`: tab-separated, no
     quoting, BOM stripped, texts stripped, raw labels mapped through the preset."""
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -190,12 +191,12 @@ def _reference_glue_rows(task: tasks.Task, path: Path) -> tuple[list, list]:
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data not present")
-@pytest.mark.parametrize("name", sorted(tasks.PRESETS))
+@pytest.mark.parametrize("name", sorted(text_tasks.PRESETS))
 def test_presets_read_exactly_what_the_previous_registry_read(name):
     config = base_config()
-    config.data.task, config.data.dir = name, str(SHARED_DATA / tasks.PRESETS[name].subdir)
+    config.data.task, config.data.dir = name, str(SHARED_DATA / text_tasks.PRESETS[name].subdir)
     task = tasks.task_for(config.data)
-    assert task == tasks.PRESETS[name]  # data.dir alone changes nothing of the preset
+    assert task == text_tasks.PRESETS[name]  # data.dir alone changes nothing of the preset
     config.data.format = "tsv"  # nor does naming the preset's own format
     assert tasks.task_for(config.data) == task
     examples = load_split(task, config.data.dir, "validation")
@@ -224,14 +225,14 @@ def test_chat_tasks_read_data_files_per_split(tmp_path):
     config = base_config()
     config.data.task, config.data.dir = "gsm8k", str(tmp_path)
     config.data.files.train, config.data.files.validation = "qa-train.jsonl", "qa-dev.jsonl"
-    data = loaders.ChatData(config, tasks.task_for(config.data), tokenizer=None)
+    data = chat_loader.ChatData(config, tasks.task_for(config.data), tokenizer=None)
     assert [c[0]["content"] for c in data.conversations("train")] == [
         "What is 0 + 1?",
         "What is 1 + 1?",
     ]
     assert data.conversations("validation")[0][1]["content"] == "#### 3"
     config.data.dir = ""  # files only: a split without one is an error naming its key
-    data = loaders.ChatData(config, tasks.task_for(config.data), tokenizer=None)
+    data = chat_loader.ChatData(config, tasks.task_for(config.data), tokenizer=None)
     with pytest.raises(ValueError, match="no test records: set data.files.test"):
         data.conversations("test")
 

@@ -11,7 +11,7 @@ import pytest
 import transformers
 
 from finetune_jax.data import text_batches, text_sources, token_cache
-from finetune_jax.data.tasks import TASKS
+from finetune_jax.data.text_tasks import TASKS
 
 SST2 = TASKS["sst2"]
 

@@ -10,26 +10,15 @@ import jax
 import numpy as np
 import pytest
 
+from finetune_jax.config import base_config
 from finetune_jax.eval import run_eval
 from finetune_jax.evaluation.metrics import metric_mode
 from finetune_jax.hf import model_files
 from finetune_jax.train import train
-from finetune_jax.training import builder, checkpoints
-from tests.helpers import REPO, SHARED_DATA, tiny_config
+from finetune_jax.training import builder
+from tests.helpers import REPO, SHARED_DATA, final_state, tiny_config, train_losses
 
 SST2 = SHARED_DATA / "glue" / "sst2"
-
-
-def final_state(config, workdir):
-    exp = builder.build(config)
-    manager = checkpoints.make_manager(str(workdir), 2, None, read_only=True)
-    state, _ = checkpoints.restore_latest(manager, exp.abstract_state())
-    return jax.device_get(state)
-
-
-def train_losses(workdir):
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
 
 
 def test_frozen_leaves_unchanged_trainable_changed(tiny_bert_dir, sst2_slice):
@@ -223,18 +212,33 @@ def test_head_bias_init_errors_name_the_key(tiny_bert_dir, sst2_slice):
         builder.build(config)
     config.model.head_bias_init = "prior"
     config.data.task = "gsm8k"
-    with pytest.raises(ValueError, match=r"data.task='gsm8k' trains the pretrained LM head"):
+    config.data.buckets = base_config().data.buckets  # a text key chat tasks do not read
+    with pytest.raises(ValueError, match=r"data.task='gsm8k' \(causal_lm\) has no such head"):
+        builder.build(config)
+
+
+def test_a_data_key_of_another_kind_is_an_error(tiny_bert_dir, sst2_slice):
+    """A key the task's kind does not read would be silently ignored: it is refused by name
+    before anything loads."""
+    config = tiny_config(tiny_bert_dir, sst2_slice)
+    config.data.image_size = 224
+    with pytest.raises(ValueError, match=r"data.image_size=224 is not read by text_classific"):
+        builder.build(config)
+    config.data.image_size = 0
+    config.data.task = "speech_commands"
+    with pytest.raises(ValueError, match=r"data.buckets=\(16, 32\) is not read by speech_rec"):
         builder.build(config)
 
 
 def test_beam_search_is_refused_where_it_would_be_ignored(tiny_bert_dir, sst2_slice):
-    """Only seq2seq transcription implements beam search: a causal-LM or classification run
+    """Only speech transcription implements beam search: a causal-LM or classification run
     asking for it is told so before anything loads, rather than silently decoding greedily."""
     config = tiny_config(tiny_bert_dir, sst2_slice)
+    config.data.buckets = base_config().data.buckets  # a text key chat tasks do not read
     config.generate.num_beams = 4
     for task in ("sst2", "gsm8k"):
         config.data.task = task
-        with pytest.raises(ValueError, match=r"generate.num_beams=4: beam search is for seq2seq"):
+        with pytest.raises(ValueError, match=r"generate.num_beams=4: beam search is for speech"):
             builder.build(config)
 
 

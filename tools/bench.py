@@ -37,7 +37,7 @@ from ml_collections import config_flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune_jax import config as config_lib  # noqa: E402
 from finetune_jax.cli import quiet_libraries  # noqa: E402
-from finetune_jax.data import tasks  # noqa: E402
+from finetune_jax.data import text_tasks  # noqa: E402
 from finetune_jax.training import builder, optim  # noqa: E402
 from tools.step_flops import StepFlops  # noqa: E402
 
@@ -114,11 +114,11 @@ def torch_peer(script: str, config, steps: int, model_dir: str, mode: str = "ful
     linear_probe) and `tools/peer_torch_vision.py` (Fashion-MNIST IDX files)."""
     common = ["--steps", str(steps), "--batch", str(config.train.batch_size)]
     common += ["--lr", str(config.optim.lr)]
-    if tasks.get_task(config.data.task).kind == "image_classification":
+    if config.data.task not in text_tasks.TASKS:  # the vision peer: one data set
         if config.data.task != "fashion_mnist":
             raise ValueError(
-                f"--torch_peer for images reads Fashion-MNIST only, not data.task="
-                f"{config.data.task!r}; bench configs/vision/fashion_mnist_dinov2.py"
+                f"--torch_peer reads text classification files or Fashion-MNIST, not "
+                f"data.task={config.data.task!r}; bench configs/vision/fashion_mnist_dinov2.py"
             )
         size = ["--image_size", str(config.data.image_size)]
         data = ["--model_dir", model_dir, "--fashion_mnist", config.data.dir, *size]

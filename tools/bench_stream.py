@@ -71,7 +71,7 @@ def vocabulary_words(model: str) -> np.ndarray:
 def cache_phase(data_dir: str, cache_dir: str, model: str) -> dict:
     """Open (building if missing) the train and dev token caches; seconds and peak RSS."""
     from finetune_jax.data import token_cache  # noqa: PLC0415
-    from finetune_jax.data.tasks import TASKS  # noqa: PLC0415
+    from finetune_jax.data.text_tasks import TASKS  # noqa: PLC0415
 
     tokenizer = _tokenizer(model)
     start = time.perf_counter()
@@ -91,7 +91,7 @@ def pipeline_phase(data_dir: str, cache_dir: str, model: str) -> dict:
     """Open the cached train split and take 20 batches of 32 through the Grain iterator, as
     a run does before its first step; seconds and peak RSS, without JAX compilation noise."""
     from finetune_jax.data import grain_batches, token_cache  # noqa: PLC0415
-    from finetune_jax.data.tasks import TASKS  # noqa: PLC0415
+    from finetune_jax.data.text_tasks import TASKS  # noqa: PLC0415
 
     tokenizer = _tokenizer(model)
     start = time.perf_counter()

@@ -74,7 +74,7 @@ def bench(config, clips: int, batch_size: int, repeats: int) -> dict:
         features.take(range(i, min(i + batch_size, len(rows))))
         for i in range(0, len(rows), batch_size)
     ]
-    transcriber = setup.transcriber
+    transcriber = setup.scorer.transcriber
 
     def ours(batch):
         return transcriber.transcribe(params, batch)

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune_jax.cluster import sharding  # noqa: E402
 from finetune_jax.config import base_config  # noqa: E402
 from finetune_jax.models import llama  # noqa: E402
-from finetune_jax.training import losses, optim, steps  # noqa: E402
+from finetune_jax.tasks import losses  # noqa: E402
+from finetune_jax.training import optim, steps  # noqa: E402
 from finetune_jax.training.state import create_train_state  # noqa: E402
 
 LAYERS = flags.DEFINE_list("layers", ["8", "32"], "Depths to compare.")

@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from finetune_jax import config as config_lib  # noqa: E402
 from finetune_jax.cli import quiet_libraries  # noqa: E402
-from finetune_jax.data import chat_batches, loaders  # noqa: E402
-from finetune_jax.training import builder, losses, optim  # noqa: E402
+from finetune_jax.data import chat_batches, chat_loader  # noqa: E402
+from finetune_jax.tasks import losses  # noqa: E402
+from finetune_jax.training import builder, optim  # noqa: E402
 
 DEFAULT_CHUNK = config_lib.base_config().model.lm_loss_chunk
 
@@ -41,7 +42,7 @@ DEFAULT_CHUNK = config_lib.base_config().model.lm_loss_chunk
 def abstract_batch(exp: builder.Setup, batch_size: int, length: int) -> dict:
     """The SFT step's batch as shapes: keys and dtypes from the real row contract."""
     one = (np.ones(1, np.int32), np.ones(1, bool))
-    row = loaders.step_batch(chat_batches.pack([one], length))
+    row = chat_loader.step_batch(chat_batches.pack([one], length))
     return {
         k: jax.ShapeDtypeStruct((batch_size, length), v.dtype, sharding=exp.batch_sharding)
         for k, v in row.items()

@@ -28,7 +28,8 @@ import transformers
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from finetune_jax.data import idx_files, image_preprocess, tasks  # noqa: E402
+from finetune_jax import tasks  # noqa: E402
+from finetune_jax.data import idx_files, image_preprocess  # noqa: E402
 
 
 def fashion_mnist(data_dir: str) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,6 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune_jax.cli import quiet_libraries  # noqa: E402
 from finetune_jax.data.prediction_io import RowWriter  # noqa: E402
-from finetune_jax.evaluation.evaluator import evaluate  # noqa: E402
 from finetune_jax.evaluation.prediction import Predictor  # noqa: E402
 from finetune_jax.predict import write_predictions  # noqa: E402
 from finetune_jax.training import builder, run_config  # noqa: E402
@@ -38,7 +37,7 @@ def eval_rows_per_second(setup, params, split: str) -> tuple[int, float]:
     """(rows, seconds) of loading `split` and evaluating it."""
     start = time.perf_counter()
     data = setup.data.load(split)
-    evaluate(setup.eval_step, params, setup.data.eval_batches(data), setup.task, setup.put_batch)
+    setup.evaluate(params, data)
     return len(data), time.perf_counter() - start
 
 

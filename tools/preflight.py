@@ -46,7 +46,6 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from finetune_jax.cli import quiet_libraries, run_main  # noqa: E402
-from finetune_jax.data import loaders  # noqa: E402
 from finetune_jax.hf import model_files  # noqa: E402
 from finetune_jax.training import builder, optim  # noqa: E402
 from tools.step_flops import StepFlops  # noqa: E402
@@ -97,7 +96,7 @@ def preflight(config, hf_config: dict, device_memory: int | None = None) -> dict
     """Compile the train step for config.mesh on abstract inputs; return the figures."""
     setup = builder.build(config, hf_config=hf_config)
     state = setup.abstract_state()
-    spec = loaders.batch_spec(config, setup.task)
+    spec = setup.kind.batch_spec(config, setup.task)
     batch = {
         name: jax.ShapeDtypeStruct(shape, dtype, sharding=setup.batch_sharding)
         for name, (shape, dtype) in spec.items()

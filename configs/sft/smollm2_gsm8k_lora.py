@@ -42,7 +42,6 @@ def get_config():
     c.peft.alpha = 16.0
     c.peft.targets = r".*/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
     c.optim.preset = "lora"
-    c.optim.head = ""  # a causal LM has no new head to train
     c.optim.lr = 1e-3
     c.optim.warmup_fraction = 0.1
     c.optim.schedule = "cosine"

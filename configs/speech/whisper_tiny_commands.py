@@ -34,7 +34,7 @@ def get_config():
         r".*/(self_attn|encoder_attn)/(q_proj|k_proj|v_proj|out_proj)/kernel|.*/(fc1|fc2)/kernel"
     )
     c.optim.preset = "lora"
-    c.optim.head = ""  # the LM head is the tied token embedding: nothing new to train
+
     c.optim.lr = 1e-3
     c.optim.schedule = "cosine"
     c.optim.warmup_fraction = 0.1

@@ -126,9 +126,9 @@ def _fingerprint(source: str | bytes) -> str:
 
 
 def _cache_dir(cache_dir: str) -> pathlib.Path:
-    if cache_dir:
-        return pathlib.Path(cache_dir).expanduser()
-    return cache_root() / "audio_features"
+    """`<data.cache_dir or the project cache root>/audio_features`, beside text_tokens."""
+    root = pathlib.Path(cache_dir).expanduser() if cache_dir else cache_root()
+    return root / "audio_features"
 
 
 def _write(path: pathlib.Path, features: Features) -> None:

@@ -50,7 +50,7 @@ def load_rows(
     if hub_dataset:
         return _dataset_rows(hub_dataset, split, audio_column, text_column)
     if not data_dir:
-        raise DataError("a speech task needs data.dir (JSONL/CSV files) or data.hub_dataset")
+        raise DataError("a speech task needs data.dir (JSONL/CSV files) or data.hub_name")
     root = pathlib.Path(data_dir)
     for suffix in (".jsonl", ".csv"):
         path = root / f"{split}{suffix}"
@@ -94,7 +94,7 @@ def _dataset_rows(name: str, split: str, audio_column: str, text_column: str) ->
         if column not in dataset.column_names:
             raise DataError(
                 f"dataset {name!r} split {split!r} has no column {column!r}; columns: "
-                f"{dataset.column_names} (set data.audio_column / data.text_column)"
+                f"{dataset.column_names} (set data.audio_column / data.transcript_column)"
             )
     dataset = dataset.cast_column(audio_column, datasets.Audio(decode=False))
     rows = []

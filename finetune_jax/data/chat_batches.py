@@ -204,11 +204,11 @@ def packing_efficiency(rows: dict[str, np.ndarray]) -> float:
 # -------------------------------------------------------------------------------- batching
 
 
-def _take(rows: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
+def take_rows(rows: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
     """Rows at `indices`; PADDING_ROW (-1) gives an all-zero row (no tokens, no loss)."""
     indices = np.asarray(indices, np.int64)
     padding = indices == PADDING_ROW
-    batch = {name: rows[name][np.where(padding, 0, indices)] for name in ROW_FIELDS}
+    batch = {name: array[np.where(padding, 0, indices)] for name, array in rows.items()}
     for array in batch.values():
         array[padding] = 0
     return batch
@@ -237,7 +237,7 @@ class SFTBatches(OrderedBatches):
         self._process = (process_index, process_count)
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return _take(self._rows, local_rows(self.order.next_rows(), *self._process))
+        return take_rows(self._rows, local_rows(self.order.next_rows(), *self._process))
 
 
 def eval_batches(
@@ -258,4 +258,4 @@ def eval_batches(
         padded[: min(batch_size, num_rows - start)] = np.arange(
             start, min(start + batch_size, num_rows)
         )
-        yield _take(rows, local_rows(padded, process_index, process_count))
+        yield take_rows(rows, local_rows(padded, process_index, process_count))

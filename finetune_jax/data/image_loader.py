@@ -17,14 +17,14 @@ import ml_collections
 import numpy as np
 
 from finetune_jax.data import image_batches, image_preprocess, image_sources, selection
-from finetune_jax.data.tasks import ImageTask, choose_label_names
+from finetune_jax.data.label_names import choose_label_names
 
 
 def resolve_task(
     config: ml_collections.ConfigDict,
-    task: ImageTask,
+    task: image_sources.ImageTask,
     saved_names: tuple[str, ...] | None = None,
-) -> ImageTask:
+) -> image_sources.ImageTask:
     """`task` with its class names: its own, `data.label_names`, the run's saved names, or
     discovered from train (see `tasks.choose_label_names`)."""
     labels = tuple(str(name) for name in config.data.label_names)
@@ -59,7 +59,7 @@ class ImageData:
     def __init__(
         self,
         config: ml_collections.ConfigDict,
-        task: ImageTask,
+        task: image_sources.ImageTask,
         processor,
         saved_names: tuple[str, ...] | None = None,
     ):
@@ -69,7 +69,9 @@ class ImageData:
         self.image_size = image_preprocess.output_size(processor)
 
     @staticmethod
-    def batch_spec(config: ml_collections.ConfigDict, task: ImageTask) -> dict[str, tuple]:
+    def batch_spec(
+        config: ml_collections.ConfigDict, task: image_sources.ImageTask
+    ) -> dict[str, tuple]:
         """[B, S, S, 3] float32 pixels with S = `data.image_size`; an int class per row."""
         size = config.data.image_size
         if size <= 0:

@@ -22,15 +22,61 @@ import dataclasses
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from finetune_jax.data import idx_files
-from finetune_jax.data.tasks import ImageTask
 from finetune_jax.data.text_sources import DataError
+
+IMAGE_FORMATS = ("idx", "folder", "table", "hub", "elpv")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTask:
+    """Image classification (see `data/image_sources.py` for the formats).
+
+    Attributes:
+      name: registry key.
+      format: how the images are stored: "idx" (MNIST-style IDX files), "folder" (one
+        sub-folder per class), "table" (CSV / JSONL of image paths + labels), "hub" (an HF
+        `datasets` dataset with an Image feature) or "elpv" (the `elpv-dataset` package).
+      label_names: class names, index = class id; None = taken from `data.label_names` or, when
+        that is empty, discovered from the train split (sorted folder names / label values,
+        or the dataset's ClassLabel names).
+      files: split -> (images file, labels file), for the "idx" format.
+      elpv_grades: for "elpv", defect probability -> class: False = defective (p >= 0.5)
+        vs functional, True = the four levels 0, 1/3, 2/3, 1.
+      subdir: conventional location of the files under the shared data root.
+    """
+
+    name: str
+    format: str
+    label_names: tuple[str, ...] | None = None
+    files: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict, hash=False)
+    elpv_grades: bool = False
+    subdir: str = ""
+    kind = "image_classification"
+    problem_type = "single_label_classification"
+    metrics = ("accuracy",)
+    main_metric = "accuracy"
+    is_regression = False
+    is_multi_label = False
+
+    def __post_init__(self):
+        if self.format not in IMAGE_FORMATS:
+            raise ValueError(f"task {self.name}: format {self.format!r} not in {IMAGE_FORMATS}")
+
+    @property
+    def num_labels(self) -> int:
+        if self.label_names is None:
+            raise ValueError(
+                f"task {self.name}: class names are not resolved yet (set data.label_names, or "
+                "build the run's loader, which reads them from the train split)"
+            )
+        return len(self.label_names)
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""A speech task's data as the train loop sees it (the "seq2seq" kind of `loaders.py`):
+"""A speech task's data as the train loop sees it (the speech_recognition kind):
 audio rows -> cached log-mel features + teacher-forcing target rows -> batches.
 
 Batches follow the step's contract: model inputs (`input_features`, `decoder_input_ids`,
@@ -20,7 +20,6 @@ import ml_collections
 import numpy as np
 
 from finetune_jax.data import audio_features, audio_sources, selection, seq2seq_batches
-from finetune_jax.data.tasks import SpeechTask
 
 
 @dataclasses.dataclass
@@ -50,9 +49,7 @@ class SpeechData:
     """Clips featurised by the model's extractor (window `data.audio_seconds`), transcripts
     tokenized into prompt + text + EOS rows of `data.max_length` decoder tokens."""
 
-    def __init__(
-        self, config: ml_collections.ConfigDict, task: SpeechTask, tokenizer, model_dir: str
-    ):
+    def __init__(self, config: ml_collections.ConfigDict, task: Any, tokenizer, model_dir: str):
         self.config, self.task, self.tokenizer = config, task, tokenizer
         self.model_dir = model_dir
         self.generation = generation_config(model_dir)
@@ -67,7 +64,7 @@ class SpeechData:
         return audio_features.window_frames(self.extractor, self.config.data.audio_seconds)
 
     @staticmethod
-    def batch_spec(config: ml_collections.ConfigDict, task: SpeechTask, extractor=None) -> dict:
+    def batch_spec(config: ml_collections.ConfigDict, task: Any, extractor=None) -> dict:
         """{name: (shape, dtype)} of a global batch; the mel count and window come from
         `extractor` (default: Whisper's 80 bins at 100 frames per second)."""
         rows, length = config.train.batch_size, config.data.max_length
@@ -93,9 +90,9 @@ class SpeechData:
         rows = audio_sources.load_rows(
             data.dir,
             selection.file_split(split),
-            hub_dataset=data.hub_dataset,
+            hub_dataset=data.hub_name,
             audio_column=data.audio_column,
-            text_column=data.text_column,
+            text_column=data.transcript_column,
         )
         chosen = selection.config_rows(self.config, split, len(rows))
         return rows if chosen is None else [rows[i] for i in chosen]
@@ -105,7 +102,7 @@ class SpeechData:
         rows = self.rows(split)
         data = self.config.data
         features = audio_features.split_features(
-            rows, self.extractor, data.audio_seconds, data.feature_cache
+            rows, self.extractor, data.audio_seconds, data.cache_dir
         )
         texts = [row.text for row in rows]
         targets = seq2seq_batches.encode_targets(texts, self.tokenizer, self.eos_id)

@@ -110,7 +110,7 @@ class Task:
         if unknown:
             raise ValueError(f"task {self.name}: unknown split names {sorted(unknown)}")
 
-    kind = "classification"  # vs ChatTask.kind; picks the data pipeline, loss and eval
+    kind = "text_classification"  # its `tasks` kind: data pipeline, loss, eval, export
 
     @property
     def is_regression(self) -> bool:

@@ -49,7 +49,7 @@ import numpy as np
 
 from finetune_jax.cache_paths import cache_root
 from finetune_jax.data import text_batches, text_sources
-from finetune_jax.data.tasks import Task
+from finetune_jax.data.text_tasks import Task
 
 CHUNK_ROWS = 10_000  # rows read and tokenized at a time while building
 FORMAT_VERSION = 1  # bump when the layout or the tokenization call changes

@@ -1,5 +1,11 @@
-"""Evaluate params over a split's batches: mean loss and the task's metrics; for seq2seq
-tasks also greedy transcripts of every example and their WER / CER."""
+"""Evaluate params over a split's batches: mean loss and the task's metrics, plus what the
+task's scorer adds (speech: transcripts and their WER / CER; NER: entity F1).
+
+A scorer is any object with `add(params, device_batch, out, keep)`, called for every batch
+with the eval step's host outputs and the real-row mask, and `result() -> (metrics,
+records)`, called once at the end: metrics join the eval's, records (one per example) go to
+the eval script's per-example file.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,6 @@ import jax
 import numpy as np
 
 from finetune_jax.evaluation import metrics as metrics_lib
-from finetune_jax.evaluation import wer
 
 
 def evaluate(
@@ -20,18 +25,18 @@ def evaluate(
     batches: Iterable[dict[str, np.ndarray]],
     task: Any,
     put_batch: Callable,
-    transcriber: Any = None,
-    transcripts: list[dict[str, str]] | None = None,
+    scorer: Any = None,
+    records: list[dict[str, Any]] | None = None,
+    per_token: bool = False,
 ) -> dict[str, float]:
     """Mean loss and the task's metrics over every real (weight > 0) example of `batches`.
 
-    With a `transcriber` (seq2seq tasks) every real row is also transcribed greedily and
-    scored against the reference its labels spell; `transcripts`, when given, receives one
-    {"reference", "hypothesis"} record per row, in order.
+    `per_token`: the loss is per target token (a decoder's), so perplexity is reported too.
+    With a `scorer` its metrics are added and, when `records` is given, its per-example
+    records appended to it.
     """
     loss_sum, weight_sum = 0.0, 0.0
     predictions, labels = [], []
-    references, hypotheses = [], []
     for batch in batches:
         device_batch = put_batch(batch)
         out = jax.device_get(eval_step(params, device_batch))
@@ -40,25 +45,20 @@ def evaluate(
         weight_sum += float(out["weight_sum"])
         predictions.append(np.asarray(out["predictions"])[keep])
         labels.append(np.asarray(out["labels"])[keep])
-        if transcriber is not None:
-            tokens = transcriber.tokens(params, device_batch["input_features"])
-            real = keep.any(axis=1)  # filler rows of the last batch have no trained token
-            references += transcriber.references(out["labels"][real], out["weights"][real])
-            hypotheses += transcriber.texts(tokens[real])
+        if scorer is not None:
+            scorer.add(params, device_batch, out, keep)
     if weight_sum == 0:
         raise ValueError("evaluation ran over no examples")
     # "examples" counts weighted units: rows for classification, trained tokens for an LM.
     result = {"loss": loss_sum / weight_sum, "examples": int(weight_sum)}
-    if task.kind in metrics_lib.TOKEN_KINDS:
+    if per_token:
         result["perplexity"] = math.exp(min(result["loss"], 700.0))  # no overflow to inf
     result.update(
         metrics_lib.compute_metrics(task, np.concatenate(predictions), np.concatenate(labels))
     )
-    if transcriber is not None:
-        result.update(wer.error_rates(references, hypotheses))
-        result["transcribed"] = len(hypotheses)
-        if transcripts is not None:
-            transcripts += [
-                {"reference": r, "hypothesis": h} for r, h in zip(references, hypotheses)
-            ]
+    if scorer is not None:
+        scores, scored = scorer.result()
+        result.update(scores)
+        if records is not None:
+            records += scored
     return result

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from finetune_jax.data.tasks import Task
+from finetune_jax.data.text_tasks import Task
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -133,16 +133,9 @@ def _check(predictions: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
 
 
 LOWER_IS_BETTER = ("perplexity", "wer", "cer")  # and every "*loss"
-TOKEN_KINDS = ("causal_lm", "seq2seq")  # task kinds scored per token (loss -> perplexity)
 
 
 def metric_mode(metric: str) -> str:
     """'min' for losses, perplexity and error rates, 'max' for the rest (accuracy, F1,
     correlations)."""
     return "min" if metric.endswith("loss") or metric in LOWER_IS_BETTER else "max"
-
-
-def eval_metric_names(task) -> tuple[str, ...]:
-    """The names an eval of `task` reports, any of which `train.metric` may select on."""
-    extra = ("perplexity",) if task.kind in TOKEN_KINDS else ()
-    return ("loss", *extra, *task.metrics, *getattr(task, "generated_metrics", ()))

@@ -1,9 +1,11 @@
 """Predictions of a trained run on chunks of unlabeled rows, through the same batching and
 jitted model apply as eval (`Setup.data.eval_batches`, `Setup.predict_step`).
 
-`Predictor(rows)` returns one dict of output columns per row: for classification `label`
-and `prob_<name>` per class; multi-label the labels with probability >= threshold (a list)
-and the probabilities; regression `score`; causal LM `completion` (greedy or sampled as
+A predictor (chosen by the task's kind) maps a chunk of rows to one dict of output columns
+per row: `LabelPredictor` for classification (`label` and `prob_<name>` per class;
+multi-label the labels with probability >= threshold, a list, and the probabilities;
+regression `score`), `EntityPredictor` for token classification (`entities` with character
+offsets), `CompletionPredictor` for causal LMs (`completion`, greedy or sampled as
 `generate.*` says, via `evaluation/generation.py`). Padding rows never come back.
 """
 
@@ -16,8 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from finetune_jax.data import prediction_io, text_batches
-from finetune_jax.evaluation import generated_answers
+from finetune_jax.data import prediction_io
+from finetune_jax.evaluation import entities, generated_answers
 
 # Prompt buckets of causal-LM prediction: prompts are streamed, so the longest is unknown.
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
@@ -34,33 +36,25 @@ class ChunkOutputs:
 
 
 def model_outputs(setup, params, rows: Sequence[dict[str, Any]], source: str) -> ChunkOutputs:
-    """Logits and pooled features of `rows` (a head task: classification, regression,
-    multi-label or image classification), batched as eval batches them."""
-    task, lengths, unknown = setup.task, None, None
-    if task.kind == "image_classification":
-        chunk = prediction_io.image_split(rows, setup.config.data.image_column, source)
-    else:
-        examples = prediction_io.text_examples(rows, task.text_columns, source)
-        chunk = text_batches.tokenize(examples, setup.tokenizer, setup.config.data.max_length)
-        lengths = chunk.lengths
-        unk = setup.tokenizer.unk_token_id
-        unknown = np.asarray([int(np.sum(ids == unk)) for ids in chunk.input_ids], np.int32)
+    """Logits and pooled features of `rows` for a task whose kind predicts with its head,
+    batched as eval batches them (the kind turns rows into an eval-batchable split)."""
+    chunk, lengths, unknown = setup.kind.prediction_split(setup, rows, source)
     logits, features = [], []
     for batch in setup.data.eval_batches(chunk):
         out = jax.device_get(setup.predict_step(params, setup.put_batch(batch)))
         keep = np.asarray(out["weights"]) > 0  # the global batch's real rows
         logits.append(np.asarray(out["logits"])[keep])
         features.append(np.asarray(out["features"])[keep])
+    if unknown is not None:
+        unknown = np.asarray(unknown, np.int32)
     return ChunkOutputs(np.concatenate(logits), np.concatenate(features), lengths, unknown)
 
 
 def probabilities(task, logits: np.ndarray) -> np.ndarray:
     """Class probabilities [N, C] from logits: softmax, or per-class sigmoid for multi-label."""
-    logits = logits.astype(np.float64)
-    if getattr(task, "is_multi_label", False):
-        return 1.0 / (1.0 + np.exp(-logits))
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
+    if task.is_multi_label:
+        return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    return softmax(logits)
 
 
 def label_columns(
@@ -70,7 +64,7 @@ def label_columns(
     if task.is_regression:
         return [{"score": float(v)} for v in logits[:, 0]]
     probs = probabilities(task, logits)
-    multi = getattr(task, "is_multi_label", False)
+    multi = task.is_multi_label
     rows = []
     for p in probs:
         if multi:
@@ -94,34 +88,31 @@ def prompt_messages(row: dict[str, Any], source: str) -> list[dict[str, str]]:
     )
 
 
-class Predictor:
-    """Output columns for chunks of rows from one run's params (see module docstring)."""
+class LabelPredictor:
+    """Output columns of a classifier / regressor (text or image) for chunks of rows:
+    `label` and `prob_<name>` per class, multi-label the labels over `threshold`, `score`."""
 
-    def __init__(
-        self, setup, params, label_names: Sequence[str] | None, source: str, threshold=0.5
-    ):
-        self.setup, self.params, self.source = setup, params, source
-        self.label_names, self.threshold = label_names, threshold
-        self._generator = None
-        if setup.task.kind == "causal_lm":  # one Generator: it compiles once per bucket
-            self._generator = generated_answers.make_generator(
-                setup.module,
-                setup.tokenizer,
-                setup.hf_config,
-                setup.config.generate,
-                PROMPT_BUCKETS,
-            )
-        elif setup.predict_step is None:
-            raise ValueError(
-                f"predict does not support task kind {setup.task.kind!r} "
-                "(classification, regression, multi-label, image classification, causal LM)"
-            )
+    def __init__(self, setup, params, source: str, threshold: float = 0.5):
+        self.setup, self.params, self.source, self.threshold = setup, params, source, threshold
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        if self._generator is not None:
-            return [{"completion": c} for c in self.completions(rows)]
         logits = model_outputs(self.setup, self.params, rows, self.source).logits
-        return label_columns(self.setup.task, self.label_names, logits, self.threshold)
+        task = self.setup.task
+        return label_columns(task, task.label_names, logits, self.threshold)
+
+
+class CompletionPredictor:
+    """A causal LM's `completion` for each row's prompt (greedy or sampled as `generate.*`
+    says); one Generator, so it compiles once per prompt bucket."""
+
+    def __init__(self, setup, params, source: str):
+        self.setup, self.params, self.source = setup, params, source
+        self._generator = generated_answers.make_generator(
+            setup.module, setup.tokenizer, setup.hf_config, setup.config.generate, PROMPT_BUCKETS
+        )
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"completion": c} for c in self.completions(rows)]
 
     def completions(self, rows: Sequence[dict[str, Any]]) -> list[str]:
         """The generated reply to each row's prompt, decoded without special tokens."""
@@ -131,3 +122,71 @@ class Predictor:
         batch = self.setup.config.generate.batch_size
         outputs = self._generator.generate(self.params, token_ids, batch)
         return [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+
+
+def label_config(task) -> dict[str, Any]:
+    """The exported config.json's head keys for a classifier: `num_labels`, `problem_type`,
+    `id2label` / `label2id` (regression: one output named `score`)."""
+    if task.is_regression:
+        names: Sequence[str] = ("score",)
+        problem_type = "regression"
+    else:  # single_label_ or multi_label_classification (transformers then uses sigmoid)
+        names, problem_type = task.label_names, task.problem_type
+    return {
+        "num_labels": len(names),
+        "problem_type": problem_type,
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: i for i, name in enumerate(names)},
+    }
+
+
+class EntityPredictor:
+    """Token classification: the `entities` of each row's raw text (column
+    `data.text_columns[0]`), as transformers' `pipeline("token-classification",
+    aggregation_strategy="simple")` gives them: type, mean piece score, the words, and
+    character offsets into the text."""
+
+    def __init__(self, setup, params, source: str):
+        self.setup, self.params, self.source = setup, params, source
+        self.column = (tuple(setup.config.data.text_columns) or ("text",))[0]
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        setup, tokenizer = self.setup, self.setup.tokenizer
+        texts = prediction_io.text_examples(rows, [self.column], self.source).text_a
+        encoded = tokenizer(
+            texts,
+            truncation=True,
+            max_length=setup.config.data.max_length,
+            padding="max_length",
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            return_token_type_ids=True,
+        )
+        ids = np.asarray(encoded["input_ids"], np.int32)
+        mask = np.asarray(encoded["attention_mask"], np.int32)
+        special = np.asarray(encoded["special_tokens_mask"]) | (mask == 0)
+        probs = []
+        for batch in setup.data.eval_batches(setup.data.raw_split(encoded)):
+            out = jax.device_get(setup.predict_step(self.params, setup.put_batch(batch)))
+            real = (np.asarray(out["weights"]) > 0).any(axis=1)  # the global batch's real rows
+            probs += list(softmax(np.asarray(out["logits"])[real]))
+        names = setup.task.label_names
+        return [
+            {
+                "entities": entities.group_entities(
+                    text,
+                    entities.predicted_pieces(
+                        ids[i], encoded["offset_mapping"][i], special[i], probs[i], names, tokenizer
+                    ),
+                    tokenizer,
+                )
+            }
+            for i, text in enumerate(texts)
+        ]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis, in float64 (no overflow for large logits)."""
+    logits = np.asarray(logits, np.float64)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)

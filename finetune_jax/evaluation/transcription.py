@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finetune_jax.data.seq2seq_batches import decoder_prompt
-from finetune_jax.evaluation import decoding
+from finetune_jax.evaluation import decoding, wer
 
 
 def _generate_tokens(
@@ -159,3 +159,28 @@ class Transcriber:
     def compiled_shapes(self) -> int:
         """How many programs have been compiled (one per input shape)."""
         return self._generate._cache_size()
+
+
+class TranscriptScorer:
+    """The evaluator's scorer for speech recognition: every real row of each eval batch
+    transcribed, scored against the reference its labels spell (WER / CER); records
+    {"reference", "hypothesis"} per row, in order."""
+
+    def __init__(self, transcriber: Transcriber):
+        self.transcriber = transcriber
+        self._references: list[str] = []
+        self._hypotheses: list[str] = []
+
+    def add(self, params: Any, device_batch: dict[str, Any], out: dict[str, Any], keep) -> None:
+        tokens = self.transcriber.tokens(params, device_batch["input_features"])
+        real = np.asarray(keep).any(axis=1)  # filler rows of the last batch train no token
+        labels, weights = np.asarray(out["labels"]), np.asarray(out["weights"])
+        self._references += self.transcriber.references(labels[real], weights[real])
+        self._hypotheses += self.transcriber.texts(tokens[real])
+
+    def result(self) -> tuple[dict[str, Any], list[dict[str, str]]]:
+        references, hypotheses = self._references, self._hypotheses
+        self._references, self._hypotheses = [], []
+        metrics = {**wer.error_rates(references, hypotheses), "transcribed": len(hypotheses)}
+        records = [{"reference": r, "hypothesis": h} for r, h in zip(references, hypotheses)]
+        return metrics, records

@@ -95,7 +95,6 @@ def save_hf_peft(
     lora: LoraConfig,
     family: ModelFamily,
     model_config: Any,
-    task_kind: str,
     out_dir: str,
     base_model_name: str,
     modules_to_save: Sequence[str] | None = None,
@@ -105,7 +104,7 @@ def save_hf_peft(
     `PeftModel.from_pretrained(<HF base model>, out_dir)` then computes what our model does
     with these params. `modules_to_save` are our param-path prefixes of trained non-LoRA
     modules saved whole (None: the family's `peft_modules_to_save`, its new task head);
-    the PEFT task type is the family's for `task_kind`. Target modules are listed by full
+    the PEFT task type is that of the family's bound head. Target modules are listed by full
     HF name, so e.g. `attention.output.dense` and `pooler.dense` are never confused.
     """
     mappings = family.hf_param_mappings(model_config)
@@ -120,7 +119,7 @@ def save_hf_peft(
             saved.add(m.hf_key.rsplit(".", 1)[0])
     adapter_config = {
         "peft_type": "LORA",
-        "task_type": family.peft_task_type[task_kind],
+        "task_type": family.head.peft_task_type,
         "base_model_name_or_path": model_files.base_model_reference(base_model_name),
         "r": lora.rank,
         "lora_alpha": lora.alpha,

@@ -169,9 +169,10 @@ def load_pretrained(
     For tests, tools and notebooks on one device: training streams params straight into
     their shardings with `load_params` instead.
     """
+    family = family.with_head(task_kind)
     hf_config = model_files.read_config(model_ref)
     config = model_config(family, hf_config, model_ref, **overrides)
-    module = family.module_for(config, task_kind)
+    module = family.module_for(config)
     params = load_params(family, config, str(model_ref), seed=seed)
     return config, module, jax.tree.map(np.asarray, jax.device_get(params))
 

@@ -17,32 +17,17 @@ import numpy as np
 from finetune_jax.hf import model_files
 from finetune_jax.models.family import ModelFamily
 
-# transformers' class-name suffix of the model with each task kind's head.
-HEAD_CLASS_SUFFIX = {
-    "classification": "ForSequenceClassification",
-    "causal_lm": "ForCausalLM",
-    "image_classification": "ForImageClassification",
-    "seq2seq": "ForConditionalGeneration",
-}
 
-
-def exported_config(hf_config: dict[str, Any], family: ModelFamily, task: Any) -> dict[str, Any]:
-    """The exported config.json: the pretrained one, with the fine-tuned head's shape."""
+def exported_config(
+    hf_config: dict[str, Any], family: ModelFamily, head_keys: dict[str, Any]
+) -> dict[str, Any]:
+    """The exported config.json: the pretrained one, naming the class of the family's bound
+    head, with the task's `head_keys` (labels) on top."""
     config = {k: v for k, v in hf_config.items() if k not in ("_name_or_path", "dtype")}
     config["torch_dtype"] = "float32"
     model_type = config.get("model_type", family.model_types[0])
-    config["architectures"] = [family.hf_class_names[model_type] + HEAD_CLASS_SUFFIX[task.kind]]
-    if task.kind not in ("classification", "image_classification"):
-        return config  # a language-model head: nothing to relabel
-    config["num_labels"] = task.num_labels
-    if task.is_regression:
-        config["problem_type"] = "regression"
-        config["id2label"], config["label2id"] = {0: "score"}, {"score": 0}
-    else:  # single_label_ or multi_label_classification (transformers then uses sigmoid)
-        config["problem_type"] = task.problem_type
-        config["id2label"] = dict(enumerate(task.label_names))
-        config["label2id"] = {name: i for i, name in enumerate(task.label_names)}
-    return config
+    config["architectures"] = [family.class_name(model_type)]
+    return config | head_keys
 
 
 def generation_config(tokenizer: Any, hf_config: dict[str, Any]) -> dict[str, Any]:

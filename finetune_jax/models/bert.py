@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from finetune_jax.models import attention, bert_hf, layers
 from finetune_jax.models import lora as lora_lib
-from finetune_jax.models.family import ModelFamily
+from finetune_jax.models.family import HeadSpec, ModelFamily
 
 # Activations are constrained to these logical axes at block boundaries.
 ACTIVATION_AXES = ("batch", "length", "activation_embed")
@@ -264,11 +264,13 @@ class BertModel(nn.Module):
     """Embeddings + encoder + pooler; returns (last_hidden_state [B,L,D], pooled [B,D]).
 
     `pooled_only`: only `pooled` is used; last_hidden_state is then the [CLS] row [B,1,D]
-    (see BertEncoder.first_token_only).
+    (see BertEncoder.first_token_only). `with_pooler=False`: no pooler (pooled is None),
+    as transformers' `add_pooling_layer=False`.
     """
 
     config: BertConfig
     pooled_only: bool = False
+    with_pooler: bool = True
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic=True):
@@ -283,7 +285,19 @@ class BertModel(nn.Module):
         x_BLD = BertEncoder(self.config, self.pooled_only, name="encoder")(
             x_BLD, attention_mask, deterministic
         )
+        if not self.with_pooler:
+            return x_BLD, None
         return x_BLD, BertPooler(self.config, name="pooler")(x_BLD)
+
+
+def _classify(module: nn.Module, cfg: BertConfig, features, deterministic: bool):
+    """Both heads' end: float32 features (sown as `intermediates/features` for drift
+    monitoring: apply(..., mutable="intermediates")), dropout, the `classifier` Dense."""
+    features = features.astype(jnp.float32)
+    module.sow("intermediates", "features", features)
+    rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+    features = layers.Dropout(rate)(features, deterministic=deterministic)
+    return layers.classifier(cfg.num_labels, cfg.param_dtype, cfg.initializer_range)(features)
 
 
 class BertForSequenceClassification(nn.Module):
@@ -297,51 +311,77 @@ class BertForSequenceClassification(nn.Module):
         _, pooled_BD = BertModel(cfg, pooled_only=True, name="bert")(
             input_ids, attention_mask, token_type_ids, deterministic
         )
-        rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-        pooled_BD = pooled_BD.astype(jnp.float32)
-        # The features the head sees, for drift monitoring: apply(..., mutable="intermediates").
-        self.sow("intermediates", "features", pooled_BD)
-        pooled_BD = layers.Dropout(rate)(pooled_BD, deterministic=deterministic)
-        # The head is tiny, so it runs in float32 and logits never come out in bf16.
-        return nn.Dense(
-            cfg.num_labels,
-            dtype=jnp.float32,
-            param_dtype=cfg.param_dtype,
-            kernel_init=layers.normal_init(cfg.initializer_range, ("embed", "classes")),
-            bias_init=layers.zeros_init(("classes",)),
-            name="classifier",
-        )(pooled_BD)
+        return _classify(self, cfg, pooled_BD, deterministic)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def init_params(config: BertConfig, rng: jax.Array, seq_len: int = 8) -> dict[str, Any]:
-    """Initialises BertForSequenceClassification; returns the boxed (nn.Partitioned) params.
+class BertForTokenClassification(nn.Module):
+    """BertModel + dropout + `classifier` Dense on every position; returns float32 logits
+    [B, L, num_labels]. The pooler is not computed (transformers' token model has none)."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic=True):
+        cfg = self.config
+        hidden_BLD, _ = BertModel(cfg, with_pooler=False, name="bert")(
+            input_ids, attention_mask, token_type_ids, deterministic
+        )
+        return _classify(self, cfg, hidden_BLD, deterministic)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("seq_len", "head"))
+def init_params(
+    config: BertConfig, rng: jax.Array, seq_len: int = 8, head: type = None
+) -> dict[str, Any]:
+    """Initialises `head` (default BertForSequenceClassification); returns the boxed
+    (nn.Partitioned) params.
 
     Jitted (config is static) because eager init dispatches hundreds of tiny ops. For shapes
     and logical names without allocating: `jax.eval_shape(functools.partial(init_params,
     config), rng)`.
     """
     input_ids = jnp.zeros((1, seq_len), jnp.int32)
-    variables = BertForSequenceClassification(config).init(
+    variables = (head or BertForSequenceClassification)(config).init(
         {"params": rng}, input_ids, jnp.ones_like(input_ids)
     )
     return variables["params"]
 
 
+# The classifier and pooler, new or trained in the `lora` preset, go along whole.
+_SEQUENCE_HEAD = HeadSpec(
+    module=BertForSequenceClassification,
+    hf_rows=bert_hf.sequence_head_mappings,
+    new_params=("classifier",),
+    bias=HEAD_BIAS,
+    hf_class_suffix="ForSequenceClassification",
+    peft_task_type="SEQ_CLS",
+    modules_to_save=("classifier", "bert/pooler"),
+    trained=r"(classifier|bert/pooler)/.*",
+)
+
 FAMILY = ModelFamily(
     name="bert",
     model_types=("bert",),
     config_from_hf=BertConfig.from_hf,
-    heads={"classification": BertForSequenceClassification},
-    init_params=init_params,
-    hf_param_mappings=bert_hf.hf_param_mappings,
+    heads={
+        "text_classification": _SEQUENCE_HEAD,
+        "token_classification": dataclasses.replace(
+            _SEQUENCE_HEAD,
+            module=BertForTokenClassification,
+            hf_rows=bert_hf.classifier_mappings,
+            hf_class_suffix="ForTokenClassification",
+            peft_task_type="TOKEN_CLS",
+            modules_to_save=("classifier",),
+            trained=r"classifier/.*",
+        ),
+    },
+    init=lambda head, config, rng: init_params(config, rng, head=head),
+    backbone_mappings=bert_hf.backbone_mappings,
     layer_stacks=bert_hf.layer_stacks,
-    new_params=("classifier",),
+    layer_pattern=r".*/layer_(\d+)/.*",
+    lora_targets=r".*/attention/(query|value)/kernel",
+    dropout_keys=("hidden_dropout_prob", "attention_probs_dropout_prob"),
     optional_params=("bert/pooler",),  # some checkpoints drop the pooler
     bare_prefix="bert.",  # a bare BertModel checkpoint names its tensors without it
-    head_bias=HEAD_BIAS,
     hf_class_names={"bert": "Bert"},
-    peft_task_type={"classification": "SEQ_CLS"},
-    # The classifier and pooler, new or trained in the `lora` preset, go along whole.
-    peft_modules_to_save=("classifier", "bert/pooler"),
 )

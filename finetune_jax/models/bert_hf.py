@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from finetune_jax.models.hf_mapping import HFMapping, stack_layers
+from finetune_jax.models.hf_mapping import HFMapping
 
 if TYPE_CHECKING:
     from finetune_jax.models.bert import BertConfig
@@ -58,7 +58,16 @@ def hf_mappings(config: BertConfig) -> list[HFMapping]:
             *dense(f"{hf}.output.dense", f"{ours}/output", d, f, (f, d), (d,)),
             *layer_norm(f"{hf}.output.LayerNorm", f"{ours}/output/LayerNorm"),
         ]
-    return rows + dense("pooler.dense", "pooler/dense", d, d, (d, d), (d,))
+    return rows
+
+
+def pooler_mappings(config: BertConfig) -> list[HFMapping]:
+    """The pooler (Dense + tanh on [CLS]) that the sequence head reads; the token head has none."""
+    d = config.hidden_size
+    return [
+        HFMapping("bert.pooler.dense.weight", "bert/pooler/dense/kernel", (d, d), (d, d), True),
+        HFMapping("bert.pooler.dense.bias", "bert/pooler/dense/bias", (d,), (d,)),
+    ]
 
 
 def layer_stacks(config: BertConfig) -> dict[str, int]:
@@ -66,15 +75,23 @@ def layer_stacks(config: BertConfig) -> dict[str, int]:
     return {"bert/encoder/layer": config.num_hidden_layers} if config.scan_layers else {}
 
 
-def hf_param_mappings(config: BertConfig) -> list[HFMapping]:
-    """Every param of BertForSequenceClassification: full paths and full HF keys (stacked
-    rows, one per layer, with `scan_layers`)."""
-    rows = [
+def backbone_mappings(config: BertConfig) -> list[HFMapping]:
+    """Every param of the `bert` backbone: full paths and full HF keys (one row per layer)."""
+    return [
         m._replace(hf_key="bert." + m.hf_key, path="bert/" + m.path) for m in hf_mappings(config)
     ]
+
+
+def classifier_mappings(config: BertConfig) -> list[HFMapping]:
+    """The `classifier` Dense of both heads: a torch Linear [labels, hidden]
+    (`BertForTokenClassification`'s whole head)."""
     labels, d = config.num_labels, config.hidden_size
-    rows += [
+    return [
         HFMapping("classifier.weight", "classifier/kernel", (labels, d), (d, labels), True),
         HFMapping("classifier.bias", "classifier/bias", (labels,), (labels,)),
     ]
-    return stack_layers(rows, layer_stacks(config))
+
+
+def sequence_head_mappings(config: BertConfig) -> list[HFMapping]:
+    """`BertForSequenceClassification`'s head: the pooler and the classifier."""
+    return pooler_mappings(config) + classifier_mappings(config)

@@ -150,8 +150,8 @@ def encoder_stack(
 
 # Keep decisions come from 16-bit draws: half the random bits of `nn.Dropout`'s float32
 # uniforms. Threefry (sharding-invariant, "partitionable") computes one 2x32-bit block per
-# 32-bit output, and drawing the masks was 6% of a MiniLM train step on CPU; each 32-bit
-# draw now decides two elements. The keep probability is rounded to a multiple of 2^-16 and
+# 32-bit output, and 32-bit mask draws cost 6% of a MiniLM train step on CPU; each 32-bit
+# draw here decides two elements. The keep probability is rounded to a multiple of 2^-16 and
 # the kept values are scaled by its exact inverse, so the layer stays unbiased.
 _DRAW_LEVELS = 1 << 16
 
@@ -284,3 +284,16 @@ class DenseND(nn.Module):
         return lora_delta(
             x, a.astype(self.dtype), b.astype(self.dtype), self.lora.scale, self.in_axes
         )
+
+
+def classifier(num_labels: int, param_dtype: Any, initializer_range: float) -> nn.Dense:
+    """A task head's `classifier` Dense [features -> num_labels], computed in float32: the
+    head is tiny, so logits never come out in bf16."""
+    return nn.Dense(
+        num_labels,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        kernel_init=normal_init(initializer_range, ("embed", "classes")),
+        bias_init=zeros_init(("classes",)),
+        name="classifier",
+    )

@@ -32,7 +32,7 @@ from jax import lax
 
 from finetune_jax.models import attention, layers, llama_hf, rope
 from finetune_jax.models import lora as lora_lib
-from finetune_jax.models.family import ModelFamily
+from finetune_jax.models.family import HeadSpec, ModelFamily
 from finetune_jax.models.llama_config import ACTIVATION_AXES, MODEL_TYPES, LlamaConfig
 
 
@@ -380,28 +380,38 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(x_BTD, deterministic)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def init_params(config: LlamaConfig, rng: jax.Array, seq_len: int = 8) -> dict[str, Any]:
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("seq_len", "head"))
+def init_params(
+    config: LlamaConfig, rng: jax.Array, seq_len: int = 8, head: type | None = None
+) -> dict[str, Any]:
     """Initialises LlamaForCausalLM; returns the boxed (nn.Partitioned) params.
 
     For shapes and logical names without allocating:
     `jax.eval_shape(functools.partial(init_params, config), rng)`.
     """
     input_ids = jnp.zeros((1, seq_len), jnp.int32)
-    return LlamaForCausalLM(config).init({"params": rng}, input_ids)["params"]
+    return (head or LlamaForCausalLM)(config).init({"params": rng}, input_ids)["params"]
 
 
 FAMILY = ModelFamily(
     name="llama",
     model_types=MODEL_TYPES,
     config_from_hf=LlamaConfig.from_hf,
-    heads={"causal_lm": LlamaForCausalLM},
-    init_params=init_params,
-    hf_param_mappings=llama_hf.hf_param_mappings,
+    heads={
+        "causal_lm": HeadSpec(
+            module=LlamaForCausalLM,
+            hf_rows=llama_hf.lm_head_mappings,
+            hf_class_suffix="ForCausalLM",
+            peft_task_type="CAUSAL_LM",
+        )
+    },
+    init=lambda head, config, rng: init_params(config, rng, head=head),
+    backbone_mappings=llama_hf.backbone_mappings,
     layer_stacks=llama_hf.layer_stacks,
+    layer_pattern=r".*/layers_(\d+)/.*",
+    lora_targets=r".*/self_attn/(q_proj|v_proj)/kernel",
     strict=True,  # every tensor of a decoder checkpoint has a place; others mean a mismatch
     # RoPE buffers some checkpoints carry; a tied model's file may still hold its lm_head copy.
     ignored_tensors=("inv_freq", "lm_head.weight"),
     hf_class_names={"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"},
-    peft_task_type={"causal_lm": "CAUSAL_LM"},
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from finetune_jax.models.hf_mapping import HFMapping, stack_layers
+from finetune_jax.models.hf_mapping import HFMapping
 
 if TYPE_CHECKING:
     from finetune_jax.models.llama import LlamaConfig
@@ -62,12 +62,14 @@ def layer_stacks(config: LlamaConfig) -> dict[str, int]:
     return {"model/layers": config.num_hidden_layers} if config.scan_layers else {}
 
 
-def hf_param_mappings(config: LlamaConfig) -> list[HFMapping]:
-    """Every param of LlamaForCausalLM: full paths and full HF keys (stacked rows, one per
-    layer, with `scan_layers`)."""
-    rows = [
+def backbone_mappings(config: LlamaConfig) -> list[HFMapping]:
+    """Every param of the `model` backbone: full paths and full HF keys (one row per layer)."""
+    return [
         m._replace(hf_key="model." + m.hf_key, path="model/" + m.path) for m in hf_mappings(config)
     ]
+
+
+def lm_head_mappings(config: LlamaConfig) -> list[HFMapping]:
+    """The causal-LM head (`lm_head`; none when tied to the token embedding)."""
     head = _head_mapping(config)
-    rows += [m._replace(hf_key="lm_head." + m.hf_key, path="lm_head/" + m.path) for m in head]
-    return stack_layers(rows, layer_stacks(config))
+    return [m._replace(hf_key="lm_head." + m.hf_key, path="lm_head/" + m.path) for m in head]

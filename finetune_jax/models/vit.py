@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from finetune_jax.models import bicubic, layers, vit_hf
-from finetune_jax.models.family import ModelFamily
+from finetune_jax.models.family import HeadSpec, ModelFamily
 from finetune_jax.models.vit_config import ACTIVATION_AXES, ViTConfig
 
 HEAD_BIAS = "classifier/bias"
@@ -241,18 +241,13 @@ class ViTForImageClassification(nn.Module):
             features_BF = jnp.concatenate([features_BF, x_BLD[:, 1:].mean(axis=1)], axis=-1)
         # The features the head sees, for drift monitoring: apply(..., mutable="intermediates").
         self.sow("intermediates", "features", features_BF)
-        return nn.Dense(
-            cfg.num_labels,
-            dtype=jnp.float32,
-            param_dtype=cfg.param_dtype,
-            kernel_init=layers.normal_init(cfg.initializer_range, ("embed", "classes")),
-            bias_init=layers.zeros_init(("classes",)),
-            name="classifier",
-        )(features_BF)
+        return layers.classifier(cfg.num_labels, cfg.param_dtype, cfg.initializer_range)(
+            features_BF
+        )
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def init_params(config: ViTConfig, rng: jax.Array) -> dict[str, Any]:
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("head",))
+def init_params(config: ViTConfig, rng: jax.Array, head: type | None = None) -> dict[str, Any]:
     """Initialises ViTForImageClassification; returns the boxed (nn.Partitioned) params.
 
     Traced at the pretraining `image_size`; the params do not depend on the input size.
@@ -261,7 +256,7 @@ def init_params(config: ViTConfig, rng: jax.Array) -> dict[str, Any]:
     """
     size = config.grid_size * config.patch_size
     pixels = jnp.zeros((1, size, size, config.num_channels), config.dtype)
-    return ViTForImageClassification(config).init({"params": rng}, pixels)["params"]
+    return (head or ViTForImageClassification)(config).init({"params": rng}, pixels)["params"]
 
 
 def _family(model_type: str, class_prefix: str) -> ModelFamily:
@@ -271,22 +266,31 @@ def _family(model_type: str, class_prefix: str) -> ModelFamily:
         name=model_type,
         model_types=(model_type,),
         config_from_hf=ViTConfig.from_hf,
-        heads={"image_classification": ViTForImageClassification},
-        init_params=init_params,
-        hf_param_mappings=vit_hf.hf_param_mappings,
+        heads={
+            "image_classification": HeadSpec(
+                module=ViTForImageClassification,
+                hf_rows=vit_hf.classifier_mappings,
+                new_params=("classifier",),
+                bias=HEAD_BIAS,
+                hf_class_suffix="ForImageClassification",
+                # HF PEFT has no image-classification task type; its image examples use none.
+                peft_task_type=None,
+                modules_to_save=("classifier",),
+                trained=r"classifier/.*",
+            )
+        },
+        init=lambda head, config, rng: init_params(config, rng, head=head),
+        backbone_mappings=vit_hf.backbone_mappings,
         layer_stacks=vit_hf.layer_stacks,
+        lora_targets=r".*/attention/(query|value)/kernel",
+        dropout_keys=("hidden_dropout_prob", "attention_probs_dropout_prob"),
         constant_tensors=vit_hf.constant_tensors,
         ignored_tensors=("embeddings.mask_token",),  # written by export, never read
-        new_params=("classifier",),
         bare_prefix=model_type + ".",
         # Bare checkpoints carry a pooler (ViTModel) or a mask token (Dinov2Model) that no
         # classifier uses.
         strict=False,
-        head_bias=HEAD_BIAS,
         hf_class_names={model_type: class_prefix},
-        # HF PEFT has no image-classification task type; its image examples use none.
-        peft_task_type={"image_classification": None},
-        peft_modules_to_save=("classifier",),
     )
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from finetune_jax.models.hf_mapping import HFMapping, stack_layers
+from finetune_jax.models.hf_mapping import HFMapping
 
 if TYPE_CHECKING:
     from finetune_jax.models.vit_config import ViTConfig
@@ -111,21 +111,23 @@ def layer_stacks(config: ViTConfig) -> dict[str, int]:
     return {stack: config.num_hidden_layers} if config.scan_layers else {}
 
 
-def hf_param_mappings(config: ViTConfig) -> list[HFMapping]:
-    """Every param of ViTForImageClassification: full paths and full HF keys (`vit.` or
-    `dinov2.` on the backbone, as the HF task model names them; stacked rows, one per layer,
-    with `scan_layers`)."""
+def backbone_mappings(config: ViTConfig) -> list[HFMapping]:
+    """Every backbone param: full paths and full HF keys (`vit.` or `dinov2.`, as the HF task
+    model names them; one row per layer)."""
     prefix = config.model_type
-    rows = [
+    return [
         m._replace(hf_key=f"{prefix}.{m.hf_key}", path=f"{prefix}/{m.path}")
         for m in hf_mappings(config)
     ]
+
+
+def classifier_mappings(config: ViTConfig) -> list[HFMapping]:
+    """The image-classification head: a torch Linear [labels, features]."""
     labels = config.num_labels
     features = 2 * config.hidden_size if config.pools_patch_mean else config.hidden_size
-    rows += [
+    return [
         HFMapping(
             "classifier.weight", "classifier/kernel", (labels, features), (features, labels), True
         ),
         HFMapping("classifier.bias", "classifier/bias", (labels,), (labels,)),
     ]
-    return stack_layers(rows, layer_stacks(config))

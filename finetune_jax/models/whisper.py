@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from finetune_jax.models import whisper_hf
-from finetune_jax.models.family import ModelFamily
+from finetune_jax.models.family import HeadSpec, ModelFamily
 from finetune_jax.models.whisper_blocks import WhisperDecoder, WhisperEncoder, sinusoids
 from finetune_jax.models.whisper_config import MODEL_TYPES, WhisperConfig
 
@@ -135,8 +135,8 @@ class WhisperForConditionalGeneration(nn.Module):
         return self.model.decoder.attend_embedding(x_BTD)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def init_params(config: WhisperConfig, rng: jax.Array) -> dict[str, Any]:
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("head",))
+def init_params(config: WhisperConfig, rng: jax.Array, head: type | None = None) -> dict[str, Any]:
     """Initialises WhisperForConditionalGeneration; returns the boxed (nn.Partitioned) params.
 
     For shapes and logical names without allocating:
@@ -144,16 +144,26 @@ def init_params(config: WhisperConfig, rng: jax.Array) -> dict[str, Any]:
     """
     features = jnp.zeros((1, config.num_mel_bins, 4), jnp.float32)
     ids = jnp.zeros((1, 4), jnp.int32)
-    return WhisperForConditionalGeneration(config).init({"params": rng}, features, ids)["params"]
+    module = (head or WhisperForConditionalGeneration)(config)
+    return module.init({"params": rng}, features, ids)["params"]
 
 
 FAMILY = ModelFamily(
     name="whisper",
     model_types=MODEL_TYPES,
     config_from_hf=WhisperConfig.from_hf,
-    heads={"seq2seq": WhisperForConditionalGeneration},
-    init_params=init_params,
-    hf_param_mappings=whisper_hf.hf_param_mappings,
+    heads={
+        "speech_recognition": HeadSpec(
+            module=WhisperForConditionalGeneration,
+            hf_class_suffix="ForConditionalGeneration",
+            peft_task_type="SEQ_2_SEQ_LM",
+        )
+    },
+    init=lambda head, config, rng: init_params(config, rng, head=head),
+    backbone_mappings=whisper_hf.backbone_mappings,
+    layer_pattern=r".*/layers_(\d+)/.*",
+    lora_targets=r".*/(self_attn|encoder_attn)/(q_proj|v_proj)/kernel",
+    dropout_keys=("dropout",),
     strict=True,  # every tensor of the checkpoint has a place; others mean a mismatch
     # The frozen sinusoid table (computed here, see `sinusoids`) and a saved copy of the
     # tied proj_out, which is the token embedding.
@@ -162,5 +172,4 @@ FAMILY = ModelFamily(
         whisper_hf.POSITIONS_KEY: sinusoids(config.max_source_positions, config.d_model)
     },
     hf_class_names={"whisper": "Whisper"},
-    peft_task_type={"seq2seq": "SEQ_2_SEQ_LM"},
 )

@@ -90,8 +90,9 @@ def decoder_mappings(config: WhisperConfig) -> list[HFMapping]:
     return rows + _layer_norm("layer_norm", "layer_norm", d)
 
 
-def hf_param_mappings(config: WhisperConfig) -> list[HFMapping]:
-    """Every param of WhisperForConditionalGeneration: full paths and full HF keys."""
+def backbone_mappings(config: WhisperConfig) -> list[HFMapping]:
+    """Every param of WhisperForConditionalGeneration (its LM head is the tied token
+    embedding): full paths and full HF keys."""
     rows = []
     for part, mappings in (("encoder", encoder_mappings), ("decoder", decoder_mappings)):
         rows += [

@@ -6,6 +6,7 @@ how a config maps to a model, an optimizer or a sharding.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from typing import Any
@@ -14,17 +15,15 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from finetune_jax import tree_paths
+from finetune_jax import config as config_lib
+from finetune_jax import tasks, tree_paths
 from finetune_jax.cluster import sharding
-from finetune_jax.data import image_loader, image_preprocess, loaders, tasks
-from finetune_jax.evaluation.metrics import TOKEN_KINDS, eval_metric_names
-from finetune_jax.evaluation.transcription import Transcriber
 from finetune_jax.hf import loading, model_files
 from finetune_jax.models import family_for
 from finetune_jax.models import lora as lora_lib
 from finetune_jax.models.family import ModelFamily
+from finetune_jax.tasks.kind import check_data_keys
 from finetune_jax.training import checkpoints, optim, steps, workdir_files
-from finetune_jax.training.losses import loss_for
 from finetune_jax.training.setup import Setup
 from finetune_jax.training.state import create_train_state
 
@@ -61,27 +60,26 @@ def build(
     build is abstract, for preflight: no checkpoint, tokenizer or data is touched at all.
     `devices` (default: all devices of all processes) is what `config.mesh` is laid over.
     A `workdir` of an earlier run supplies the class names it trained with.
+    The returned `Setup.config` has the family's defaults in place of 'auto' values.
     """
     lora_config(config)  # fail before any loading
     task = tasks.task_for(config.data)
-    _check_task_options(config, task)
+    kind = tasks.kind_of(task)
+    _check_task_options(config, kind, task)
     abstract = hf_config is not None
     model_ref = "" if abstract else _resolve_model(config.model.name)
     hf_config = hf_config if abstract else model_files.read_config(model_ref)
-    family = family_for(hf_config.get("model_type", ""))
-    tokenizer = None if abstract else _preprocessor(config, task, model_ref)
+    family = family_for(hf_config.get("model_type", "")).with_head(kind.name)
+    config = with_family_defaults(config, family)
+    preprocessor = None if abstract else kind.preprocessor(config, model_ref)
     saved_names = workdir_files.read_label_names(workdir)
-    data = (
-        None if abstract else loaders.make_loader(config, task, tokenizer, model_ref, saved_names)
-    )
-    if data is not None:
+    if abstract:
+        data, task = None, kind.resolve(config, task, saved_names)
+    else:
+        data = kind.loader(config, task, preprocessor, model_ref, saved_names)
         task = data.task  # class names may come from the data (or the run's saved names)
-    elif task.kind == "image_classification":
-        task = image_loader.resolve_task(config, task, saved_names)
-    elif task.kind == "classification":
-        task = loaders.resolve_text_task(config, task, saved_names)
-    model_config = _model_config(config, task, family, hf_config, model_ref or "config.model")
-    module = family.module_for(model_config, task.kind)
+    model_config = _model_config(config, kind, task, family, hf_config, model_ref or "config.model")
+    module = family.module_for(model_config)
 
     mesh = sharding.make_mesh(config.mesh, devices, config.mesh_dcn)
     rules = sharding.logical_rules(config)
@@ -91,13 +89,14 @@ def build(
     groups = optim.param_groups(config.optim, abstract_params, family.layer_stacks(model_config))
     tx, lr_fn = optim.make_optimizer(config.optim, groups, config.train.max_steps)
     placement = _placement(config, mesh, rules, params_sharding, abstract_params, tx)
-    train_step, eval_step = _jit_steps(config, task, module, groups, tx, lr_fn, placement)
-    predict_step = _jit_predict_step(config, task, module, placement)
+    objective = objective_for(config, kind, task, module)
+    train_step, eval_step = _jit_steps(config, objective, groups, tx, lr_fn, placement)
     return Setup(
         config=config,
+        kind=kind,
         task=task,
         data=data,
-        tokenizer=tokenizer,
+        tokenizer=preprocessor,
         model_ref=model_ref,
         hf_config=hf_config,
         family=family,
@@ -113,32 +112,39 @@ def build(
         batch_sharding=placement.batch,
         train_step=train_step,
         eval_step=eval_step,
-        predict_step=predict_step,
-        transcriber=_transcriber(config, task, module, data, tokenizer),
+        predict_step=_jit_predict_step(config, kind, module, placement),
+        scorer=kind.evaluator(config, module, data, preprocessor),
     )
 
 
-def _transcriber(config, task, module, data, tokenizer) -> Transcriber | None:
-    """Transcription (greedy, or beam search of generate.num_beams) for a seq2seq task's
-    evals (its WER / CER), else None."""
-    if task.kind != "seq2seq" or data is None:
-        return None
-    _, frames = data.window()
-    if frames > 2 * module.config.max_source_positions:  # the encoder's position table
-        raise ValueError(
-            f"data.audio_seconds={config.data.audio_seconds} gives {frames} feature frames, "
-            f"more than the model's window of {2 * module.config.max_source_positions}"
-        )
-    return Transcriber(
-        module,
-        data.generation,
-        tokenizer,
-        config.generate.max_new_tokens,
-        num_beams=config.generate.num_beams,
-    )
+AUTO = "auto"
 
 
-def _model_config(config, task, family: ModelFamily, hf_config, source) -> Any:
+def with_family_defaults(
+    config: ml_collections.ConfigDict, family: ModelFamily
+) -> ml_collections.ConfigDict:
+    """A copy of `config` with the family's own values where it says 'auto': the trained
+    head (`optim.head`, of the bound head), the layer regex (`optim.layer`) and the LoRA
+    targets (`peft.targets`)."""
+    config = copy.deepcopy(config)
+    defaults = {
+        ("optim", "head"): family.head.trained,
+        ("optim", "layer"): family.layer_pattern,
+        ("peft", "targets"): family.lora_targets,
+    }
+    for (section, key), value in defaults.items():
+        if config[section][key] != AUTO:
+            continue
+        if not value and (section, key) == ("peft", "targets") and config.peft.rank > 0:
+            raise ValueError(
+                f"peft.targets='auto': model family {family.name!r} names no default LoRA "
+                "targets; set peft.targets to a regex over kernel paths"
+            )
+        config[section][key] = value
+    return config
+
+
+def _model_config(config, kind, task, family: ModelFamily, hf_config, source) -> Any:
     """The family's model config: the checkpoint's architecture with the run's settings."""
     return loading.model_config(
         family,
@@ -149,7 +155,8 @@ def _model_config(config, task, family: ModelFamily, hf_config, source) -> Any:
         remat=config.model.remat,
         scan_layers=config.model.scan_layers,
         lora=lora_config(config),
-        **_task_overrides(config, task),
+        **kind.model_overrides(config, task),
+        **_dropout_overrides(config, family),
     )
 
 
@@ -185,9 +192,8 @@ def _compiler_options(config: ml_collections.ConfigDict) -> dict[str, str] | Non
     return SCANNED_STEP_OPTIONS if config.model.scan_layers else None
 
 
-def _jit_steps(config, task, module, groups, tx, lr_fn, placement: _Placement):
+def _jit_steps(config, objective, groups, tx, lr_fn, placement: _Placement):
     """The train step (state donated) and eval step, jitted with explicit shardings."""
-    objective = objective_for(config, task, module)
     train_fn = functools.partial(
         steps.train_step,
         objective=objective,
@@ -216,10 +222,10 @@ def _jit_steps(config, task, module, groups, tx, lr_fn, placement: _Placement):
     return bind(train_step), bind(eval_step)
 
 
-def _jit_predict_step(config, task, module, placement: _Placement):
-    """Logits and pooled features of a batch (`steps.predict_step`), for head task kinds;
-    None for generative ones (predict generates with `evaluation/generation.py`)."""
-    if task.kind not in steps.HEAD_KINDS:
+def _jit_predict_step(config, kind, module, placement: _Placement):
+    """Logits and the features the head reads (`steps.predict_step`), for kinds that predict
+    with their head; None for generative ones (predict generates with `evaluation/generation.py`)."""
+    if not kind.predicts_with_head:
         return None
     jitted = jax.jit(
         functools.partial(steps.predict_step, apply_fn=module.apply),
@@ -230,30 +236,32 @@ def _jit_predict_step(config, task, module, placement: _Placement):
     return sharding.MeshBound(jitted, placement.mesh, placement.rules)
 
 
-def objective_for(config: ml_collections.ConfigDict, task, module) -> steps.Objective:
+def objective_for(config: ml_collections.ConfigDict, kind, task, module) -> steps.Objective:
     """The step's objective, chosen here so the jitted steps hold no branch on the config.
 
-    Causal LMs and seq2seq decoders with `model.lm_loss_chunk` > 0 take the chunked loss: the
+    Kinds scored per token (causal LMs, speech decoders) with `model.lm_loss_chunk` > 0 take
+    the chunked loss: the
     module returns its hidden state (`return_hidden=True`) and `logits_from_hidden` applies
     its head per chunk. Both train on next-token `labels` weighted per token.
     """
     chunk = config.model.lm_loss_chunk
-    if task.kind in TOKEN_KINDS and chunk > 0:
+    if kind.per_token and chunk > 0:
         return functools.partial(
             steps.chunked_lm_objective,
             hidden_fn=functools.partial(module.apply, return_hidden=True),
             head_fn=functools.partial(module.apply, method="logits_from_hidden"),
             chunk=chunk,
         )
-    return functools.partial(steps.logits_objective, apply_fn=module.apply, loss_fn=loss_for(task))
+    return functools.partial(steps.logits_objective, apply_fn=module.apply, loss_fn=kind.loss(task))
 
 
 HEAD_BIAS_INITS = ("zeros", "prior")
 
 
-def _check_task_options(config: ml_collections.ConfigDict, task) -> None:
+def _check_task_options(config: ml_collections.ConfigDict, kind, task) -> None:
     """The config keys whose valid values depend on the task, checked before any loading."""
-    names = eval_metric_names(task)
+    check_data_keys(config, kind, config_lib.base_config().data)
+    names = kind.metric_names(task)
     if config.train.metric and config.train.metric not in names:
         raise ValueError(
             f"train.metric={config.train.metric!r} is not reported by task {task.name!r}; "
@@ -265,18 +273,20 @@ def _check_task_options(config: ml_collections.ConfigDict, task) -> None:
     choice = config.model.head_bias_init
     if choice not in HEAD_BIAS_INITS:
         raise ValueError(f"model.head_bias_init={choice!r}: expected one of {HEAD_BIAS_INITS}")
-    if choice == "prior" and task.kind in TOKEN_KINDS:
+    kind.check_options(config, task)
+
+
+def _dropout_overrides(config: ml_collections.ConfigDict, family: ModelFamily) -> dict[str, Any]:
+    """`model.dropout` (>= 0) as the family's dropout fields; {} keeps the pretrained ones."""
+    rate = config.model.dropout
+    if rate < 0:
+        return {}
+    if not family.dropout_keys:
         raise ValueError(
-            f"model.head_bias_init='prior' sets a new classification head's bias; "
-            f"data.task={config.data.task!r} trains the pretrained LM head: use 'zeros'"
+            f"model.dropout={rate}: model family {family.name!r} trains without dropout "
+            "(LoRA has its own: peft.dropout); leave model.dropout at -1"
         )
-    beams = config.generate.num_beams
-    if beams != 1 and task.kind != "seq2seq":
-        raise ValueError(
-            f"generate.num_beams={beams!r}: beam search is for seq2seq (speech) tasks; "
-            f"data.task={config.data.task!r} generates greedily or by sampling "
-            "(generate.temperature, generate.top_k): leave num_beams at 1"
-        )
+    return {key: rate for key in family.dropout_keys}
 
 
 def _head_bias_override(config, family: ModelFamily, abstract_params, data) -> dict[str, Any]:
@@ -293,34 +303,8 @@ def _head_bias_override(config, family: ModelFamily, abstract_params, data) -> d
     return {family.head_bias: prior.astype(bias.dtype)}
 
 
-def _preprocessor(config: ml_collections.ConfigDict, task, model_ref: str) -> Any:
-    """What turns raw examples into model inputs: the model's tokenizer, or for image tasks
-    its image processor at `data.image_size` (export saves either beside the weights)."""
-    if task.kind == "image_classification":
-        return image_preprocess.load_processor(model_ref, config.data.image_size)
-    return model_files.load_tokenizer(model_ref)
-
-
 def _resolve_model(name: str) -> str:
     """A GGUF file or an HF directory for `model.name` (path, packaged alias or hub id)."""
     if model_files.is_gguf(name):
         return str(model_files.resolve_gguf(name))
     return str(model_files.resolve_model_dir(name))
-
-
-def _task_overrides(config: ml_collections.ConfigDict, task) -> dict[str, Any]:
-    """Model-config overrides the task implies: a classifier's width and dropout."""
-    if task.kind == "seq2seq":  # Whisper's own dropout (0.0 in its pretrained config)
-        return {"dropout": config.model.dropout} if config.model.dropout >= 0 else {}
-    if task.kind == "causal_lm":
-        if config.model.dropout >= 0:
-            raise ValueError(
-                "model.dropout is for encoder classifiers; causal LMs here train without "
-                "dropout (LoRA has its own: peft.dropout)"
-            )
-        return {}
-    overrides: dict[str, Any] = {"num_labels": task.num_labels}
-    if config.model.dropout >= 0:
-        overrides["hidden_dropout_prob"] = config.model.dropout
-        overrides["attention_probs_dropout_prob"] = config.model.dropout
-    return overrides

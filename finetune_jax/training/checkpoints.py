@@ -83,8 +83,8 @@ def _best_rank(metric: str, mode: str):
     """Orbax's sort key for "best": the metric, ties going to the EARLIEST step, as early
     stopping (`early_stopping.py`, strict improvement) counts them, so summary.json's
     best_step and `eval --checkpoint=best` name the same checkpoint. Orbax takes the last of
-    an ascending sort ("max") or of a descending one ("min"); checkpoints saved before the
-    step was recorded tie-break by save order, as before."""
+    an ascending sort ("max") or of a descending one ("min"); checkpoints whose metrics hold
+    no step tie-break by save order."""
     sign = -1 if mode == "max" else 1
     return lambda m: (m[metric], sign * m.get(_STEP_KEY, 0))
 

@@ -14,7 +14,6 @@ import jax
 import ml_collections
 
 from finetune_jax import host_memory
-from finetune_jax.evaluation.evaluator import evaluate
 from finetune_jax.evaluation.metrics import metric_mode
 from finetune_jax.training import (
     builder,
@@ -114,8 +113,8 @@ def _outputs(path, steps) -> str:
 
 def _save_label_names(task, workdir: str) -> None:
     """A classifier's id -> class name mapping, printed and kept with the run."""
-    names = getattr(task, "label_names", None)
-    if names is None:  # regression, language models
+    names = task.label_names
+    if names is None:  # regression, language models, speech
         return
     path = workdir_files.write_label_names(workdir, names)
     say("class ids: " + ", ".join(f"{i}={name}" for i, name in enumerate(names)) + f" ({path})")
@@ -181,15 +180,7 @@ def _evaluate(run: _Run, state, step: int) -> dict[str, Any]:
     """Evaluates on data.eval_split, updates early stopping and logs; the metrics."""
     setup = run.setup
     run.log.flush()
-    batches = setup.data.eval_batches(run.eval_data)
-    results = evaluate(
-        setup.eval_step,
-        state.params,
-        batches,
-        setup.task,
-        setup.put_batch,
-        transcriber=setup.transcriber,
-    )
+    results = setup.evaluate(state.params, run.eval_data)
     improved = run.stopper.update(results[setup.metric], step)
     run.log.eval(step, results, run.stopper.best, improved)
     return results
@@ -252,10 +243,7 @@ def _final_eval(run: _Run, state, split: str, data) -> dict[str, Any]:
     params = state.params
     if step != int(state.step):
         params = checkpoints.restore_params(manager, step, setup.abstract_params)
-    batches = setup.data.eval_batches(data)
-    results = evaluate(
-        setup.eval_step, params, batches, setup.task, setup.put_batch, setup.transcriber
-    )
+    results = setup.evaluate(params, data)
     say(f"final eval of step {step} on {split}: " + format_metrics(results))
     return {"split": split, "step": step, **results}
 

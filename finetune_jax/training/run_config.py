@@ -27,7 +27,7 @@ MEANING_SECTIONS = ("model", "data", "peft")
 # other sections (generate.*, train.batch_size, mesh.*, optim.*, ...) may always differ.
 RUN_TIME_KEYS = (
     r"model\.(dtype|remat|lm_loss_chunk)",
-    r"data\.(dir|files|eval_split|max_eval_rows|max_train_rows|feature_cache|cache_dir)",
+    r"data\.(dir|files|eval_split|max_eval_rows|max_train_rows|cache_dir)",
     r"data\.(augment|augment_scale|augment_flip|packing)",
 )
 

@@ -15,11 +15,12 @@ import numpy as np
 import optax
 
 from finetune_jax import tree_paths
-from finetune_jax.data import loaders, tasks
+from finetune_jax.evaluation import evaluator
 from finetune_jax.evaluation.metrics import metric_mode
 from finetune_jax.hf import loading
 from finetune_jax.models import lora as lora_lib
 from finetune_jax.models.family import ModelFamily
+from finetune_jax.tasks.kind import TaskKind
 from finetune_jax.training import checkpoints, optim
 from finetune_jax.training.state import TrainState, create_train_state
 
@@ -28,9 +29,10 @@ from finetune_jax.training.state import TrainState, create_train_state
 class Setup:
     """Everything a train or eval loop needs, built once from the config."""
 
-    config: ml_collections.ConfigDict
-    task: tasks.Task | tasks.ChatTask | tasks.ImageTask | tasks.SpeechTask
-    data: loaders.ClassificationData | loaders.ChatData | loaders.ImageData | loaders.SpeechData
+    config: ml_collections.ConfigDict  # with the family's defaults for 'auto' values
+    kind: TaskKind  # the task's kind: what the loop, eval, predict, export ask
+    task: Any  # the kind's task, class names resolved
+    data: Any  # the kind's loader (None in an abstract build)
     tokenizer: Any  # the tokenizer, or an image task's image processor
     model_ref: str  # the resolved model: an HF directory or a GGUF file ("" if abstract)
     hf_config: dict[str, Any]  # the pretrained model's HF config (export starts from it)
@@ -49,10 +51,12 @@ class Setup:
     batch_sharding: jax.sharding.NamedSharding
     train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated
     eval_step: Callable  # jitted (params, batch) -> outputs
-    # Head task kinds: jitted (params, batch) -> {logits, features} (steps.predict_step).
+    # Kinds that predict with their head: jitted (params, batch) -> {logits, features}
+    # (steps.predict_step).
     predict_step: Callable | None = None
-    # Seq2seq tasks: greedy transcription for WER / CER in every eval (None otherwise).
-    transcriber: Any = None
+    # What every eval adds (speech: transcripts and WER / CER; NER: entity F1), or None;
+    # see `evaluation/evaluator.py`.
+    scorer: Any = None
 
     @property
     def trainable_paths(self) -> list[str]:
@@ -63,6 +67,21 @@ class Setup:
     @property
     def metric(self) -> str:
         return self.config.train.metric or self.task.main_metric
+
+    def evaluate(self, params: Any, split: Any, records: list | None = None) -> dict[str, Any]:
+        """Loss, the task's metrics and the scorer's on a loaded split (`data.load(...)`);
+        the scorer's per-example records go to `records` when given."""
+        batches = self.data.eval_batches(split)
+        return evaluator.evaluate(
+            self.eval_step,
+            params,
+            batches,
+            self.task,
+            self.put_batch,
+            scorer=self.scorer,
+            records=records,
+            per_token=self.kind.per_token,
+        )
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Host batch (this process's rows) -> global arrays sharded over the data axes."""

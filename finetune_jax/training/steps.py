@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from finetune_jax.training import losses
+from finetune_jax.tasks import losses
 from finetune_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -34,6 +34,9 @@ MODEL_INPUTS = (
     "decoder_input_ids",
     "decoder_attention_mask",
 )
+# Batch keys a task's eval scorer reads beside the predictions (token classification: which
+# pieces start a word), returned by the eval step as they are.
+SCORED_INPUTS = ("word_starts",)
 # (params, batch, rng or None) -> (summed loss, predictions)
 Objective = Callable[[Any, Batch, Any], tuple[jax.Array, jax.Array]]
 
@@ -204,11 +207,8 @@ def eval_step(params: Any, batch: Batch, *, objective: Objective) -> dict[str, j
         "predictions": predictions,
         "labels": batch["labels"],
         "weights": batch["weights"],
+        **{k: batch[k] for k in SCORED_INPUTS if k in batch},
     }
-
-
-# Task kinds whose module ends in a classification / regression head over pooled features.
-HEAD_KINDS = ("classification", "image_classification")
 
 
 def predict_step(params: Any, batch: Batch, *, apply_fn: Callable) -> dict[str, jax.Array]:

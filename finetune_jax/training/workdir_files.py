@@ -77,7 +77,7 @@ def read_json(path: epath.Path) -> Any:
 class LineFile:
     """A log of text lines (JSON lines) in a workdir, appended as a run goes.
 
-    A local file is appended to and flushed at each line, as before. Object stores cannot
+    A local file is appended to and flushed at each line. Object stores cannot
     append, so for a URL the lines are kept here and the whole object is uploaded by `sync`,
     at most every `sync_every_s` seconds from `append` (an upload per line would slow the
     step loop); callers `sync` at the points they need it durable (a checkpoint, the end).

@@ -15,11 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from finetune_jax.data import loaders
+from finetune_jax.data import text_loader
 from finetune_jax.train import train
-from finetune_jax.training import builder, checkpoints
+from finetune_jax.training import checkpoints
 from finetune_jax.training.faults import NonFiniteError
-from tests.helpers import REPO, SHARED_DATA, tiny_config
+from tests.helpers import REPO, SHARED_DATA, final_state, tiny_config, train_losses
 
 pytestmark = pytest.mark.faults
 
@@ -33,18 +33,6 @@ def write_config_file(path, model_dir, data_dir, **train_overrides):
         f"    return tiny_config({str(model_dir)!r}, {str(data_dir)!r}, **{train_overrides!r})\n"
     )
     return path
-
-
-def final_state(config, workdir):
-    exp = builder.build(config)
-    manager = checkpoints.make_manager(str(workdir), 2, None, read_only=True)
-    restored = checkpoints.restore_latest(manager, exp.abstract_state())
-    return None if restored is None else jax.device_get(restored[0])
-
-
-def train_losses(workdir):
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
 
 
 def assert_same_run(config, dir_a, dir_b):
@@ -139,9 +127,9 @@ class PoisonedBatches:
 
 
 def poison_batch(monkeypatch, at_batch):
-    real = loaders.ClassificationData.train_batches
+    real = text_loader.ClassificationData.train_batches
     monkeypatch.setattr(
-        loaders.ClassificationData,
+        text_loader.ClassificationData,
         "train_batches",
         lambda data: PoisonedBatches(real(data), at_batch),
     )

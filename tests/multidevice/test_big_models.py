@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from finetune_jax import config as config_lib
-from finetune_jax.data import loaders
 from finetune_jax.hf import loading, model_files
 from finetune_jax.models import family_for
 from finetune_jax.training import builder
@@ -105,7 +104,7 @@ def test_fsdp_splits_the_vocabulary_so_no_device_gathers_the_embedding(tiny_chat
     setup = builder.build(config)
     table = setup.abstract_params["model"]["embed_tokens"]["embedding"]
     assert table.sharding.shard_shape(table.shape) == (table.shape[0] // 8, table.shape[1])
-    spec = loaders.batch_spec(config, setup.task)
+    spec = setup.kind.batch_spec(config, setup.task)
     batch = {
         name: jax.ShapeDtypeStruct(shape, dtype, sharding=setup.batch_sharding)
         for name, (shape, dtype) in spec.items()

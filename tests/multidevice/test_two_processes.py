@@ -1,7 +1,6 @@
 """Two real processes on 127.0.0.1 (jax.distributed + gloo) form one 8-device mesh: per-process
 data loading, one multi-process checkpoint, the same losses and params as one process."""
 
-import json
 import os
 import socket
 import subprocess
@@ -12,7 +11,7 @@ import numpy as np
 
 from finetune_jax.train import train
 from finetune_jax.training import builder, checkpoints
-from tests.helpers import REPO, tiny_config
+from tests.helpers import REPO, tiny_config, train_losses
 
 WORKER = REPO / "tests" / "multidevice" / "two_process_worker.py"
 
@@ -21,11 +20,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def train_losses(workdir):
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
 
 
 def test_two_processes_train_and_checkpoint_like_one(tiny_bert_dir, sst2_slice, tmp_path):
@@ -61,7 +55,7 @@ def test_two_processes_train_and_checkpoint_like_one(tiny_bert_dir, sst2_slice, 
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
 
-    one, two = train_losses(tmp_path / "one"), train_losses(workdir)
+    one, two = dict(train_losses(tmp_path / "one")), dict(train_losses(workdir))
     assert sorted(two) == sorted(one) == list(range(1, 7))
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5)
 
