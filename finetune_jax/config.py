@@ -225,7 +225,7 @@ def _generate() -> ml_collections.ConfigDict:
     s.top_k = 0  # sample among the k most likely tokens; 0 = all
     s.batch_size = 8
     s.seed = 0
-    # Seq2seq (speech) transcripts: beam search of this width, 1 = greedy. transformers'
+    # Speech-recognition transcripts: beam search of this width, 1 = greedy. transformers'
     # algorithm and length penalty (generation_config.json's `length_penalty`, default 1.0:
     # a hypothesis scores sum log p / generated tokens); K rows of decoder cache per clip.
     s.num_beams = 1

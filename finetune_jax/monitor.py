@@ -5,7 +5,7 @@ Compares new rows (`--input`, any file `predict` reads) with the data the model 
 on (`--reference`: a file, or a split name; default the run's data.eval_split): input length
 and unknown-token rate, the predicted-label distribution (PSI, KL), confidence, the pooled
 features the classifier head reads (MMD two-sample test, permutation p-value) and, when the
-rows have labels, accuracy (see `evaluation/monitoring.py`, `evaluation/drift.py`). Writes
+rows have labels, accuracy (see `evaluation/drift_checks.py`, `evaluation/drift_statistics.py`). Writes
 DIR/report.md (table + PNG plots) and DIR/drift.json. Exit status: 0 no drift, 1 drift over
 the thresholds (for a cron job to alert on), 2 an error.
 """
@@ -21,7 +21,7 @@ from absl import app, flags
 
 from finetune_jax.cli import define_run_config_flag, quiet_libraries, resolve_run_config, run_main
 from finetune_jax.data import prediction_io
-from finetune_jax.evaluation import drift_report, monitoring
+from finetune_jax.evaluation import drift_checks, drift_report
 from finetune_jax.training import builder
 
 
@@ -39,25 +39,25 @@ def monitor(
     out_dir: str,
     reference: str = "",
     which: str = "best",
-    thresholds: monitoring.Thresholds | None = None,
+    thresholds: drift_checks.Thresholds | None = None,
     permutations=500,
     max_rows=1000,
 ) -> dict:
     """Writes the drift report of `input_path` against `reference`; returns drift.json's dict."""
     prediction_io.check_input(input_path)
-    thresholds = thresholds or monitoring.Thresholds()
+    thresholds = thresholds or drift_checks.Thresholds()
     reference = reference or config.data.eval_split
     setup = builder.build(config, workdir=workdir)  # the class names the run trained with
     setup.kind.check_monitorable(setup)
     step, params = setup.restore_params(workdir, which)
     names = setup.task.label_names
     rows, seed = config.train.batch_size, config.seed
-    ref = monitoring.collect(
+    ref = drift_checks.collect(
         setup, params, reference_chunks(setup, reference, rows), reference, names, max_rows, seed
     )
     chunks = prediction_io.read_chunks(input_path, rows)
-    new = monitoring.collect(setup, params, chunks, input_path, names, max_rows, seed)
-    checks, mmd = monitoring.compare(ref, new, thresholds, permutations, max_rows, seed)
+    new = drift_checks.collect(setup, params, chunks, input_path, names, max_rows, seed)
+    checks, mmd = drift_checks.compare(ref, new, thresholds, permutations, max_rows, seed)
     meta = {"workdir": workdir, "step": step, "reference": reference, "input": input_path}
     result = drift_report.summary(checks, mmd, ref, new, meta)
     if jax.process_index() == 0:
@@ -72,7 +72,7 @@ def main() -> None:
     out = flags.DEFINE_string("out", None, "Directory for report.md, drift.json and plots.")
     reference = flags.DEFINE_string("reference", "", "File or split; '' = data.eval_split.")
     which = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
-    defaults = monitoring.Thresholds()
+    defaults = drift_checks.Thresholds()
     psi = flags.DEFINE_float("psi", defaults.psi, "Drift when a PSI is above this.")
     kl = flags.DEFINE_float("kl", defaults.kl, "Drift when the predicted-label KL is above.")
     mmd_p = flags.DEFINE_float("mmd_p", defaults.mmd_p, "Drift when MMD's p-value is below.")
@@ -86,7 +86,9 @@ def main() -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         quiet_libraries()
-        limits = monitoring.Thresholds(psi.value, kl.value, mmd_p.value, unknown.value, drop.value)
+        limits = drift_checks.Thresholds(
+            psi.value, kl.value, mmd_p.value, unknown.value, drop.value
+        )
         paths = (workdir.value, input_path.value, out.value, reference.value)
         resolved = resolve_run_config(config, workdir.value)
         result = monitor(resolved, *paths, which.value, limits, permutations.value, max_rows.value)

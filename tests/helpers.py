@@ -104,7 +104,7 @@ def check_remat_and_bfloat16(module_cls, config, params, bf16_atol):
 
 
 def load_whisper(model_dir, **overrides):
-    """(config, module, params) of a Whisper seq2seq model from an HF dir."""
+    """(config, module, params) of a Whisper encoder-decoder model from an HF dir."""
     return loading.load_pretrained(
         whisper.FAMILY, str(model_dir), "speech_recognition", **overrides
     )
@@ -114,7 +114,7 @@ def greedy_decode(
     module, params, input_features, prompt, max_new_tokens, eos_id, suppress=(), begin_suppress=()
 ):
     """Greedy token ids after `prompt` (ids [P]) for each row of `input_features`, through
-    the seq2seq interface: encode once, cross K/V once (`init_cache`), a prefill of the
+    the encoder-decoder interface: encode once, cross K/V once (`init_cache`), a prefill of the
     prompt, then one cached step per token. Token ids in `suppress` are never chosen, those
     in `begin_suppress` not as the first (transformers' Whisper logits processors). Rows
     stop at (and keep) `eos_id`."""

@@ -14,8 +14,8 @@ import transformers
 
 from finetune_jax import train as train_lib
 from finetune_jax.data import chat_batches
-from finetune_jax.evaluation.generated_answers import eos_ids, split_prompt
-from finetune_jax.evaluation.generation import Generator, SamplingConfig
+from finetune_jax.evaluation.lm_generation import Generator, SamplingConfig
+from finetune_jax.evaluation.lm_samples import eos_ids, split_prompt
 from finetune_jax.export import export, write_hf_model
 from finetune_jax.training import builder
 from tests.helpers import SHARED_DATA, tiny_config

@@ -17,8 +17,8 @@ from PIL import Image
 from finetune_jax import train as train_lib
 from finetune_jax.data import chat_batches, image_preprocess
 from finetune_jax.data.text_sources import DataError
-from finetune_jax.evaluation import generated_answers
-from finetune_jax.evaluation.generation import Generator, SamplingConfig
+from finetune_jax.evaluation import lm_samples
+from finetune_jax.evaluation.lm_generation import Generator, SamplingConfig
 from finetune_jax.evaluation.prediction import probabilities
 from finetune_jax.predict import predict
 from finetune_jax.training import builder, run_config
@@ -156,8 +156,8 @@ def test_causal_lm_completions_are_generations_greedy_output(tiny_chat_llama_dir
     tokenizer = setup.tokenizer
     conversations = [[{"role": "user", "content": p["prompt"]}] for p in prompts[::2]]
     conversations.insert(1, prompts[1]["messages"])
-    ids = generated_answers.prompt_token_ids(tokenizer, conversations)
-    eos = generated_answers.eos_ids(tokenizer, setup.hf_config)
+    ids = lm_samples.prompt_token_ids(tokenizer, conversations)
+    eos = lm_samples.eos_ids(tokenizer, setup.hf_config)
     sampling = SamplingConfig(max_new_tokens=config.generate.max_new_tokens)
     generator = Generator(setup.module, eos, chat_batches.pad_token_id(tokenizer), sampling)
     expected = [

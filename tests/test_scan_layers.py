@@ -19,7 +19,7 @@ from finetune_jax import train as train_lib
 from finetune_jax import tree_paths
 from finetune_jax.cluster import sharding
 from finetune_jax.config import base_config
-from finetune_jax.evaluation.generation import Generator, SamplingConfig
+from finetune_jax.evaluation.lm_generation import Generator, SamplingConfig
 from finetune_jax.hf import adapters
 from finetune_jax.models import bert, hf_mapping, llama, llama_config
 from finetune_jax.models import lora as lora_lib

@@ -16,7 +16,7 @@ from finetune_jax import tasks, tree_paths
 from finetune_jax import train as train_lib
 from finetune_jax.data import chat_loader, selection
 from finetune_jax.eval import run_eval
-from finetune_jax.evaluation import generated_answers
+from finetune_jax.evaluation import lm_samples
 from finetune_jax.training import builder, checkpoints
 from tests.helpers import SHARED_DATA, run_steps, tiny_config
 
@@ -90,7 +90,7 @@ def test_sft_run_reports_heldout_loss_and_perplexity(tiny_chat_llama_dir, tmp_pa
     assert len(samples) == config.generate.num_samples == tuned["generations"]
     for sample in samples:
         assert sample["prompt"].rstrip().endswith("assistant")  # ChatML generation prompt
-        assert sample["answer"] == generated_answers.final_answer(sample["reference"])
+        assert sample["answer"] == lm_samples.final_answer(sample["reference"])
         assert sample["answer"] is not None and sample["answer"] in sample["reference"]
         assert 1 <= sample["output_tokens"] <= config.generate.max_new_tokens
     assert tuned["exact_match"] == np.mean([s["correct"] for s in samples])
@@ -121,7 +121,7 @@ def test_a_single_chat_file_is_the_train_split_only(tmp_path):
     ],
 )
 def test_final_answer_extraction(text, expected):
-    assert generated_answers.final_answer(text) == expected
+    assert lm_samples.final_answer(text) == expected
 
 
 def test_holdout_rows_are_disjoint_fixed_and_capped():

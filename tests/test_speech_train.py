@@ -1,4 +1,4 @@
-"""The seq2seq speech path end to end on a tiny random Whisper with tiny.en's tokenizer:
+"""The speech-recognition path end to end on a tiny random Whisper with tiny.en's tokenizer:
 config -> train (LoRA) -> eval with greedy transcripts and WER -> exact resume -> export
 that transformers' WhisperForConditionalGeneration loads and that generates our tokens."""
 

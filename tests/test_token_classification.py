@@ -17,7 +17,7 @@ from finetune_jax import eval as eval_lib
 from finetune_jax import predict as predict_lib
 from finetune_jax import tasks
 from finetune_jax import train as train_lib
-from finetune_jax.data import token_tags
+from finetune_jax.data import ner_tags
 from finetune_jax.evaluation import entities
 from finetune_jax.export import export
 from finetune_jax.hf import loading
@@ -66,13 +66,13 @@ def test_ner_train_eval_predict_export(tiny_bert_dir, tmp_path):
     workdir = tmp_path / "run"
     summary = train_lib.train(config, str(workdir))
     names = tuple(json.loads((workdir / "label_names.json").read_text()))
-    gold = [t for _, t in token_tags.read_conll(str(WNUT / "train.conll"))]
-    assert names == token_tags.label_names_from(gold) and names[0] == "O"
+    gold = [t for _, t in ner_tags.read_conll(str(WNUT / "train.conll"))]
+    assert names == ner_tags.label_names_from(gold) and names[0] == "O"
     assert summary["best_step"] in (3, 6)
 
     # eval: entity scores equal seqeval's on the words' tags, one record per sentence
     result = eval_lib.run_eval(config, str(workdir), "validation", which="latest")
-    types = token_tags.entity_types(names)
+    types = ner_tags.entity_types(names)
     assert {"loss", "token_accuracy", "precision", "recall", "f1"} <= set(result)
     assert {f"f1_{t}" for t in types} <= set(result)
     lines = (workdir / "entities_validation_step6.jsonl").read_text().splitlines()

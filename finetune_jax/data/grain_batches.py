@@ -29,7 +29,7 @@ import grain
 import numpy as np
 
 from finetune_jax.data import text_batches
-from finetune_jax.data.token_cache import TokenSplit
+from finetune_jax.data.token_cache import NerSplit
 
 
 class DataChangedError(ValueError):
@@ -39,7 +39,7 @@ class DataChangedError(ValueError):
 class _GlobalBatchSlice:
     """Global batch number -> this process's collated slice of it (Grain map_with_index)."""
 
-    def __init__(self, split: TokenSplit, batch_size, seed, buckets, pad_id, shard):
+    def __init__(self, split: NerSplit, batch_size, seed, buckets, pad_id, shard):
         self._split, self._batch_size, self._seed = split, batch_size, seed
         self._buckets, self._pad_id, self._shard = buckets, pad_id, shard
         self._lengths = split.lengths
@@ -67,7 +67,7 @@ class GrainTrainBatches:
 
     def __init__(
         self,
-        split: TokenSplit,
+        split: NerSplit,
         batch_size: int,
         seed: int,
         buckets: tuple[int, ...],

@@ -79,7 +79,7 @@ class ClassificationData:
         rows = selection.config_rows(self.config, split, len(examples), classes)
         return examples if rows is None else text_sources.take(examples, rows)
 
-    def load(self, split: str) -> token_cache.TokenSplit:
+    def load(self, split: str) -> token_cache.NerSplit:
         """The tokenized rows of `split`, from the on-disk token cache (built on first use)."""
         data = self.config.data
         tokens = token_cache.open_split(
@@ -119,7 +119,7 @@ class ClassificationData:
             prefetch=self.config.data.prefetch,
         )
 
-    def eval_batches(self, encoded: token_cache.TokenSplit) -> Iterator[dict[str, np.ndarray]]:
+    def eval_batches(self, encoded: token_cache.NerSplit) -> Iterator[dict[str, np.ndarray]]:
         """Fixed-order eval batches (last one padded with weight-0 rows)."""
         return text_batches.eval_batches(
             encoded,

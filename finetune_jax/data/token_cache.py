@@ -114,7 +114,7 @@ def open_split(
     tokenizer,
     max_length: int,
     cache_dir: str = "",
-) -> TokenSplit:
+) -> NerSplit:
     """The tokenized `split` (a file split: train, validation, test), built on first use."""
     root = tokens_root(cache_dir)
     fingerprint = split_fingerprint(task, data_dir, split, root)
@@ -140,7 +140,7 @@ def open_split(
                 _build(chunks, tokenizer, max_length, target, {**recipe, "files": fingerprint})
                 seconds = time.perf_counter() - started
                 print(f"tokenized {split} in {seconds:.1f} s (reused from now on)", file=sys.stderr)
-    return TokenSplit(target, fingerprint)
+    return NerSplit(target, fingerprint)
 
 
 def _build(
@@ -191,7 +191,7 @@ def _build(
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-class TokenSplit:
+class NerSplit:
     """A cached tokenized split, read row by row, optionally restricted to `rows` (a view).
 
     Quacks like `text_batches.Encoded` (input_ids[i], token_type_ids[i], labels, lengths,
@@ -227,11 +227,11 @@ class TokenSplit:
         lengths = np.diff(self._offsets).astype(np.int32)
         return lengths if self._rows is None else lengths[self._rows]
 
-    def take(self, rows: np.ndarray) -> TokenSplit:
+    def take(self, rows: np.ndarray) -> NerSplit:
         """A view of the rows at `rows` (indices into this view), in that order."""
         rows = np.asarray(rows, np.int64)
         file_rows = rows if self._rows is None else self._rows[rows]
-        return TokenSplit(self.directory, self.fingerprint, file_rows)
+        return NerSplit(self.directory, self.fingerprint, file_rows)
 
 
 class _Ragged:

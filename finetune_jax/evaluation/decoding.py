@@ -7,7 +7,7 @@ Both run inside one jitted program as a `lax.while_loop` over a model-agnostic s
 feeds the token chosen at generation step `t - 1` (of every row) and returns the logits for
 step `t`; the caller has already run the prompt (prefill) and passes its last logits. A
 causal LM's step feeds its KV cache with positions after a left-padded prompt
-(`generation.py`), an encoder-decoder's its self-attention cache over a fixed memory
+(`lm_generation.py`), an encoder-decoder's its self-attention cache over a fixed memory
 (`transcription.py`); a new model family brings only its step. Every cache leaf has the
 batch on axis 0, so beam search reorders a cache with one gather.
 """

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from finetune_jax.evaluation import drift
-from finetune_jax.evaluation.monitoring import Check, Sample, accuracy
+from finetune_jax.evaluation import drift_statistics
+from finetune_jax.evaluation.drift_checks import Check, Sample, accuracy
 from finetune_jax.json_values import finite, json_text
 
 _TITLE = "Drift report"
@@ -23,7 +23,11 @@ def _number(value: float | None) -> str:
 
 
 def summary(
-    checks: Sequence[Check], mmd: drift.MMDResult, reference: Sample, new: Sample, meta: dict
+    checks: Sequence[Check],
+    mmd: drift_statistics.MMDResult,
+    reference: Sample,
+    new: Sample,
+    meta: dict,
 ) -> dict[str, Any]:
     """The drift.json content."""
     return finite(
@@ -41,7 +45,7 @@ def summary(
                 "kernel": "rbf, bandwidth = median pairwise distance of the pooled sample",
             },
             "accuracy": {"reference": accuracy(reference), "input": accuracy(new)},
-            "smoothing": f"{drift.SMOOTHING} added to every bin count (PSI, KL)",
+            "smoothing": f"{drift_statistics.SMOOTHING} added to every bin count (PSI, KL)",
         }
     )
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from finetune_jax.data.token_tags import check_tags, entity_types
+from finetune_jax.data.ner_tags import check_tags, entity_types
 
 
 def entity_scores(

@@ -6,7 +6,7 @@ per row: `LabelPredictor` for classification (`label` and `prob_<name>` per clas
 multi-label the labels with probability >= threshold, a list, and the probabilities;
 regression `score`), `EntityPredictor` for token classification (`entities` with character
 offsets), `CompletionPredictor` for causal LMs (`completion`, greedy or sampled as
-`generate.*` says, via `evaluation/generation.py`). Padding rows never come back.
+`generate.*` says, via `evaluation/lm_generation.py`). Padding rows never come back.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from finetune_jax.data import prediction_io
-from finetune_jax.evaluation import entities, generated_answers
+from finetune_jax.evaluation import entities, lm_samples
 
 # Prompt buckets of causal-LM prediction: prompts are streamed, so the longest is unknown.
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
@@ -107,7 +107,7 @@ class CompletionPredictor:
 
     def __init__(self, setup, params, source: str):
         self.setup, self.params, self.source = setup, params, source
-        self._generator = generated_answers.make_generator(
+        self._generator = lm_samples.make_generator(
             setup.module, setup.tokenizer, setup.hf_config, setup.config.generate, PROMPT_BUCKETS
         )
 
@@ -118,7 +118,7 @@ class CompletionPredictor:
         """The generated reply to each row's prompt, decoded without special tokens."""
         tokenizer = self.setup.tokenizer
         prompts = [prompt_messages(row, self.source) for row in rows]
-        token_ids = generated_answers.prompt_token_ids(tokenizer, prompts)
+        token_ids = lm_samples.prompt_token_ids(tokenizer, prompts)
         batch = self.setup.config.generate.batch_size
         outputs = self._generator.generate(self.params, token_ids, batch)
         return [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]

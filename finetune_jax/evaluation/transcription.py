@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from finetune_jax.data.seq2seq_batches import decoder_prompt
+from finetune_jax.data.speech_batches import decoder_prompt
 from finetune_jax.evaluation import decoding, wer
 
 
-def _generate_tokens(
+def _transcribe_tokens(
     module: Any,
     prompt: tuple[int, ...],
     eos_id: int,
@@ -86,7 +86,7 @@ def _mask(token_ids: Sequence[int], vocab_size: int) -> np.ndarray:
 
 
 class Transcriber:
-    """Transcripts of `input_features` batches with a seq2seq `module`.
+    """Transcripts of `input_features` batches with an encoder-decoder `module`.
 
     generation: the model's generation_config.json as a dict (prompt, EOS, suppressed
     tokens, `length_penalty` for beam search, default 1.0); max_new_tokens is capped so that
@@ -121,7 +121,7 @@ class Transcriber:
         length_penalty = float(generation.get("length_penalty", 1.0))
         self._generate = jax.jit(
             functools.partial(
-                _generate_tokens,
+                _transcribe_tokens,
                 module,
                 self.prompt,
                 self.eos_id,

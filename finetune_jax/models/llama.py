@@ -13,7 +13,7 @@ in tests/test_llama.py.
 
 Generation uses an optional, purely functional KV cache (`init_cache`; the `cache` and
 `cache_index` arguments of `LlamaForCausalLM`): a call writes its chunk's keys and values at
-slots `cache_index ...` and returns the new cache beside the logits (see evaluation/generation.py).
+slots `cache_index ...` and returns the new cache beside the logits (see evaluation/lm_generation.py).
 
 With `scan_layers` the decoder layers run as one `nn.scan`: their params (and the cache) are
 stacked along a leading axis named `layers` (`model/layers/...` instead of `model/layers_{i}/...`),

@@ -1,4 +1,5 @@
-"""Whisper encoder-decoder (HF `model_type` whisper): the seq2seq head, init and family.
+"""Whisper encoder-decoder (HF `model_type` whisper): the speech-recognition head, init and
+family.
 
 Encoder: two 1-D convolutions with GELU over log-mel frames (the second strided by 2), fixed
 sinusoidal positions, pre-norm layers, final LayerNorm. Decoder: token + learned position
@@ -8,8 +9,9 @@ embeddings, pre-norm layers of causal self-attention, cross-attention over the e
 layers, encoder and decoder: `whisper_blocks.py`; HF layout: `whisper_hf.py`; parity with
 transformers: tests/test_whisper.py.
 
-The "seq2seq" head (`WhisperForConditionalGeneration`) has the methods a seq2seq step and a
-generation loop call; another encoder-decoder family (T5, BART, Marian) provides the same:
+The encoder-decoder head (`WhisperForConditionalGeneration`, the "speech_recognition" kind's)
+has the methods the train step and a generation loop call; another encoder-decoder family
+(T5, BART, Marian) provides the same:
 
 - `__call__(<encoder inputs>, decoder_input_ids, decoder_attention_mask=None,
   deterministic=True, return_hidden=False)`: teacher forcing, float32 logits [B, T, V]
@@ -61,7 +63,7 @@ class WhisperModel(nn.Module):
 
 
 class WhisperForConditionalGeneration(nn.Module):
-    """The "seq2seq" head: see the module docstring for its methods and arguments."""
+    """The encoder-decoder head: see the module docstring for its methods and arguments."""
 
     config: WhisperConfig
 

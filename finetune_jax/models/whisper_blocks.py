@@ -1,5 +1,5 @@
 """Whisper's building blocks: attention, encoder and decoder layers, the encoder and the
-decoder, and the fixed encoder positions (`sinusoids`). The seq2seq head that joins them, its
+decoder, and the fixed encoder positions (`sinusoids`). The encoder-decoder head that joins them, its
 init and the family are in `whisper.py`.
 
 Param names mirror HF (`self_attn`, `encoder_attn`, `fc1`, `final_layer_norm`...) so the

@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any
 
 from finetune_jax.data import chat_loader
-from finetune_jax.evaluation import generated_answers, prediction
+from finetune_jax.evaluation import lm_samples, prediction
 from finetune_jax.hf import saving
 from finetune_jax.tasks import losses
 from finetune_jax.tasks.kind import TaskKind
@@ -65,7 +65,7 @@ class CausalLM(TaskKind):
         settings = setup.config.generate
         if settings.num_samples <= 0:
             return [], {}
-        samples = generated_answers.generate_samples(
+        samples = lm_samples.generate_samples(
             setup.module,
             params,
             setup.tokenizer,
@@ -74,7 +74,7 @@ class CausalLM(TaskKind):
             settings,
             setup.task.answer_marker,
         )
-        return samples, generated_answers.summarize(samples)
+        return samples, lm_samples.summarize(samples)
 
     def predictor(self, setup, params, source, threshold):
         return prediction.CompletionPredictor(setup, params, source)

@@ -45,21 +45,6 @@ def multi_label_loss(
     return jnp.sum(per_row * weights), (logits > 0).astype(jnp.int32)
 
 
-# A classifier's loss by transformers' `problem_type` of its task.
-LOSSES = {
-    "single_label_classification": classification_loss,
-    "multi_label_classification": multi_label_loss,
-    "regression": regression_loss,
-}
-
-
-def loss_for(task):
-    """Pick the loss at setup time, so the jitted step holds no branch on the task."""
-    if task.kind in ("causal_lm", "seq2seq"):  # a decoder's labels are its next tokens
-        return next_token_loss
-    return LOSSES[task.problem_type]
-
-
 def causal_lm_loss(
     logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
 ) -> tuple[jax.Array, jax.Array]:

@@ -8,7 +8,7 @@ import dataclasses
 import os
 from typing import Any
 
-from finetune_jax.data import speech_data
+from finetune_jax.data import speech_loader
 from finetune_jax.evaluation.transcription import Transcriber, TranscriptScorer
 from finetune_jax.tasks import losses
 from finetune_jax.tasks.kind import TaskKind
@@ -37,7 +37,7 @@ SPEECH_TASKS: dict[str, SpeechTask] = {
 
 
 class SpeechRecognition(TaskKind):
-    """Cached log-mel features in, transcript tokens out (see `data/speech_data.py`)."""
+    """Cached log-mel features in, transcript tokens out (see `data/speech_loader.py`)."""
 
     name = "speech_recognition"
     tasks = SPEECH_TASKS
@@ -56,10 +56,10 @@ class SpeechRecognition(TaskKind):
     )
 
     def loader(self, config, task, preprocessor, model_ref, saved_names=None):
-        return speech_data.SpeechData(config, task, preprocessor, model_ref)
+        return speech_loader.SpeechData(config, task, preprocessor, model_ref)
 
     def batch_spec(self, config, task):
-        return speech_data.SpeechData.batch_spec(config, task)
+        return speech_loader.SpeechData.batch_spec(config, task)
 
     def loss(self, task):
         return losses.next_token_loss

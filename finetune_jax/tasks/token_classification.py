@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from finetune_jax.data import text_tasks, token_loader, token_tags
+from finetune_jax.data import ner_loader, ner_tags, text_tasks
 from finetune_jax.evaluation import entities, prediction
 from finetune_jax.tasks import losses
 from finetune_jax.tasks.kind import TaskKind
@@ -31,7 +31,7 @@ class TokenTask:
       format: one of FORMATS ("" = from the train file's extension).
       files: split -> file path or glob, relative to `data.dir` unless absolute.
       tokens_column / tags_column: jsonl / parquet / hub: the word list and the tag list.
-      tag_scheme: how the files' tags mark entity starts (token_tags.SCHEMES).
+      tag_scheme: how the files' tags mark entity starts (ner_tags.SCHEMES).
       label_names: tag names, index = label id ("O" first); None = from the train split.
       hub_name: the `datasets.load_dataset` name for the "hub" format.
       subdir: conventional location of a preset's files under the shared data root.
@@ -57,9 +57,9 @@ class TokenTask:
             raise ValueError(
                 f"data.format={self.format!r} (task {self.name}): expected one of {FORMATS}"
             )
-        if self.tag_scheme not in token_tags.SCHEMES:
+        if self.tag_scheme not in ner_tags.SCHEMES:
             raise ValueError(
-                f"data.tag_scheme={self.tag_scheme!r}: expected one of {token_tags.SCHEMES}"
+                f"data.tag_scheme={self.tag_scheme!r}: expected one of {ner_tags.SCHEMES}"
             )
         unknown = set(self.files) - set(text_tasks.SPLITS)
         if unknown:
@@ -115,7 +115,7 @@ def configured_task(data: ml_collections.ConfigDict) -> TokenTask:
 
 
 class TokenClassification(TaskKind):
-    """Word tags on word pieces (see `data/token_loader.py`); entity-level scores."""
+    """Word tags on word pieces (see `data/ner_loader.py`); entity-level scores."""
 
     name = "token_classification"
     tasks = TOKEN_TASKS
@@ -140,22 +140,22 @@ class TokenClassification(TaskKind):
         return configured_task(data)
 
     def resolve(self, config, task, saved_names=None):
-        return token_loader.resolve_task(config, task, saved_names)
+        return ner_loader.resolve_task(config, task, saved_names)
 
     def model_overrides(self, config, task) -> dict[str, Any]:
         return {"num_labels": task.num_labels}
 
     def loader(self, config, task, preprocessor, model_ref, saved_names=None):
-        return token_loader.TokenData(config, task, preprocessor, saved_names)
+        return ner_loader.NerData(config, task, preprocessor, saved_names)
 
     def batch_spec(self, config, task):
-        return token_loader.TokenData.batch_spec(config, task)
+        return ner_loader.NerData.batch_spec(config, task)
 
     def loss(self, task):
         return losses.classification_loss  # per piece: [B, L, C] logits, [B, L] labels
 
     def metric_names(self, task) -> tuple[str, ...]:
-        types = () if task.label_names is None else token_tags.entity_types(task.label_names)
+        types = () if task.label_names is None else ner_tags.entity_types(task.label_names)
         return (*super().metric_names(task), *ENTITY_METRICS, *(f"f1_{t}" for t in types))
 
     def evaluator(self, config, module, data, tokenizer):

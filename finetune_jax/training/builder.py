@@ -224,7 +224,7 @@ def _jit_steps(config, objective, groups, tx, lr_fn, placement: _Placement):
 
 def _jit_predict_step(config, kind, module, placement: _Placement):
     """Logits and the features the head reads (`steps.predict_step`), for kinds that predict
-    with their head; None for generative ones (predict generates with `evaluation/generation.py`)."""
+    with their head; None for generative ones (predict generates with `evaluation/lm_generation.py`)."""
     if not kind.predicts_with_head:
         return None
     jitted = jax.jit(

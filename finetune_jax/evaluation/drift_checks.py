@@ -1,7 +1,7 @@
 """Monitoring a deployed model: what it sees and predicts on a stream of rows (a `Sample`),
 and the drift checks between a reference sample and new data, each with its threshold.
 
-Checks (statistics in `drift.py`): input length PSI (reference-decile bins) and the change of
+Checks (statistics in `drift_statistics.py`): input length PSI (reference-decile bins) and the change of
 the unknown-token rate (text); predicted-label PSI and KL (regression: predicted-score PSI
 over reference deciles); confidence (top class probability) PSI over 10 equal bins; the MMD
 two-sample test of the pooled features; the accuracy drop when both sides have labels.
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune_jax.evaluation import drift
+from finetune_jax.evaluation import drift_statistics
 from finetune_jax.evaluation.prediction import model_outputs, probabilities
 
 
@@ -125,15 +125,18 @@ def compare(
     permutations: int = 500,
     max_rows: int = 1000,
     seed: int = 0,
-) -> tuple[list[Check], drift.MMDResult]:
+) -> tuple[list[Check], drift_statistics.MMDResult]:
     """Every check of the module docstring, in report order, and the MMD test's details."""
     checks = []
     if reference.lengths is not None and new.lengths is not None:
-        edges = drift.quantile_edges(reference.lengths)
+        edges = drift_statistics.quantile_edges(reference.lengths)
         checks.append(
             Check(
                 "input length PSI",
-                drift.psi(drift.binned(reference.lengths, edges), drift.binned(new.lengths, edges)),
+                drift_statistics.psi(
+                    drift_statistics.binned(reference.lengths, edges),
+                    drift_statistics.binned(new.lengths, edges),
+                ),
                 thresholds.psi,
                 "above",
                 float(reference.lengths.mean()),
@@ -153,7 +156,7 @@ def compare(
             )
         )
     checks += _prediction_checks(reference, new, thresholds)
-    mmd = drift.mmd_test(reference.features, new.features, permutations, max_rows, seed)
+    mmd = drift_statistics.mmd_test(reference.features, new.features, permutations, max_rows, seed)
     checks.append(Check("embedding MMD p-value", mmd.p_value, thresholds.mmd_p, "below"))
     checks += _accuracy_checks(reference, new, thresholds)
     return checks, mmd
@@ -161,19 +164,23 @@ def compare(
 
 def _prediction_checks(reference: Sample, new: Sample, thresholds: Thresholds) -> list[Check]:
     if reference.probs.shape[1] == 1:  # regression: predicted scores over reference deciles
-        edges = drift.quantile_edges(reference.probs[:, 0])
-        ref, cur = (drift.binned(s.probs[:, 0], edges) for s in (reference, new))
-        return [Check("predicted score PSI", drift.psi(ref, cur), thresholds.psi, "above")]
+        edges = drift_statistics.quantile_edges(reference.probs[:, 0])
+        ref, cur = (drift_statistics.binned(s.probs[:, 0], edges) for s in (reference, new))
+        return [
+            Check("predicted score PSI", drift_statistics.psi(ref, cur), thresholds.psi, "above")
+        ]
     classes = reference.probs.shape[1]
     ref, cur = (np.bincount(s.probs.argmax(1), minlength=classes) for s in (reference, new))
     edges = np.linspace(1.0 / classes, 1.0, 11)[1:-1]  # 10 equal bins of the top probability
     ref_conf, new_conf = reference.probs.max(1), new.probs.max(1)
     return [
-        Check("predicted label PSI", drift.psi(ref, cur), thresholds.psi, "above"),
-        Check("predicted label KL", drift.kl(ref, cur), thresholds.kl, "above"),
+        Check("predicted label PSI", drift_statistics.psi(ref, cur), thresholds.psi, "above"),
+        Check("predicted label KL", drift_statistics.kl(ref, cur), thresholds.kl, "above"),
         Check(
             "confidence PSI",
-            drift.psi(drift.binned(ref_conf, edges), drift.binned(new_conf, edges)),
+            drift_statistics.psi(
+                drift_statistics.binned(ref_conf, edges), drift_statistics.binned(new_conf, edges)
+            ),
             thresholds.psi,
             "above",
             float(ref_conf.mean()),

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from finetune_jax.evaluation.generation import Generator, SamplingConfig
+from finetune_jax.evaluation.lm_generation import Generator, SamplingConfig
 from finetune_jax.models import llama, llama_config
 from tests import test_llama
 from tests.helpers import load_llama

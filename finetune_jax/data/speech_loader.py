@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from finetune_jax.data import audio_features, audio_sources, selection, seq2seq_batches
+from finetune_jax.data import audio_features, audio_sources, selection, speech_batches
 
 
 @dataclasses.dataclass
@@ -53,7 +53,7 @@ class SpeechData:
         self.config, self.task, self.tokenizer = config, task, tokenizer
         self.model_dir = model_dir
         self.generation = generation_config(model_dir)
-        self.prompt = seq2seq_batches.decoder_prompt(self.generation)
+        self.prompt = speech_batches.decoder_prompt(self.generation)
         self.eos_id = int(self.generation.get("eos_token_id", tokenizer.eos_token_id))
         pad = self.generation.get("pad_token_id", tokenizer.pad_token_id)
         self.pad_id = self.eos_id if pad is None else int(pad)
@@ -105,23 +105,21 @@ class SpeechData:
             rows, self.extractor, data.audio_seconds, data.cache_dir
         )
         texts = [row.text for row in rows]
-        targets = seq2seq_batches.encode_targets(texts, self.tokenizer, self.eos_id)
-        cut = seq2seq_batches.truncated(targets, self.prompt, data.max_length)
+        targets = speech_batches.encode_targets(texts, self.tokenizer, self.eos_id)
+        cut = speech_batches.truncated(targets, self.prompt, data.max_length)
         if cut and jax.process_index() == 0:
             print(
                 f"warning: {cut} of {len(targets)} {split} transcripts exceed "
                 f"data.max_length={data.max_length} decoder tokens and lose their end (EOS)",
                 file=sys.stderr,
             )
-        target_rows = seq2seq_batches.target_rows(
-            targets, self.prompt, data.max_length, self.pad_id
-        )
+        target_rows = speech_batches.target_rows(targets, self.prompt, data.max_length, self.pad_id)
         return SpeechSplit(texts, features, target_rows)
 
-    def train_batches(self) -> seq2seq_batches.Seq2SeqBatches:
+    def train_batches(self) -> speech_batches.SpeechBatches:
         """Seeded, resumable training batches for this process."""
         split = self.load("train")
-        return seq2seq_batches.Seq2SeqBatches(
+        return speech_batches.SpeechBatches(
             split.rows,
             split.features,
             batch_size=self.config.train.batch_size,
@@ -132,7 +130,7 @@ class SpeechData:
 
     def eval_batches(self, split: SpeechSplit) -> Iterator[dict[str, np.ndarray]]:
         """Every row once, in order; the last batch filled with weight-0 rows."""
-        return seq2seq_batches.eval_batches(
+        return speech_batches.eval_batches(
             split.rows,
             split.features,
             self.config.train.batch_size,

@@ -1,11 +1,11 @@
-"""The seq2seq batch layout (prompt, shift, loss mask), its batches and resume, and WER."""
+"""The speech batch layout (prompt, shift, loss mask), its batches and resume, and WER."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from finetune_jax.data import seq2seq_batches
+from finetune_jax.data import speech_batches
 from finetune_jax.data.audio_features import Features
 from finetune_jax.evaluation import wer
 
@@ -15,15 +15,15 @@ EOS = 50256
 
 def test_prompt_comes_from_the_generation_config():
     generation = {"decoder_start_token_id": 50257, "no_timestamps_token_id": 50362}
-    assert seq2seq_batches.decoder_prompt(generation) == PROMPT
-    assert seq2seq_batches.decoder_prompt({"decoder_start_token_id": 3}) == (3,)
+    assert speech_batches.decoder_prompt(generation) == PROMPT
+    assert speech_batches.decoder_prompt({"decoder_start_token_id": 3}) == (3,)
     with pytest.raises(ValueError, match="decoder_start_token_id"):
-        seq2seq_batches.decoder_prompt({})
+        speech_batches.decoder_prompt({})
 
 
 def test_rows_shift_the_target_after_the_prompt_and_train_text_and_eos_only():
     targets = [np.asarray([10, 11, 12, EOS], np.int32), np.asarray([20, EOS], np.int32)]
-    rows = seq2seq_batches.target_rows(targets, PROMPT, length=7, pad_id=EOS)
+    rows = speech_batches.target_rows(targets, PROMPT, length=7, pad_id=EOS)
     s, n = PROMPT
     np.testing.assert_array_equal(rows["decoder_input_ids"][0], [s, n, 10, 11, 12, EOS, EOS])
     np.testing.assert_array_equal(rows["labels"][0], [n, 10, 11, 12, EOS, EOS, EOS])
@@ -38,16 +38,16 @@ def test_rows_shift_the_target_after_the_prompt_and_train_text_and_eos_only():
         rows["labels"][0][real][:-1], rows["decoder_input_ids"][0][real][1:]
     )
     # Too long for the row: cut at the end (the EOS is lost, and reported).
-    cut = seq2seq_batches.target_rows(targets, PROMPT, length=4, pad_id=EOS)
+    cut = speech_batches.target_rows(targets, PROMPT, length=4, pad_id=EOS)
     np.testing.assert_array_equal(cut["labels"][0], [n, 10, 11, 12])
-    assert seq2seq_batches.truncated(targets, PROMPT, 4) == 1
+    assert speech_batches.truncated(targets, PROMPT, 4) == 1
 
 
 def test_targets_are_tokenized_with_a_leading_space_and_eos(whisper_tiny_en_dir):
     from finetune_jax.hf import model_files
 
     tokenizer = model_files.load_tokenizer(whisper_tiny_en_dir)
-    (ids,) = seq2seq_batches.encode_targets(["turn on the lights "], tokenizer, EOS)
+    (ids,) = speech_batches.encode_targets(["turn on the lights "], tokenizer, EOS)
     assert ids[-1] == EOS and ids.dtype == np.int32
     assert tokenizer.decode(ids[:-1]) == " turn on the lights"
 
@@ -59,13 +59,13 @@ def _features(n, frames=6):
 
 def test_batches_resume_and_eval_covers_every_row_once():
     targets = [np.asarray([100 + i, EOS], np.int32) for i in range(10)]
-    rows = seq2seq_batches.target_rows(targets, PROMPT, 6, EOS)
+    rows = speech_batches.target_rows(targets, PROMPT, 6, EOS)
     features = _features(10)
-    batches = seq2seq_batches.Seq2SeqBatches(rows, features, batch_size=4, seed=1)
+    batches = speech_batches.SpeechBatches(rows, features, batch_size=4, seed=1)
     first = [next(batches) for _ in range(3)]
     state = batches.state()
     after = [next(batches) for _ in range(2)]
-    resumed = seq2seq_batches.Seq2SeqBatches(rows, features, batch_size=4, seed=1)
+    resumed = speech_batches.SpeechBatches(rows, features, batch_size=4, seed=1)
     resumed.restore(state)
     for a, b in zip(after, [next(resumed) for _ in range(2)]):
         for key in a:
@@ -76,7 +76,7 @@ def test_batches_resume_and_eval_covers_every_row_once():
     for feats, ids in zip(batch["input_features"], batch["decoder_input_ids"]):
         index = ids[2] - 100
         np.testing.assert_array_equal(feats, features.take([index])[0])
-    evals = list(seq2seq_batches.eval_batches(rows, features, 4))
+    evals = list(speech_batches.eval_batches(rows, features, 4))
     assert len(evals) == 3
     seen = np.concatenate([b["decoder_input_ids"][:, 2] for b in evals])
     weights = np.concatenate([b["weights"].sum(axis=1) for b in evals])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finetune_jax.data.token_tags import (
+from finetune_jax.data.ner_tags import (
     NO_WORD,
     align_to_pieces,
     check_tags,

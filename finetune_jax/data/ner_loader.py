@@ -1,4 +1,4 @@
-"""`TokenData`: a token-classification (NER) task's splits and batches as the train loop sees
+"""`NerData`: a token-classification (NER) task's splits and batches as the train loop sees
 them: sentences of words with one tag each, read from CoNLL files, JSONL / parquet rows or a
 hub dataset, tokenized into word pieces of `data.max_length` with the words' tags on their
 first piece (or on every piece, `data.label_pieces='all'`)."""
@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from finetune_jax.data import chat_batches, selection, text_batches, text_sources, token_tags
+from finetune_jax.data import chat_batches, ner_tags, selection, text_batches, text_sources
 from finetune_jax.data.label_names import choose_label_names
 from finetune_jax.data.text_sources import DataError
 
@@ -23,7 +23,7 @@ LABEL_PIECES = ("first", "all")
 
 
 @dataclasses.dataclass
-class TokenSplit:
+class NerSplit:
     """One split: the words and gold IOB2 tags of each sentence, and their piece arrays
     (`input_ids`, `attention_mask`, `token_type_ids`, `labels`, `weights`, `word_starts`,
     `word_ids`; [N, max_length])."""
@@ -44,7 +44,7 @@ def read_sentences(task: Any, data_dir: str | None, split: str) -> list[tuple[li
     sentences = []
     for path in text_sources.split_files(task, data_dir, split):
         if task.format == "conll":
-            sentences += token_tags.read_conll(path)
+            sentences += ner_tags.read_conll(path)
         else:
             sentences += _table_sentences(task, path)
     if not sentences:
@@ -98,29 +98,29 @@ def iob2_sentences(task: Any, data_dir: str | None, split: str) -> tuple[list, l
     """(words, tags) of `split`, tags checked and converted to IOB2 from `task.tag_scheme`."""
     words, tags = [], []
     for i, (sentence, sentence_tags) in enumerate(read_sentences(task, data_dir, split)):
-        token_tags.check_tags(sentence_tags, f"{split} sentence {i + 1} of task {task.name}")
+        ner_tags.check_tags(sentence_tags, f"{split} sentence {i + 1} of task {task.name}")
         words.append(sentence)
-        tags.append(token_tags.to_iob2(sentence_tags, task.tag_scheme))
+        tags.append(ner_tags.to_iob2(sentence_tags, task.tag_scheme))
     return words, tags
 
 
 def resolve_task(config: ml_collections.ConfigDict, task: Any, saved_names=None) -> Any:
     """`task` with its label names: data.label_names, the run's saved names, or every
-    B- / I- tag of the train split ("O" first, see `token_tags.label_names_from`)."""
+    B- / I- tag of the train split ("O" first, see `ner_tags.label_names_from`)."""
     names = choose_label_names(
         task.label_names,
         saved_names,
-        lambda: token_tags.label_names_from(
+        lambda: ner_tags.label_names_from(
             iob2_sentences(task, config.data.dir or None, "train")[1]
         ),
     )
-    token_tags.entity_types(names)  # every name is O, B-X or I-X
+    ner_tags.entity_types(names)  # every name is O, B-X or I-X
     if len(names) < 3:
         raise ValueError(f"task {task.name!r} needs at least one entity type; labels {names}")
     return dataclasses.replace(task, label_names=tuple(names))
 
 
-class TokenData:
+class NerData:
     """Sentences tokenized into rows of `data.max_length` pieces; batches cut to the smallest
     of `data.buckets` that holds their longest row, training batches seeded and resumable
     (`BucketedRowBatches`), eval batches in order."""
@@ -136,7 +136,7 @@ class TokenData:
         self.buckets = text_batches.bucket_lengths(
             config.data.max_length, tuple(config.data.buckets)
         )
-        self._continuation = token_tags.continuation_ids(self.task.label_names)
+        self._continuation = ner_tags.continuation_ids(self.task.label_names)
 
     @staticmethod
     def batch_spec(config: ml_collections.ConfigDict, task: Any) -> dict[str, tuple]:
@@ -146,7 +146,7 @@ class TokenData:
         spec |= {k: (shape, np.dtype(np.int32)) for k in ("token_type_ids", "labels")}
         return spec | {k: (shape, np.dtype(np.float32)) for k in ("weights", "word_starts")}
 
-    def load(self, split: str) -> TokenSplit:
+    def load(self, split: str) -> NerSplit:
         """`split` ("train", "validation", "test" or "holdout") tokenized and labelled."""
         words, tags = iob2_sentences(
             self.task, self.config.data.dir or None, selection.file_split(split)
@@ -167,7 +167,7 @@ class TokenData:
                     f"labels {self.task.label_names} lack (label_names.json / data.label_names)"
                 )
             tag_ids = [[self._ids[t] for t in row] for row in tags]
-        encoded = token_tags.encode_words(
+        encoded = ner_tags.encode_words(
             self.tokenizer,
             words,
             tag_ids,
@@ -189,9 +189,9 @@ class TokenData:
         starts[:, 1:] = (word_ids[:, 1:] >= 0) & (word_ids[:, 1:] != word_ids[:, :-1])
         starts[:, 0] = word_ids[:, 0] >= 0
         arrays["word_starts"] = starts
-        return TokenSplit(list(words), list(tags or []), arrays)
+        return NerSplit(list(words), list(tags or []), arrays)
 
-    def raw_split(self, encoded) -> TokenSplit:
+    def raw_split(self, encoded) -> NerSplit:
         """Unlabelled rows of raw texts tokenized by the caller (`input_ids`,
         `attention_mask`, `token_type_ids` padded to `data.max_length`), for prediction:
         weights mark the real pieces, so eval batches tell real rows from filler."""
@@ -204,7 +204,7 @@ class TokenData:
             "weights": mask.astype(np.float32),
             "word_starts": np.zeros(mask.shape, np.float32),
         }
-        return TokenSplit([[] for _ in mask], [], arrays)
+        return NerSplit([[] for _ in mask], [], arrays)
 
     def train_batches(self) -> BucketedRowBatches:
         """Seeded, resumable batches of training rows for this process, each cut to the
@@ -218,7 +218,7 @@ class TokenData:
             process_count=jax.process_count(),
         )
 
-    def eval_batches(self, split: TokenSplit) -> Iterator[dict[str, np.ndarray]]:
+    def eval_batches(self, split: NerSplit) -> Iterator[dict[str, np.ndarray]]:
         """Every row once, in order, cut to buckets; the last batch filled with weight-0 rows."""
         rows = _step_rows(split.arrays)
         lengths = rows["attention_mask"].sum(axis=1)

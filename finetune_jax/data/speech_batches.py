@@ -3,7 +3,7 @@
   decoder_prompt    the generation config's start tokens: [decoder_start, no_timestamps]
   encode_targets    transcripts -> int32 token rows [n] (" " + text, then EOS)
   target_rows       prompt + tokens -> the decoder's input and labels at a fixed length
-  Seq2SeqBatches    seeded, resumable training batches; `eval_batches` every row once
+  SpeechBatches       seeded, resumable training batches; `eval_batches` every row once
 
 Row layout, [L] each (`full = prompt + tokens + [eos]`, T = len(full) - 1 <= L):
   decoder_input_ids       int32    full[:-1], then pad_id
@@ -89,7 +89,7 @@ def _take(rows: dict[str, np.ndarray], features: Features, indices: np.ndarray) 
     return batch
 
 
-class Seq2SeqBatches(OrderedBatches):
+class SpeechBatches(OrderedBatches):
     """Infinite, resumable iterator over shuffled training batches (the order and resume of
     `EpochOrder`, as every training iterator); this process takes its slice of each."""
 

@@ -11,7 +11,7 @@ from typing import Any
 import ml_collections
 
 from finetune_jax.data.chat_batches import Conversation, pad_token_id
-from finetune_jax.evaluation.generation import Generator, SamplingConfig
+from finetune_jax.evaluation.lm_generation import Generator, SamplingConfig
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
