@@ -264,9 +264,15 @@ def provenance(results: Sequence[dict[str, Any]], sweep_dir: Path) -> dict[str, 
         "invocations": len(ends),
         "runs_s": sum(e["elapsed_s"] for e in attempts),
         "timed_runs": len({e["run"] for e in attempts}),
-        "train_wall_s": sum(m["summary"].get("wall_time_s", 0) for m in results if m["summary"]),
+        "train_wall_s": sum(_loop_seconds(m["summary"]) for m in results if m["summary"]),
         "stale": [m["run"].name for m in results if m["stale"]],
     }
+
+
+def _loop_seconds(summary: dict[str, Any]) -> float:
+    """A run's training-loop seconds: `loop_time_s`, named `wall_time_s` in summaries
+    written before it was renamed for what it holds."""
+    return summary.get("loop_time_s", summary.get("wall_time_s", 0))
 
 
 def markdown(

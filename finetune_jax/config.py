@@ -7,7 +7,8 @@ silently ignored key: the ConfigDicts are locked after construction.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ml_collections
@@ -16,7 +17,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
     """Defaults for a sequence-classification fine-tune; `configs/**.py` override them."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = 0  # params init of new heads, dropout and data order (not the splits)
     c.model = _model()
     c.data = _data()
     c.optim = _optim()
@@ -81,7 +82,7 @@ def _data() -> ml_collections.ConfigDict:
     # evaluated as split "holdout"; set eval_split="holdout" to select on them.
     s.holdout_rows = 0
     s.max_train_rows = 0  # train on a random subset of this many rows; 0 = all
-    s.max_eval_rows = 0  # evaluate a random subset of this many rows; 0 = all
+    s.max_eval_rows = 0  # evaluate a random subset of this many rows (holdout too); 0 = all
     s.split_seed = 0  # draws holdout and subsets; the same for every seed of a sweep
     # Draw the holdout and the row caps per class, in proportion (classification tasks:
     # text or image; ELPV stratifies by defect grade x cell type, so its binary and
@@ -130,27 +131,30 @@ def _data() -> ml_collections.ConfigDict:
     s.image_size = 0
     s.augment = True  # random resized crop + flip on training batches (never on eval)
     s.augment_scale = (0.35, 1.0)  # area fraction range of the random crop
-    s.augment_flip = True
+    s.augment_flip = True  # random horizontal flips in the augmentation
     s.image_column = "image"  # table and hub tasks: the image (path) column
+    # Image files that do not open (checked as a split loads, before step 1): "error" stops
+    # naming them all; "skip" leaves them out of the split and prints how many.
+    s.bad_images = "error"
     # -- speech recognition ---------------------------------------------------------------------
     # Audio window in seconds: 30 is Whisper's own; a shorter one uses the first encoder
     # positions only (much cheaper; see README "Fine-tune Whisper" for its effect on WER).
     s.audio_seconds = 30.0
-    s.audio_column = "audio"
-    s.transcript_column = "text"
+    s.audio_column = "audio"  # hub / table speech tasks: the audio column
+    s.transcript_column = "text"  # ... and the reference transcript column
     return s
 
 
 def _optim() -> ml_collections.ConfigDict:
     """AdamW, its schedule, and which params train at what lr (rules as data)."""
     s = ml_collections.ConfigDict()
-    s.lr = 1e-4
+    s.lr = 1e-4  # peak learning rate, reached after warmup
     s.schedule = "linear"  # linear | cosine | constant (after warmup)
-    s.warmup_fraction = 0.1
-    s.b1 = 0.9
-    s.b2 = 0.999
-    s.eps = 1e-8
-    s.weight_decay = 0.01
+    s.warmup_fraction = 0.1  # of train.max_steps: linear warmup from 0 to lr
+    s.b1 = 0.9  # AdamW first-moment decay
+    s.b2 = 0.999  # AdamW second-moment decay
+    s.eps = 1e-8  # AdamW denominator epsilon
+    s.weight_decay = 0.01  # decoupled (AdamW), on the params decay_rules select
     s.clip_norm = 1.0  # global norm over trainable leaves; <=0 disables
     s.state_dtype = "float32"  # storage dtype of AdamW's moments (mu, nu): float32 | bfloat16
     # Which params train, and at what lr multiplier: a preset, or explicit rules.
@@ -196,16 +200,16 @@ def _train() -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
     s.batch_size = 32  # global, over all processes
     s.microbatches = 1  # gradient accumulation inside the step: batch_size / microbatches each
-    s.max_steps = 1000
+    s.max_steps = 1000  # optimizer steps; the lr schedule ends here
     # Intervals in steps; 0 = none periodic. The last step always logs, evaluates (the best
     # checkpoint and the summary need one eval) and saves; an eval also logs and saves.
     s.log_every = 20
-    s.eval_every = 100
-    s.checkpoint_every = 100
+    s.eval_every = 100  # on data.eval_split
+    s.checkpoint_every = 100  # in <workdir>/checkpoints
     s.keep_checkpoints = 2  # the last K, plus the best by train.metric
     s.metric = ""  # "" = the task's main metric
     s.patience = 0  # evals without improvement before stopping; 0 = never stop early
-    s.async_checkpoint = True
+    s.async_checkpoint = True  # write checkpoints in the background (Orbax)
     s.nonfinite = "halt"  # halt: stop with an error naming step and param | skip: drop the update
     s.progress = True  # tqdm bar; False: one plain line of train metrics per log step
     # After the last step, evaluate the best checkpoint (by train.metric on data.eval_split)
@@ -220,11 +224,11 @@ def _generate() -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
     # Sample generations written by the eval script for causal-LM tasks.
     s.num_samples = 16  # prompts of the eval split to generate for; 0 = none
-    s.max_new_tokens = 256
+    s.max_new_tokens = 256  # per generation (and per speech transcript)
     s.temperature = 0.0  # 0 = greedy
     s.top_k = 0  # sample among the k most likely tokens; 0 = all
-    s.batch_size = 8
-    s.seed = 0
+    s.batch_size = 8  # prompts (or clips) generated at once
+    s.seed = 0  # sampling seed (temperature > 0)
     # Speech-recognition transcripts: beam search of this width, 1 = greedy. transformers'
     # algorithm and length penalty (generation_config.json's `length_penalty`, default 1.0:
     # a hypothesis scores sum log p / generated tokens); K rows of decoder cache per clip.
@@ -239,8 +243,8 @@ def _mesh() -> ml_collections.ConfigDict:
     # data: pure data parallel; fsdp: batch split AND params/optimizer state sharded (ZeRO-3
     # style); tensor: heads / MLP / vocab split inside each layer (Megatron style).
     s.data = -1
-    s.fsdp = 1
-    s.tensor = 1
+    s.fsdp = 1  # see above
+    s.tensor = 1  # see above
     return s
 
 
@@ -248,9 +252,9 @@ def _mesh_dcn() -> ml_collections.ConfigDict:
     """Multi-slice / multi-host: how many slices each mesh axis spans over the data-centre
     network (DCN); `mesh` sizes are then per slice. All 1: one slice (or no such split)."""
     s = ml_collections.ConfigDict()
-    s.data = 1
-    s.fsdp = 1
-    s.tensor = 1
+    s.data = 1  # slices the data axis spans
+    s.fsdp = 1  # slices the fsdp axis spans
+    s.tensor = 1  # slices the tensor axis spans
     return s
 
 
@@ -293,22 +297,53 @@ def apply_overrides(
     `source` (where the override was written, e.g. "sweep experiments/x/sweep.py").
     """
     for key, value in overrides.items():
+        problem = key_problem(config, key)
+        if problem:
+            raise KeyError(f"unknown config key {key!r} in {source}{problem}")
         *sections, leaf = key.split(".")
         node = config
-        for i, part in enumerate(sections):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise KeyError(
-                    f"unknown config key {key!r} in {source}: "
-                    f"{'.'.join(sections[: i + 1])!r} is not a config section"
-                )
+        for part in sections:
             node = node[part]
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            raise KeyError(
-                f"unknown config key {key!r} in {source}; keys there: {', '.join(known)}"
-            )
         try:
             node[leaf] = tuple(value) if isinstance(value, list) else value
         except TypeError as e:
             raise TypeError(f"config key {key!r} in {source}: {e}") from None
     return config
+
+
+def key_problem(config: ml_collections.ConfigDict, key: str) -> str:
+    """Why dotted `key` names no value of `config`, as the tail of a message: ": 'optimizer'
+    is not a config section; did you mean 'optim'? ..." or "; keys there: ..., lr, ...;
+    did you mean 'lr'?"; "" when it names one."""
+    *sections, leaf = key.split(".")
+    node = config
+    for i, part in enumerate(sections):
+        where = ".".join(sections[: i + 1])
+        if part not in node:
+            known = sorted(k for k in node.keys() if isinstance(node[k], ml_collections.ConfigDict))
+            hint = did_you_mean(part, known)
+            return (
+                f": {where!r} is not a config section{'; ' + hint if hint else ''} (sections "
+                f"there: {', '.join(known) or 'none'})"
+            )
+        node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f": {where!r} is a value, not a config section"
+    if leaf in node:
+        return ""
+    hint = did_you_mean(leaf, node.keys())
+    return f"; keys there: {', '.join(sorted(node.keys()))}{'; ' + hint if hint else ''}"
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """The phrase "did you mean 'optim'?" for the choices closest to `name`, or "".
+
+    difflib's default cutoff (0.6): ml_collections' 0.75 finds nothing for 'optimizer' vs
+    'optim'. A choice that `name` starts with (or that starts with `name`) always counts.
+    """
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(name, choices, n=2, cutoff=0.6)
+    close += [c for c in choices if c not in close and (name.startswith(c) or c.startswith(name))]
+    if not close or name in close:
+        return ""
+    return "did you mean " + " or ".join(repr(c) for c in close[:2]) + "?"

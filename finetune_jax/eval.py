@@ -20,7 +20,9 @@ from absl import app, flags
 
 from finetune_jax.cli import define_run_config_flag, quiet_libraries, resolve_run_config, run_main
 from finetune_jax.cluster import distributed
-from finetune_jax.training import builder, workdir_files
+from finetune_jax.config import did_you_mean
+from finetune_jax.data import selection, text_tasks
+from finetune_jax.training import builder, run_status, workdir_files
 
 
 def run_eval(
@@ -33,6 +35,8 @@ def run_eval(
     also writes `generations_<split>_<which>.jsonl` (prompt, reference, output) for the first
     `generate.num_samples` records, and reports their exact match where the task scores one.
     """
+    if which != "pretrained":
+        run_status.warn_if_unfinished(workdir)  # first: `train && eval` of a preempted run
     setup = builder.build(config, workdir=workdir)
     if which == "pretrained":
         workdir_files.ensure_writable(workdir)
@@ -73,6 +77,7 @@ def main() -> None:
     split = flags.DEFINE_string(
         "split", "validation", "Split to evaluate (validation, test, train, holdout)."
     )
+    flags.register_validator("split", _known_split)
     which = flags.DEFINE_string(
         "checkpoint", "best", "'best', 'latest', a step number, or 'pretrained' (untuned)."
     )
@@ -91,6 +96,17 @@ def main() -> None:
             print(workdir_files.json_text(results, indent=2))
 
     run_main(run)
+
+
+def _known_split(split: str) -> bool:
+    """`--split` is a split name every kind knows; else an error suggesting the closest."""
+    known = (*text_tasks.SPLITS, selection.HOLDOUT)
+    if split not in known:
+        hint = did_you_mean(split, known)
+        raise flags.ValidationError(
+            f"unknown split {split!r}; {hint + ' ' if hint else ''}(splits: {', '.join(known)})"
+        )
+    return True
 
 
 if __name__ == "__main__":

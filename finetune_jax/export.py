@@ -30,7 +30,7 @@ from finetune_jax.cli import define_run_config_flag, quiet_libraries, resolve_ru
 from finetune_jax.hf import adapters, saving
 from finetune_jax.models import hf_mapping
 from finetune_jax.models import lora as lora_lib
-from finetune_jax.training import builder, workdir_files
+from finetune_jax.training import builder, run_status, workdir_files
 
 
 def write_hf_model(setup: builder.Setup, params: Any, out_dir: str, overwrite: bool = False) -> str:
@@ -91,6 +91,7 @@ def export(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Restores a checkpoint of `workdir` ('best', 'latest' or a step) and exports it."""
+    run_status.warn_if_unfinished(workdir)  # first: `train && export` of a preempted run
     setup = builder.build(config, workdir=workdir)
     step, params = setup.restore_params(workdir, which)
     path = out_dir

@@ -28,7 +28,7 @@ from finetune_jax.training import builder
 def reference_chunks(setup, reference: str, rows: int):
     """Chunks of the reference rows: a file (or image folder), or a split of the run's data."""
     if os.path.exists(reference) or os.path.splitext(reference)[1]:
-        return prediction_io.read_chunks(reference, rows)
+        return prediction_io.read_chunks(reference, rows, setup.task)
     return setup.kind.monitor_reference(setup, reference, rows)
 
 
@@ -55,7 +55,7 @@ def monitor(
     ref = drift_checks.collect(
         setup, params, reference_chunks(setup, reference, rows), reference, names, max_rows, seed
     )
-    chunks = prediction_io.read_chunks(input_path, rows)
+    chunks = prediction_io.read_chunks(input_path, rows, setup.task)
     new = drift_checks.collect(setup, params, chunks, input_path, names, max_rows, seed)
     checks, mmd = drift_checks.compare(ref, new, thresholds, permutations, max_rows, seed)
     meta = {"workdir": workdir, "step": step, "reference": reference, "input": input_path}

@@ -10,7 +10,9 @@ or .jsonl): every input column, then `label` and `prob_<label>` per class (multi
 labels over --threshold), `score` (regression) or `completion` (causal LM); an output column
 whose name an input column already has is written as `predicted_<name>`. The output is
 written to a temporary file and renamed at the end, and never replaces an existing file
-unless --overwrite.
+unless --overwrite. A .csv / .tsv input is read by train's own reader: a row train would
+reject (an unquoted comma, a byte that is not UTF-8, an empty text) stops predict with the
+same message, naming its line.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 from finetune_jax.cli import define_run_config_flag, quiet_libraries, resolve_run_config, run_main
 from finetune_jax.data import prediction_io
-from finetune_jax.training import builder
+from finetune_jax.training import builder, run_status
 
 
 def predict(
@@ -37,6 +39,7 @@ def predict(
     threshold: float = 0.5,
 ) -> dict:
     """Predicts every row of `input_path` into `output_path`; returns a summary."""
+    run_status.warn_if_unfinished(workdir)  # first: predictions of a half-trained run
     prediction_io.check_input(input_path)
     # Fails before the model loads; every process predicts (the batches are global), one writes.
     writer = prediction_io.RowWriter(output_path, overwrite, jax.process_index() == 0)
@@ -44,15 +47,16 @@ def predict(
     step, params = setup.restore_params(workdir, which)
     predictor = setup.kind.predictor(setup, params, input_path, threshold)
     rows = config.train.batch_size
-    return {"step": step, **write_predictions(predictor, input_path, writer, rows)}
+    return {"step": step, **write_predictions(predictor, input_path, writer, rows, setup.task)}
 
 
-def write_predictions(predictor, input_path: str, writer, rows: int) -> dict:
-    """Streams `input_path` through `predictor`, `rows` at a time, into `writer`."""
+def write_predictions(predictor, input_path: str, writer, rows: int, task=None) -> dict:
+    """Streams `input_path` through `predictor`, `rows` at a time, into `writer` (a csv / tsv
+    read as train reads the run's `task`'s files: `prediction_io.read_chunks`)."""
     bar = tqdm(unit="row", dynamic_ncols=True, disable=jax.process_index() != 0)
     start = time.perf_counter()
     with writer:
-        for chunk in prediction_io.read_chunks(input_path, rows):
+        for chunk in prediction_io.read_chunks(input_path, rows, task):
             outputs = predictor(chunk)
             writer.write([prediction_io.merge(row, out) for row, out in zip(chunk, outputs)])
             bar.update(len(chunk))

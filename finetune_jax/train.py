@@ -9,7 +9,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from finetune_jax.cli import quiet_libraries, run_main
+from finetune_jax.cli import OVERRIDE_HELP, quiet_libraries, run_main
 from finetune_jax.cluster import distributed
 from finetune_jax.training import workdir_files
 from finetune_jax.training.loop import train
@@ -18,7 +18,7 @@ from finetune_jax.training.loop import train
 def main() -> None:
     # Flags are defined here, not at import, so tests can import `train` next to `eval`.
     config = config_flags.DEFINE_config_file(
-        "config", None, "Experiment config file (configs/**.py)."
+        "config", None, "Experiment config file (configs/**.py)." + OVERRIDE_HELP
     )
     workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
     cluster = distributed.define_flags()

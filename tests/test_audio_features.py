@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from finetune_jax import progress
 from finetune_jax.data import audio_features, audio_sources
 from finetune_jax.data.text_sources import DataError
 from tests.helpers import SHARED_DATA
@@ -131,3 +132,19 @@ def test_errors_name_the_culprit(tmp_path, extractor):
         audio_sources.read_audio(str(tmp_path / "a.flac"), 16000)
     with pytest.raises(DataError, match="no preprocessor_config.json"):
         audio_features.load_extractor(tmp_path)
+
+
+def test_computing_features_shows_progress_and_a_cache_hit_is_quiet(
+    extractor, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # a progress line after every clip
+    rows = _rows(3)
+    audio_features.split_features(rows, extractor, 4.0, str(tmp_path), label="validation")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("computing audio features of validation (3 clips) into ")
+    assert [line.split(" (")[0] for line in err[1:4]] == [
+        f"audio features of validation: {i}/3 clips" for i in (1, 2, 3)
+    ]
+    assert err[4].startswith("computed audio features of validation in ") and len(err) == 5
+    audio_features.split_features(rows, extractor, 4.0, str(tmp_path), label="validation")
+    assert capsys.readouterr().err == ""

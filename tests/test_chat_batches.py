@@ -175,6 +175,13 @@ def test_malformed_rows_name_file_and_line(tmp_path, name, text, fmt, message):
     assert str(path) in str(error.value)
 
 
+def test_a_record_that_is_not_utf8_names_line_and_byte(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"question": "q", "answer": "a"}\n{"question": "caf\xe9", "answer": "a"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl' line 2, byte 50: b'\\xe9' is not UTF-8"):
+        chat_batches.load_records(path)
+
+
 def test_missing_files_and_formats_are_clear(tmp_path):
     with pytest.raises(DataError, match=r"no validation.jsonl .*train.jsonl"):
         chat_batches.load_records(GSM8K, split="validation")

@@ -296,7 +296,7 @@ def write_fake_run(r, best, final):
     lr = r.point["optim.lr"]
     summary = {
         "final_step": 10,
-        "wall_time_s": 5.0,
+        "loop_time_s": 5.0,
         "steady_seconds_per_step": 0.1 + r.seed / 100,
         "metric": "accuracy",
         "best": best,
@@ -361,6 +361,7 @@ def test_report_selects_by_holdout_mean_and_reports_dev_mean_and_sample_std(tmp_
     assert "| sst2 | full | lr=0.0001 | 0.8700 ± 0.0265 (validation, accuracy) |" in md
     assert "| sst2 | full | lr=3e-05 | 0.8000 ± 0.0100 | 0.9200 ± 0.0100 | 3/3 |" in md
     assert "1.5 min in 1 runner invocation(s); the runs took 1.1 min (1 timed" in md
+    assert "their training loops 0.7 min" in md  # 8 runs' loop_time_s of 5 s
     assert manifest.cpu_model() in md
     for name in ("sst2-loss", "sst2-metric-vs-params"):
         assert paths[name].read_bytes().startswith(b"\x89PNG")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -15,10 +16,17 @@ import transformers
 from PIL import Image
 
 from finetune_jax.config import base_config
-from finetune_jax.data import idx_files, image_batches, image_preprocess, image_sources
+from finetune_jax.data import (
+    idx_files,
+    image_batches,
+    image_checks,
+    image_preprocess,
+    image_sources,
+)
 from finetune_jax.data.image_loader import ImageData, resolve_task
 from finetune_jax.data.text_sources import DataError
 from finetune_jax.tasks import get_task
+from finetune_jax.training import builder
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -86,6 +94,29 @@ class _FakeProcessor:
     do_center_crop, size = False, {"height": 28, "width": 28}
 
 
+def test_fashion_mnist_offers_its_official_test_split_when_the_files_are_there(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((20, 28, 28)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(20) % 10)
+    config = _data(task="fashion_mnist", dir=str(tmp_path))
+    data = ImageData(config, get_task("fashion_mnist"), processor=_FakeProcessor())
+    with pytest.raises(DataError, match=r"'test' split reads t10k-images.*lacks t10k-images"):
+        data.load("test")
+    test_images = np.arange(6 * 28 * 28).reshape(6, 28, 28) % 256
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", test_images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([9, 0, 1, 2, 3, 4]))  # unzipped
+    test = data.load("test")
+    assert test.labels.tolist() == [9, 0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(np.asarray(test.read(5)), test_images[5])
+
+
+def test_max_eval_rows_caps_an_image_holdout(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((40, 28, 28)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(40) % 10)
+    config = _data(task="fashion_mnist", dir=str(tmp_path), holdout_rows=20, max_eval_rows=5)
+    data = ImageData(config, get_task("fashion_mnist"), processor=_FakeProcessor())
+    assert (len(data.load("holdout")), len(data.load("train"))) == (5, 20)
+
+
 def test_folder_and_table_sources_agree_and_name_bad_rows(tmp_path):
     rows = []
     for i, name in enumerate(["cat", "dog", "cat", "dog", "bird"]):
@@ -129,6 +160,73 @@ def test_a_runs_saved_class_names_win_over_discovery(tmp_path):
     named = _data(task="image_folder", dir=str(tmp_path), label_names=("cat", "dog"))
     with pytest.raises(ValueError, match="trained with class names .*label_names.json"):
         resolve_task(named, get_task("image_folder"), saved)
+
+
+def _folder_with_bad_images(root, good=6, bad=()):
+    """root/train/<cat|dog>/<i>.png: `good` real PNGs, then the (name, bytes) pairs of `bad`."""
+    for i in range(good):
+        (root / "train" / ("cat", "dog")[i % 2]).mkdir(parents=True, exist_ok=True)
+        _image(i).save(root / "train" / ("cat", "dog")[i % 2] / f"{i}.png")
+    for name, data in bad:
+        (root / "train" / "cat" / name).write_bytes(data)
+
+
+def _png_bytes(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    _image(seed).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_unreadable_images_stop_the_split_load_naming_every_one(tmp_path):
+    bad = [("a_text.png", b"not an image"), ("b_cut.png", _png_bytes(9)[:-40])]
+    _folder_with_bad_images(tmp_path, bad=bad)
+    config = _data(task="image_folder", dir=str(tmp_path))
+    data = ImageData(config, get_task("image_folder"), processor=_FakeProcessor())
+    with pytest.raises(DataError) as raised:
+        data.load("train")
+    message = str(raised.value)
+    assert message.startswith("2 of 8 train images cannot be read: ")
+    assert "a_text.png': not an image file PIL recognises" in message
+    assert "b_cut.png'" in message and "data.bad_images='skip'" in message
+
+
+def test_a_table_row_naming_a_missing_file_is_found_with_its_line(tmp_path):
+    _folder_with_bad_images(tmp_path, good=2)
+    (tmp_path / "train.csv").write_text("path,label\ntrain/cat/0.png,cat\ngone.png,dog\n")
+    config = _data(task="image_table", dir=str(tmp_path), image_column="path")
+    data = ImageData(config, get_task("image_table"), processor=_FakeProcessor())
+    with pytest.raises(DataError, match=r"1 of 2 .* line 3 \(.*gone.png'\): No such file"):
+        data.load("train")
+
+
+def test_skip_leaves_unreadable_images_out_with_a_count(tmp_path, capsys):
+    _folder_with_bad_images(tmp_path, bad=[("a_text.png", b"not an image")])
+    config = _data(task="image_folder", dir=str(tmp_path), bad_images="skip")
+    data = ImageData(config, get_task("image_folder"), processor=_FakeProcessor())
+    train = data.load("train")
+    assert len(train) == 6 and all(".png" in train.locate(i) for i in range(6))
+    assert "a_text.png" not in " ".join(train.locate(i) for i in range(6))
+    warning = capsys.readouterr().err
+    assert "warning: 1 of 7 train images cannot be read and are left out" in warning
+    assert len(data.load("train")) == 6 and capsys.readouterr().err == ""  # checked once
+
+
+def test_many_unreadable_images_are_counted_past_the_named_ones(tmp_path):
+    bad = [(f"x{i:02d}.png", b"") for i in range(image_checks.NAMED + 5)]
+    _folder_with_bad_images(tmp_path, bad=bad)
+    config = _data(task="image_folder", dir=str(tmp_path))
+    data = ImageData(config, get_task("image_folder"), processor=_FakeProcessor())
+    with pytest.raises(DataError) as raised:
+        data.load("train")
+    assert str(raised.value).count(".png'") == image_checks.NAMED
+    assert "; and 5 more." in str(raised.value)
+
+
+def test_bad_images_takes_error_or_skip_checked_before_anything_loads(tmp_path):
+    config = _data(task="image_folder", dir=str(tmp_path), bad_images="drop")
+    config.model.name = str(tmp_path / "no-such-model")  # loading it would fail differently
+    with pytest.raises(ValueError, match=r"data.bad_images='drop': expected 'error'.*'skip'"):
+        builder.build(config)
 
 
 def test_hub_source_decodes_an_image_feature_dataset(tmp_path):

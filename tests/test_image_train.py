@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 
 from finetune_jax.config import base_config
+from finetune_jax.data.text_sources import DataError
 from finetune_jax.eval import run_eval
 from finetune_jax.export import export
 from finetune_jax.train import train
@@ -162,3 +164,24 @@ def test_exported_full_finetuned_classifier_loads_in_transformers(
     train(config, str(tmp_path / "run"))
     hf_config = export_matches_transformers(config, tmp_path / "run", tmp_path / "hf", "2")
     assert hf_config["architectures"] == [architecture]
+
+
+def test_an_unreadable_image_stops_the_run_before_step_1_or_is_skipped(tiny_dinov2_dir, tmp_path):
+    """A corrupt file is named before any step runs (nothing trained, no checkpoint); with
+    data.bad_images='skip' the same data trains without it."""
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        folder = tmp_path / "images" / "train" / ("cat", "dog")[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (20, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    (tmp_path / "images" / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG garbage")
+    config = image_config(tiny_dinov2_dir, max_steps=2, eval_every=2, checkpoint_every=2)
+    config.data.task, config.data.dir = "image_folder", str(tmp_path / "images")
+    config.data.holdout_rows, config.data.max_train_rows = 4, 0
+    # Which split holds it depends on the holdout's draw: both are checked before step 1.
+    with pytest.raises(DataError, match=r"1 of \d+ \w+ images cannot be read: .*broken.png'"):
+        train(config, str(tmp_path / "refused"))
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+    config.data.bad_images = "skip"
+    assert train(config, str(tmp_path / "skipped"))["final_step"] == 2

@@ -128,8 +128,12 @@ def srun_line(script: str) -> str:
     return line
 
 
+def layout(nodes=2, gpus=8, processes=None, **kwargs):
+    return launch_commands.slurm_layout(nodes, gpus, processes, **kwargs)
+
+
 def test_slurm_script_one_process_per_gpu():
-    script = launch_commands.slurm_script("sst2", 2, 8, TRAIN_ARGS, partition="a100")
+    script = launch_commands.slurm_script("sst2", layout(), TRAIN_ARGS, partition="a100")
     assert script.startswith("#!/bin/bash\n")
     assert sbatch_lines(script) == [
         "--job-name=sst2",
@@ -143,9 +147,14 @@ def test_slurm_script_one_process_per_gpu():
     ]
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
     inner = shlex.split(srun_line(script))[-1]  # the per-task `bash -c` body
-    assert inner.startswith("CUDA_VISIBLE_DEVICES=$SLURM_LOCALID exec python -m finetune_jax.train")
+    # jax.distributed would otherwise restrict each process to GPU $SLURM_LOCALID of the one
+    # it sees.
+    assert inner.startswith(
+        "CUDA_VISIBLE_DEVICES=$SLURM_LOCALID JAX_LOCAL_DEVICE_IDS=0 exec python -m "
+        "finetune_jax.train"
+    )
     for flag in (
-        '--coordinator_address="$COORD:12345"',
+        '--coordinator_address="$COORD:$PORT"',
         '--num_processes="$SLURM_NTASKS"',
         '--process_id="$SLURM_PROCID"',
     ):
@@ -154,13 +163,7 @@ def test_slurm_script_one_process_per_gpu():
 
 def test_slurm_script_one_process_per_node():
     script = launch_commands.slurm_script(
-        "sst2",
-        4,
-        8,
-        TRAIN_ARGS,
-        processes_per_node="node",
-        time="2:00:00",
-        extra_sbatch=["--account=ml"],
+        "sst2", layout(4, 8, "node"), TRAIN_ARGS, time="2:00:00", extra_sbatch=["--account=ml"]
     )
     lines = sbatch_lines(script)
     assert {
@@ -173,13 +176,39 @@ def test_slurm_script_one_process_per_node():
     } <= set(lines)
     assert not any(line.startswith("--partition") for line in lines)
     assert "CUDA_VISIBLE_DEVICES" not in script
+    assert "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7 exec" in srun_line(script)
+    assert layout(1, 1, "node").task_env() == ["JAX_LOCAL_DEVICE_IDS=0"]  # not per GPU
     assert "--process_id=" in srun_line(script)
+
+
+def test_slurm_script_on_cpu_nodes():
+    script = launch_commands.slurm_script(
+        "cpu", layout(1, 0, 2, cpu_devices_per_process=4, cpus_per_process=3), TRAIN_ARGS
+    )
+    assert sbatch_lines(script) == [
+        "--job-name=cpu",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=3",
+        "--time=24:00:00",
+        "--output=logs/%x-%j.out",
+    ]
+    assert "CPU node(s), 2 JAX process(es) per node, 4 CPU device(s) each" in script
+    inner = shlex.split(srun_line(script))[-1]
+    assert "CUDA_VISIBLE_DEVICES" not in inner and "JAX_LOCAL_DEVICE_IDS" not in inner
+    assert inner.startswith("JAX_PLATFORMS=cpu XLA_FLAGS=")
+    # Defaults: one process per CPU node, one CPU, JAX's one CPU device (no XLA_FLAGS).
+    default = launch_commands.slurm_layout(3, 0)
+    assert default.sbatch_options() == ["--nodes=3", "--ntasks-per-node=1", "--cpus-per-task=1"]
+    assert default.task_env() == ["JAX_PLATFORMS=cpu"]
+    assert launch_commands.slurm_layout(1, 0, "node").tasks_per_node == 1
 
 
 def test_slurm_script_is_valid_bash(tmp_path):
     path = tmp_path / "job.sbatch"
-    path.write_text(launch_commands.slurm_script("sst2", 2, 8, TRAIN_ARGS, repo_dir="/shared/ft"))
-    subprocess.run(["bash", "-n", str(path)], check=True)
+    for nodes in (layout(), layout(1, 0, 2, cpu_devices_per_process=2)):
+        path.write_text(launch_commands.slurm_script("j", nodes, TRAIN_ARGS, repo_dir="/shared/ft"))
+        subprocess.run(["bash", "-n", str(path)], check=True)
 
 
 def test_slurm_script_gives_each_task_its_process_id_and_gpu(tmp_path):
@@ -193,13 +222,16 @@ def test_slurm_script_gives_each_task_its_process_id_and_gpu(tmp_path):
     fake_tool(tmp_path / "bin", "python", FAKE_PYTHON)
     script = tmp_path / "job.sbatch"
     script.write_text(
-        launch_commands.slurm_script("sst2", 2, 1, TRAIN_ARGS, repo_dir=str(tmp_path), venv="")
+        launch_commands.slurm_script(
+            "sst2", layout(2, 1), TRAIN_ARGS, repo_dir=str(tmp_path), venv=""
+        )
     )
     env = {
         **os.environ,
         "PATH": f"{tmp_path}/bin:{os.environ['PATH']}",
         "SLURM_JOB_NODELIST": "node-[a-b]",
         "SLURM_NTASKS": "2",
+        "SLURM_JOB_ID": "4099",  # the coordinator's port: 61440 + 4099 % 4096
     }
     out = subprocess.run(
         ["bash", str(script)], env=env, capture_output=True, text=True, check=True
@@ -211,7 +243,7 @@ def test_slurm_script_gives_each_task_its_process_id_and_gpu(tmp_path):
             "-m",
             "finetune_jax.train",
             *TRAIN_ARGS,
-            "--coordinator_address=node-a:12345",
+            "--coordinator_address=node-a:61443",
             "--num_processes=2",
             f"--process_id={i}",
         ]
@@ -219,8 +251,48 @@ def test_slurm_script_gives_each_task_its_process_id_and_gpu(tmp_path):
     ]
 
 
+def test_slurm_cpu_tasks_get_their_fake_devices(tmp_path):
+    # An inherited XLA_FLAGS is kept, and the launcher's device count comes last (XLA's last
+    # value wins).
+    fake_tool(tmp_path / "bin", "srun", 'shift\nSLURM_PROCID=1 "$@"\n')
+    fake_tool(tmp_path / "bin", "scontrol", "echo localhost\n")
+    fake_tool(tmp_path / "bin", "python", 'echo "$JAX_PLATFORMS|$XLA_FLAGS"; printf "%s\\n" "$@"\n')
+    script = tmp_path / "job.sbatch"
+    script.write_text(
+        launch_commands.slurm_script(
+            "cpu",
+            layout(1, 0, 2, cpu_devices_per_process=2),
+            TRAIN_ARGS,
+            repo_dir=str(tmp_path),
+            venv="",
+            port=5000,
+        )
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path}/bin:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_ID": "7",
+        "XLA_FLAGS": "--xla_dump_to=/tmp/x",
+    }
+    out = subprocess.run(
+        ["bash", str(script)], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out[0] == "cpu|--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=2"
+    assert out[-3:] == [
+        "--coordinator_address=localhost:5000",
+        "--num_processes=2",
+        "--process_id=1",
+    ]
+    del env["XLA_FLAGS"]
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True).stdout
+    assert out.splitlines()[0] == "cpu|--xla_force_host_platform_device_count=2"
+
+
 def test_slurm_submit_command():
     assert launch_commands.slurm_submit_command("logs/x.sbatch") == ["sbatch", "logs/x.sbatch"]
+    assert launch_commands.slurm_submit_command("x", wait=True) == ["sbatch", "--wait", "x"]
 
 
 # Validation.
@@ -229,20 +301,28 @@ def test_slurm_submit_command():
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: launch_commands.slurm_script("j", 0, 8, TRAIN_ARGS), "nodes must be >= 1"),
-        (lambda: launch_commands.slurm_script("j", 1, 0, TRAIN_ARGS), "gpus_per_node must be >= 1"),
+        (lambda: layout(0, 8), "nodes must be >= 1"),
+        (lambda: layout(1, -1), "gpus_per_node must be >= 0"),
+        (lambda: layout(1, 8, "core"), "'gpu' or 'node'"),
+        (lambda: layout(1, 8, 4), "a number of processes per node is for CPU nodes"),
+        (lambda: layout(1, 0, "gpu"), "needs GPUs"),
+        (lambda: layout(1, 0, 0), "a number >= 1"),
+        (lambda: layout(1, 0, "core"), "a number >= 1"),
+        (lambda: layout(1, 8, cpu_devices_per_process=2), "are for CPU nodes"),
+        (lambda: layout(1, 8, cpus_per_process=2), "are for CPU nodes"),
+        (lambda: layout(1, 8, cpus_per_gpu=0), "cpus_per_gpu must be >= 1"),
+        (lambda: layout(1, 0, cpus_per_process=0), "cpus_per_process must be >= 1"),
+        (lambda: layout(1, 0, 2, cpu_devices_per_process=0), "cpu_devices_per_process must be"),
+        (lambda: launch_commands.slurm_script("my job", layout(), TRAIN_ARGS), "job name"),
+        (lambda: launch_commands.slurm_script("j", layout(), TRAIN_ARGS[1:]), "--config="),
         (
-            lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS, processes_per_node="core"),
-            "'gpu'",
-        ),
-        (lambda: launch_commands.slurm_script("my job", 1, 8, TRAIN_ARGS), "job name"),
-        (lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS[1:]), "--config="),
-        (
-            lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS + ["--process_id=3"]),
+            lambda: launch_commands.slurm_script("j", layout(), TRAIN_ARGS + ["--process_id=3"]),
             "--process_id",
         ),
         (
-            lambda: launch_commands.slurm_script("j", 1, 8, TRAIN_ARGS, extra_sbatch=["account=x"]),
+            lambda: launch_commands.slurm_script(
+                "j", layout(), TRAIN_ARGS, extra_sbatch=["account=x"]
+            ),
             "sbatch",
         ),
         (lambda: launch_commands.tpu_pod_command("", "z", None, TRAIN_ARGS), "TPU name"),
@@ -296,7 +376,7 @@ def test_slurm_dry_run_prints_script_and_command_and_writes_nothing(tmp_path, re
         path,
     )
     assert result.returncode == 0, result.stderr
-    expected = launch_commands.slurm_script("drytest_job", 2, 8, TRAIN_ARGS)
+    expected = launch_commands.slurm_script("drytest_job", layout(2, 8), TRAIN_ARGS)
     assert result.stdout == expected + shlex.join(["sbatch", str(script_out)]) + "\n"
     assert not calls.exists() and not script_out.parent.exists()
     assert not (ROOT / "logs" / "drytest_job.sbatch").exists()
@@ -367,8 +447,49 @@ def test_slurm_submit_writes_the_script_and_calls_sbatch(tmp_path, recording_pat
     assert result.returncode == 0, result.stderr
     assert calls.read_text() == "sbatch logs/sst2.sbatch\n"
     assert (tmp_path / "logs/sst2.sbatch").read_text() == launch_commands.slurm_script(
-        "sst2", 2, 8, TRAIN_ARGS
+        "sst2", layout(2, 8), TRAIN_ARGS
     )
+
+
+def test_slurm_cli_submits_cpu_jobs_and_waits(tmp_path, recording_path):
+    path, calls = recording_path
+    args = ["--job_name=cpu", "--nodes=1", "--gpus_per_node=0", "--processes_per_node=2"]
+    args += ["--cpu_devices_per_process=2", "--wait", "--", *TRAIN_ARGS]
+    result = run_cli("launch_slurm.py", args, path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert calls.read_text() == "sbatch --wait logs/cpu.sbatch\n"
+    assert (tmp_path / "logs/cpu.sbatch").read_text() == launch_commands.slurm_script(
+        "cpu", layout(1, 0, 2, cpu_devices_per_process=2), TRAIN_ARGS
+    )
+    # CPU nodes' defaults: one process per node, one CPU device each.
+    result = run_cli(
+        "launch_slurm.py",
+        ["--job_name=c", "--nodes=2", "--gpus_per_node=0", "--dry-run", "--", *TRAIN_ARGS],
+        path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(launch_commands.slurm_script("c", layout(2, 0), TRAIN_ARGS))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gpus_per_node=0", "--processes_per_node=gpu"], "needs GPUs"),
+        (["--gpus_per_node=-1"], "gpus_per_node must be >= 0"),
+        (["--gpus_per_node=8", "--processes_per_node=2"], "for CPU nodes"),
+        (["--gpus_per_node=8", "--cpu_devices_per_process=4"], "for CPU nodes"),
+        (["--gpus_per_node=0", "--processes_per_node=core"], "a number >= 1"),
+    ],
+)
+def test_slurm_cli_node_kind_errors(recording_path, args, message):
+    path, calls = recording_path
+    result = run_cli(
+        "launch_slurm.py",
+        ["--job_name=j", "--nodes=1", *args, "--dry-run", "--", *TRAIN_ARGS],
+        path,
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not calls.exists()
 
 
 def test_tpu_launch_runs_the_gcloud_commands_in_order(recording_path):

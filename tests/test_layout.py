@@ -8,20 +8,22 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "finetune_jax"
 
-# What each part may import from the package besides itself. Leaves (config, tree_paths,
-# cache_paths, json_values, host_memory) import nothing from the package; entry points (train, eval, export, predict,
-# monitor, plot, cli) may import anything.
+# What each part may import from the package besides itself. Leaves (config, config_ranges,
+# tree_paths, cache_paths, json_values, host_memory, progress) import nothing from the package;
+# entry points (train, eval, export, predict, monitor, plot, config_keys, cli) may import anything.
 ALLOWED = {
     "config": set(),
+    "config_ranges": set(),
     "tree_paths": set(),
     "cache_paths": set(),
     "json_values": set(),
     "host_memory": set(),
+    "progress": set(),  # what a person watching a long phase sees
     "models": {"tree_paths"},
-    "data": {"cache_paths", "json_values"},
+    "data": {"cache_paths", "json_values", "progress"},
     "hf": {"models", "tree_paths", "cache_paths"},
     "cluster": {"tree_paths"},
-    "evaluation": {"data", "models", "tree_paths", "json_values"},
+    "evaluation": {"data", "models", "tree_paths", "json_values", "progress"},
     # Task kinds: how each kind is resolved, loaded, scored, predicted and exported.
     "tasks": {"data", "evaluation", "models", "hf", "tree_paths", "json_values"},
     "training": {
@@ -32,12 +34,24 @@ ALLOWED = {
         "hf",
         "cluster",
         "config",
+        "config_ranges",
         "tree_paths",
         "json_values",
         "host_memory",
+        "progress",
     },
 }
-ENTRY_POINTS = {"train", "eval", "export", "predict", "monitor", "plot", "cli", "__init__"}
+ENTRY_POINTS = {
+    "train",
+    "eval",
+    "export",
+    "predict",
+    "monitor",
+    "plot",
+    "config_keys",
+    "cli",
+    "__init__",
+}
 
 
 def _part(path: pathlib.Path) -> str:

@@ -120,3 +120,34 @@ def test_multi_label_jsonl_exports_a_multi_label_model_with_transformers_loss(
         theirs.loss.item(), rel=1e-4
     )
     np.testing.assert_array_equal(ours["predictions"], (theirs.logits.numpy() > 0).astype(int))
+
+
+def test_a_failed_start_leaves_nothing_and_a_run_without_checkpoint_names_classes_afresh(
+    tiny_bert_dir, tmp_path
+):
+    """A typo'd label and batch_size=0, or a misspelled validation file (read after the
+    train split): the start fails before writing to the workdir, so the fixed rerun trains on
+    the fixed data's classes, not the typo's phantom class; and class names saved by a start
+    that reached no checkpoint (an earlier version's) are replaced by the data's."""
+    _write_csv(tmp_path / "train.csv", 24, seed=0)
+    _write_csv(tmp_path / "validation.csv", 9, seed=1)
+    good = (tmp_path / "train.csv").read_text()
+    (tmp_path / "train.csv").write_text(good.replace(",billing\n", ",bliling\n", 1))
+    config = _own_config(tiny_bert_dir, tmp_path, train="train.csv", validation="validation.csv")
+    config.train.batch_size = 0
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match="batch_size"):
+        train(config, str(workdir))
+    assert not workdir.exists() or not any(workdir.iterdir())
+    config.train.batch_size = 8
+    config.data.files.validation = "validaton.csv"
+    with pytest.raises((ValueError, OSError), match="validaton.csv"):
+        train(config, str(workdir))
+    assert not workdir.exists() or not any(workdir.iterdir())
+    config.data.files.validation = "validation.csv"
+
+    (tmp_path / "train.csv").write_text(good)
+    workdir.mkdir(exist_ok=True)
+    (workdir / "label_names.json").write_text(json.dumps(["billing", "bliling", "shipping"]))
+    train(config, str(workdir))
+    assert json.loads((workdir / "label_names.json").read_text()) == sorted(WORDS)

@@ -64,11 +64,12 @@ def test_plot_writes_loss_and_metric_pngs_with_the_run_curves(tmp_path):
 
 
 def test_plot_shows_whatever_metrics_a_task_logs(tmp_path):
-    # A causal LM logs perplexity; a speech run WER and CER; a final eval is a star.
+    # A causal LM logs perplexity; a speech run WER and CER; a final eval is a star. Its
+    # count of scored tokens is not a metric.
     records = _overfitting_run(
-        tmp_path, lambda s: {"wer": 0.3 + s / 1000, "cer": 0.1, "best": None}
+        tmp_path, lambda s: {"wer": 0.3 + s / 1000, "cer": 0.1, "tokens": 400, "best": None}
     )
-    records.append({"step": 40, "kind": "final", "wer": 0.25, "cer": 0.08, "examples": 40})
+    records.append({"step": 40, "kind": "final", "wer": 0.25, "cer": 0.08, "tokens": 400})
     assert curves.eval_metrics(records) == ["wer", "cer"]
     assert curves.best_step(records, "wer") is None  # no best recorded: nothing marked
     fig = curves.metrics_figure(records, None)

@@ -10,7 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from finetune_jax import tasks
+from finetune_jax.config import base_config
 from finetune_jax.data import prediction_io
+from finetune_jax.data.text_sources import DataError, load_split
 from finetune_jax.evaluation.prediction import label_columns, prompt_messages
 
 
@@ -102,3 +105,58 @@ def test_a_disabled_writer_counts_rows_and_writes_nothing(tmp_path):
     with prediction_io.RowWriter(str(tmp_path / "out.csv"), enabled=False) as writer:
         writer.write([{"a": 1}, {"a": 2}])
     assert writer.rows == 2 and not any(tmp_path.iterdir())
+
+
+def test_a_row_train_rejects_is_rejected_by_predict_with_the_same_message(tmp_path):
+    # Train reads a csv through the same reader: one message, line included, for both.
+    path = tmp_path / "new.csv"
+    path.write_text("text,label\ngood,pos\nI did not expect to like it, but I loved it,pos\n")
+    config = base_config()
+    config.data.task, config.data.files.train = "text_classification", str(path)
+    config.data.label_names = ("neg", "pos")
+    with pytest.raises(DataError) as train_error:
+        load_split(tasks.task_for(config.data), None, "train")
+    with pytest.raises(DataError) as predict_error:
+        list(prediction_io.read_chunks(str(path), 8))
+    assert str(predict_error.value) == str(train_error.value)
+    assert "new.csv' line 3 as csv: 3 fields, but the header has 2" in str(predict_error.value)
+
+
+def test_an_empty_text_is_an_error_naming_its_line(tmp_path):
+    path = tmp_path / "new.csv"
+    path.write_text('sentence,id\nfine,1\n"  ",2\n')
+    (chunk,) = prediction_io.read_chunks(str(path), 8)
+    with pytest.raises(DataError, match=r"new\.csv' line 3: column 'sentence' is empty"):
+        prediction_io.text_examples(chunk, ["sentence"], str(path))
+
+
+@pytest.mark.parametrize("name", ["rows.csv", "rows.jsonl"])
+def test_a_byte_that_is_not_utf8_names_its_line(tmp_path, name):
+    path = tmp_path / name
+    row = b"caf\xe9,1\n" if name.endswith(".csv") else b'{"sentence": "caf\xe9"}\n'
+    path.write_bytes((b"sentence,id\nfine,1\n" if name.endswith(".csv") else b"") + row)
+    line = 3 if name.endswith(".csv") else 1
+    with pytest.raises(DataError, match=rf"{name}' line {line}, byte \d+: b'\\xe9' is not UTF-8"):
+        list(prediction_io.read_chunks(str(path), 8))
+
+
+def test_an_output_directory_that_refuses_writes_is_named(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system", args[0])
+
+    monkeypatch.setattr(prediction_io, "open", read_only, raising=False)
+    with pytest.raises(OSError, match="cannot write in") as error:
+        with prediction_io.RowWriter(str(tmp_path / "out.csv")):
+            pass
+    assert error.value.strerror == f"--output={str(tmp_path / 'out.csv')!r}: cannot write in " + (
+        f"{str(tmp_path)!r} (Read-only file system)"
+    )
+
+
+def test_a_glue_tsv_is_read_without_quoting_for_a_glue_run_as_train_reads_it(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.write_text('sentence\tlabel\n"odd start\t1\nfine\t0\n')
+    rows = [r for c in prediction_io.read_chunks(str(path), 8, tasks.get_task("sst2")) for r in c]
+    assert [r["sentence"] for r in rows] == ['"odd start', "fine"]
+    with pytest.raises(DataError, match=r"dev\.tsv' line 2 as tsv: .*quote opened there"):
+        list(prediction_io.read_chunks(str(path), 8))  # a run of your own files: quoting

@@ -69,7 +69,23 @@ def test_overrides_without_a_file_apply_to_the_saved_config(tmp_path):
 
 
 def test_no_saved_config_needs_a_file(tmp_path):
+    (tmp_path / "checkpoints").mkdir()  # a run from before config.json was saved
     with pytest.raises(FileNotFoundError, match="pass --config"):
         run_config.resolve(tmp_path, base_config(), from_file=False)
     given = base_config()
     assert run_config.resolve(tmp_path, given, from_file=True) is given
+
+
+def test_a_workdir_with_no_run_is_named_instead_of_asking_for_a_config(tmp_path):
+    missing = tmp_path / "runs" / "typo"
+    with pytest.raises(FileNotFoundError) as error:
+        run_config.resolve(missing, base_config(), from_file=False)
+    assert (
+        str(error.value)
+        == f"--workdir={str(missing)!r} does not exist: pass the --workdir of a train run"
+    )
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"holds no run .*it has \['notes.txt'\]"):
+        run_config.resolve(tmp_path, base_config(), from_file=False)
+    given = base_config()  # eval --checkpoint=pretrained --config=FILE into a new workdir
+    assert run_config.resolve(missing, given, from_file=True) is given

@@ -54,3 +54,20 @@ def test_config_rows_stratifies_only_when_asked_and_names_the_key_without_labels
     multi_hot = np.zeros((100, 3))
     with pytest.raises(ValueError, match=r"one class per row.*\(100, 3\).*stratify=False"):
         selection.config_rows(config, "holdout", 100, multi_hot)
+
+
+def test_max_eval_rows_caps_the_holdout_without_moving_train_rows():
+    config = base_config()
+    config.data.holdout_rows, config.data.max_eval_rows = 40, 10
+    held = selection.split_rows(100, "holdout", 40, 0, split_seed=0)
+    capped = selection.config_rows(config, "holdout", 100)
+    assert len(capped) == 10 and set(capped) <= set(held)
+    np.testing.assert_array_equal(capped, selection.config_rows(config, "holdout", 100))
+    train = selection.config_rows(config, "train", 100)
+    np.testing.assert_array_equal(train, selection.split_rows(100, "train", 40, 0, split_seed=0))
+    config.data.stratify = True  # the stratified holdout's cap keeps each class's share
+    stratified = selection.config_rows(config, "holdout", 100, STRATA)
+    assert len(stratified) == 10 and set(stratified) <= set(
+        selection.split_rows(100, "holdout", 40, 0, split_seed=0, strata=STRATA)
+    )
+    np.testing.assert_array_equal(np.bincount(STRATA[stratified], minlength=3), [7, 2, 1])

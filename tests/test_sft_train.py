@@ -74,7 +74,8 @@ def test_sft_run_reports_heldout_loss_and_perplexity(tiny_chat_llama_dir, tmp_pa
     for record in evals:
         assert record["perplexity"] == pytest.approx(math.exp(record["loss"]), rel=1e-9)
         assert 0.0 <= record["token_accuracy"] <= 1.0
-        assert record["examples"] > 8  # trained (assistant) tokens, not conversations
+        assert record["tokens"] > 8  # trained (assistant) tokens, not conversations
+        assert "examples" not in record  # which a count of tokens is not
     assert summary["metric"] == "loss" and summary["best"] == min(r["loss"] for r in evals)
     # Selected on the train holdout, reported on test.
     final = summary["final"]

@@ -69,3 +69,17 @@ def test_readme_key_table_is_what_the_kinds_read():
     for key, marks in table.items():
         read = [key in tasks.KINDS[kind].data_keys for kind in kinds]
         assert marks == read, key
+
+
+@pytest.mark.parametrize("kind", tasks.KINDS.values(), ids=list(tasks.KINDS))
+def test_eval_count_is_named_for_what_the_loss_weights_count(kind):
+    """An eval reports its summed loss weights under the kind's `eval_count`: rows are
+    "examples" (weights [B]), tokens "tokens" (weights [B, T]), never tokens as examples."""
+    name = next(iter(kind.tasks))
+    config = config_lib.base_config()
+    config.data.task, config.data.image_size = name, 32
+    task = kind.configured(config.data)
+    saved = ("O", "B-x", "I-x")  # class names as a run saves them: none read from files here
+    resolved = kind.resolve(config, task, saved if task.label_names is None else None)
+    shape, _ = kind.batch_spec(config, resolved)["weights"]
+    assert kind.eval_count == {1: "examples", 2: "tokens"}[len(shape)]

@@ -4,6 +4,7 @@ train, multi-label and regression cells, chunked reading, and errors that name f
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -244,3 +245,61 @@ def test_format_errors_name_the_key(tmp_path):
         _task(train="a.txt")
     with pytest.raises(ValueError, match="data.text_columns=.*name 1 or 2 columns"):
         _task(train="a.csv", text_columns=("a", "b", "c"))
+
+
+def test_an_unquoted_comma_in_the_first_row_is_an_error_not_a_shifted_row(tmp_path):
+    # pandas' parser took the first field of a row with one field too many as an index: the
+    # text lost "I did not expect to like it" and every later row moved one column left.
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\nI did not expect to like it, but I loved it,pos\nbad,neg\n")
+    task, _ = _task(train=str(path), label_names=("neg", "pos"))
+    with pytest.raises(DataError, match=r"train\.csv' line 2 as csv: 3 fields, but the header"):
+        load_split(task, None, "train")
+
+
+def test_rows_after_a_cell_spanning_lines_are_named_by_their_own_line(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text('text,label\n"two\nlines",pos\nfine,pos\nodd,maybe\n')
+    task, _ = _task(train=str(path), label_names=("neg", "pos"))
+    with pytest.raises(DataError, match=r"train\.csv' line 5: label 'maybe'"):
+        load_split(task, None, "train")
+
+
+@pytest.mark.parametrize("fmt,line", [("csv", 4), ("jsonl", 3)])  # csv: a header line
+def test_an_empty_text_is_an_error_naming_its_line(tmp_path, fmt, line):
+    rows = [*ROWS[:2], ("   ", "billing", [], 0.0), *ROWS[3:]]
+    task, _ = _task(train=str(_write_rows(tmp_path, fmt, rows)))
+    task = dataclasses.replace(task, label_names=("billing", "shipping", "technical"))
+    with pytest.raises(
+        DataError, match=rf"train\.{fmt}' line {line}: column 'text' is empty; fill or remove"
+    ):
+        load_split(task, None, "train")
+
+
+def test_a_broken_jsonl_line_is_named_by_its_file_line_once(tmp_path, capfd):
+    lines = [json.dumps({"text": f"row {i}", "label": "billing"}) for i in range(8)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join([*lines, "", '{"text": "broken', lines[0]]) + "\n")
+    task, _ = _task(train=str(path), label_names=("billing", "shipping"))
+    with pytest.raises(DataError) as error:
+        load_split(task, None, "train")
+    assert str(error.value).startswith(f"{str(path)!r} line 10: not valid JSON (Unterminated")
+    assert "Failed to load JSON" not in capfd.readouterr().err  # datasets' own log: silenced
+
+
+def test_a_later_byte_that_is_not_utf8_names_its_line(tmp_path):
+    body = "".join(f"row {i},billing\n" for i in range(1500)).encode()
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"text,label\n" + body + b"caf\xe9,billing\n")
+    task, _ = _task(train=str(path), label_names=("billing", "shipping"))
+    with pytest.raises(DataError, match=r"train\.csv' line 1502, byte \d+: b'\\xe9' is not UTF-8"):
+        load_split(task, None, "train")
+
+
+def test_rows_after_a_blank_jsonl_line_are_named_by_their_own_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    rows = [{"text": "a", "label": "billing"}, {"text": "b", "label": "maybe"}]
+    path.write_text(json.dumps(rows[0]) + "\n\n  \n" + json.dumps(rows[1]) + "\n")
+    task, _ = _task(train=str(path), label_names=("billing", "shipping"))
+    with pytest.raises(DataError, match=r"train\.jsonl' line 4: label 'maybe'"):
+        load_split(task, None, "train")

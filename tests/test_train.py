@@ -112,7 +112,17 @@ def run_cli(*args, cwd=REPO):
 @pytest.mark.parametrize(
     "flags,expected",
     [
-        (["--config.optim.lrr=1e-3"], ["--config.optim.lrr=1e-3: 'lrr'", 'Did you mean "lr"']),
+        (
+            ["--config.optim.lrr=1e-3"],
+            ["--config.optim.lrr=1e-3: unknown config key 'optim.lrr'", "did you mean 'lr'?"],
+        ),
+        (
+            ["--config.optimizer.lr=1e-3"],
+            [
+                "--config.optimizer.lr=1e-3: unknown config key 'optimizer.lr': 'optimizer' is "
+                "not a config section; did you mean 'optim'?"
+            ],
+        ),
         (["--config.optim.lr=fast"], ["--config.optim.lr=fast", "could not convert"]),
         (["--config.train.max_steps=abc"], ["--config.train.max_steps=abc: invalid literal"]),
         (["--config=configs/nonexistent.py"], ["--config=configs/nonexistent.py", "No such file"]),
@@ -128,6 +138,7 @@ def run_cli(*args, cwd=REPO):
     ],
     ids=[
         "unknown-key",
+        "unknown-section",
         "wrong-type",
         "wrong-type-int",
         "missing-config-file",
@@ -264,3 +275,20 @@ def test_selection_metric_is_checked_and_perplexity_is_lower_is_better(
         ValueError, match=r"selecting checkpoints on 'accuracy'.* now selects on 'loss'"
     ):
         train(config, str(tmp_path))
+
+
+def test_tensorboard_hint_is_a_command_that_runs_here_or_how_to_install_it(monkeypatch, tmp_path):
+    """`tensorboard --logdir` is shown only where that command exists; where TensorBoard is
+    missing the hint says how to install it (an optional extra)."""
+    import importlib.util
+    import shutil
+
+    from finetune_jax.training import loop
+
+    logdir = tmp_path / "tensorboard"
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    hint = loop.tensorboard_hint(logdir)
+    assert hint == f"to view: pip install -e '.[tensorboard]', then tensorboard --logdir {logdir}"
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert loop.tensorboard_hint(logdir) == f"open: tensorboard --logdir {logdir}"

@@ -1,13 +1,18 @@
-"""Submit a multi-node training run to SLURM.
+"""Submit a training run to SLURM: GPU nodes, or CPU nodes with fake CPU devices per process.
 
   python tools/launch_slurm.py --job_name=sst2 --nodes=2 --gpus_per_node=8 [--partition=P] \\
-      [--processes_per_node=gpu|node] [--dry-run] -- \\
+      [--processes_per_node=gpu|node] [--wait] [--dry-run] -- \\
       --config=configs/glue/sst2_minilm.py --workdir=/shared/runs/sst2
+
+  python tools/launch_slurm.py --job_name=cpu --nodes=1 --gpus_per_node=0 \\
+      --processes_per_node=2 --cpu_devices_per_process=2 --venv= --wait -- \\
+      --config=configs/glue/sst2_minilm.py --workdir=runs/cpu
 
 Everything after `--` goes to `python -m finetune_jax.train` unchanged; the script adds the
 coordinator and process flags per task. Without `--dry-run` it writes the sbatch script to
 `--script_out` (default logs/JOB.sbatch) and runs `sbatch` on it; job output goes to
-logs/JOB-JOBID.out. `--dry-run` prints the script, then the sbatch command, and writes nothing.
+logs/JOB-JOBID.out. `--wait` returns when the job ends, with its exit code. `--dry-run`
+prints the script, then the sbatch command, and writes nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune_jax.cluster import launch_commands  # noqa: E402
 
 
+def _processes_per_node(value: str) -> str | int:
+    """'gpu', 'node' or a number, as given; slurm_layout says which fits the nodes."""
+    return int(value) if value.isdigit() else value
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], argparse.ArgumentParser]:
     """The launcher's own flags (before `--`), the train args (after it), and the parser."""
     parser = argparse.ArgumentParser(
@@ -34,18 +44,33 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], argparse
     )
     parser.add_argument("--job_name", required=True, help="SLURM job name (also names the logs)")
     parser.add_argument("--nodes", type=int, required=True, help="number of nodes")
-    parser.add_argument("--gpus_per_node", type=int, required=True, help="GPUs on each node")
+    parser.add_argument(
+        "--gpus_per_node", type=int, required=True, help="GPUs on each node; 0: CPU nodes"
+    )
     parser.add_argument(
         "--partition", default=None, help="SLURM partition (default: the cluster's)"
     )
     parser.add_argument("--time", default="24:00:00", help="time limit (default 24:00:00)")
     parser.add_argument(
         "--processes_per_node",
-        choices=("gpu", "node"),
-        default="gpu",
-        help="one JAX process per GPU (default) or one per node seeing all GPUs",
+        type=_processes_per_node,
+        default=None,
+        metavar="gpu|node|N",
+        help="GPU nodes: one JAX process per GPU (default) or one per node seeing all GPUs; "
+        "CPU nodes: one per node (default) or N",
     )
-    parser.add_argument("--cpus_per_gpu", type=int, default=8, help="CPUs per GPU (data loading)")
+    parser.add_argument(
+        "--cpus_per_gpu", type=int, default=8, help="GPU nodes: CPUs per GPU (data loading)"
+    )
+    parser.add_argument(
+        "--cpus_per_process", type=int, default=None, help="CPU nodes: CPUs per process (default 1)"
+    )
+    parser.add_argument(
+        "--cpu_devices_per_process",
+        type=int,
+        default=1,
+        help="CPU nodes: JAX CPU devices each process makes (XLA's fake host devices; default 1)",
+    )
     parser.add_argument(
         "--repo_dir",
         default=None,
@@ -67,6 +92,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], argparse
         "--script_out", default=None, help="where to write the script (default logs/JOB.sbatch)"
     )
     parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="return when the job ends, with its exit code (sbatch --wait)",
+    )
+    parser.add_argument(
         "--dry-run",
         "--dry_run",
         dest="dry_run",
@@ -81,20 +111,25 @@ def main(argv: list[str]) -> int:
     args, train_args, parser = parse_args(argv)
     script_path = args.script_out or os.path.join("logs", f"{args.job_name}.sbatch")
     try:
-        script = launch_commands.slurm_script(
-            args.job_name,
+        layout = launch_commands.slurm_layout(
             args.nodes,
             args.gpus_per_node,
+            args.processes_per_node,
+            cpus_per_gpu=args.cpus_per_gpu,
+            cpus_per_process=args.cpus_per_process,
+            cpu_devices_per_process=args.cpu_devices_per_process,
+        )
+        script = launch_commands.slurm_script(
+            args.job_name,
+            layout,
             train_args,
             partition=args.partition,
             time=args.time,
-            processes_per_node=args.processes_per_node,
             repo_dir=args.repo_dir,
             venv=args.venv,
             extra_sbatch=args.sbatch,
-            cpus_per_gpu=args.cpus_per_gpu,
         )
-        submit = launch_commands.slurm_submit_command(script_path)
+        submit = launch_commands.slurm_submit_command(script_path, wait=args.wait)
     except ValueError as e:
         parser.error(str(e))
     if args.dry_run:

@@ -6,6 +6,7 @@ exact commands are unit-tested and `tools/launch_*.py --dry-run` prints what wou
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from collections.abc import Sequence
@@ -16,7 +17,6 @@ _GCLOUD_TPU = ("gcloud", "compute", "tpus", "tpu-vm")
 SYNC_PATHS = ("pyproject.toml", "README.md", "finetune_jax", "configs", "tools")
 # The SLURM script sets these per task; a value from the user would contradict it.
 DISTRIBUTED_FLAGS = ("--coordinator_address", "--num_processes", "--process_id")
-COORDINATOR_PORT = 12345
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -141,12 +141,125 @@ def tpu_copy_commands(
     return [mkdir, scp]
 
 
-def _sbatch_options(
-    job_name: str,
+@dataclasses.dataclass(frozen=True)
+class SlurmLayout:
+    """How a job's processes sit on its nodes, and what each task's environment says.
+
+    GPU nodes: one JAX process per GPU (`"gpu"`) or per node (`"node"`). CPU nodes
+    (`gpus_per_node=0`): `"node"` or a number of processes per node, each with
+    `cpu_devices_per_process` (fake) CPU devices, as tests do on one machine.
+    """
+
+    nodes: int
+    gpus_per_node: int
+    tasks_per_node: int
+    cpus_per_task: int
+    cpu_devices_per_process: int = 1
+    per_gpu: bool = False  # GPU nodes: one process per GPU, which sees only its own GPU
+
+    def sbatch_options(self) -> list[str]:
+        gpus = [f"--gpus-per-node={self.gpus_per_node}"] if self.gpus_per_node else []
+        return [
+            f"--nodes={self.nodes}",
+            f"--ntasks-per-node={self.tasks_per_node}",
+            *gpus,
+            f"--cpus-per-task={self.cpus_per_task}",
+        ]
+
+    def task_env(self) -> list[str]:
+        """`NAME=value` words (shell text, expanded in each task) before the trainer."""
+        if not self.gpus_per_node:
+            env = ["JAX_PLATFORMS=cpu"]
+            if self.cpu_devices_per_process > 1:
+                flag = f"--xla_force_host_platform_device_count={self.cpu_devices_per_process}"
+                # After any inherited XLA_FLAGS: XLA's last value of a flag wins.
+                env.append(f'XLA_FLAGS="${{XLA_FLAGS:+$XLA_FLAGS }}{flag}"')
+            return env
+        # Under SLURM, jax.distributed restricts each process to GPU number $SLURM_LOCALID
+        # unless told which GPUs are its own: name them.
+        if self.per_gpu:
+            return ["CUDA_VISIBLE_DEVICES=$SLURM_LOCALID", "JAX_LOCAL_DEVICE_IDS=0"]
+        return [f"JAX_LOCAL_DEVICE_IDS={','.join(map(str, range(self.gpus_per_node)))}"]
+
+    def describe(self) -> str:
+        if self.gpus_per_node:
+            mode = "one JAX process per GPU" if self.per_gpu else "one JAX process per node"
+            return f"{self.nodes} node(s) x {self.gpus_per_node} GPU(s), {mode}"
+        per_node = f"{self.tasks_per_node} JAX process(es) per node"
+        devices = f"{self.cpu_devices_per_process} CPU device(s) each"
+        return f"{self.nodes} CPU node(s), {per_node}, {devices}"
+
+
+def slurm_layout(
     nodes: int,
     gpus_per_node: int,
-    per_gpu: bool,
-    cpus_per_gpu: int,
+    processes_per_node: str | int | None = None,
+    cpus_per_gpu: int = 8,
+    cpus_per_process: int | None = None,
+    cpu_devices_per_process: int = 1,
+) -> SlurmLayout:
+    """Check the sizes of a job and place its processes (see `SlurmLayout`).
+
+    `processes_per_node` None means `"gpu"` on GPU nodes and `"node"` on CPU nodes;
+    `cpus_per_process` (CPU nodes only) defaults to 1.
+    """
+    if processes_per_node is None:
+        processes_per_node = "gpu" if gpus_per_node else "node"
+    if nodes < 1:
+        raise ValueError(f"nodes must be >= 1, got {nodes}")
+    if gpus_per_node < 0:
+        raise ValueError(f"gpus_per_node must be >= 0 (0: CPU nodes), got {gpus_per_node}")
+    if gpus_per_node:
+        return _gpu_layout(
+            nodes,
+            gpus_per_node,
+            processes_per_node,
+            cpus_per_gpu,
+            cpus_per_process,
+            cpu_devices_per_process,
+        )
+    if processes_per_node == "gpu":
+        raise ValueError(
+            "processes_per_node='gpu' needs GPUs: on CPU nodes (gpus_per_node=0) give "
+            "'node' or a number of processes per node"
+        )
+    tasks = 1 if processes_per_node == "node" else processes_per_node
+    if not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 1:
+        raise ValueError(
+            "processes_per_node on CPU nodes must be 'node' or a number >= 1, got "
+            f"{processes_per_node!r}"
+        )
+    for name, value in (
+        ("cpus_per_process", 1 if cpus_per_process is None else cpus_per_process),
+        ("cpu_devices_per_process", cpu_devices_per_process),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    return SlurmLayout(nodes, 0, tasks, cpus_per_process or 1, cpu_devices_per_process)
+
+
+def _gpu_layout(nodes, gpus, processes_per_node, cpus_per_gpu, cpus_per_process, cpu_devices):
+    """`slurm_layout` for GPU nodes (`gpus` >= 1)."""
+    if processes_per_node not in ("gpu", "node"):
+        raise ValueError(
+            f"processes_per_node on GPU nodes must be 'gpu' or 'node', got {processes_per_node!r}"
+            " (a number of processes per node is for CPU nodes: gpus_per_node=0)"
+        )
+    if cpus_per_process is not None or cpu_devices != 1:
+        raise ValueError(
+            "cpus_per_process and cpu_devices_per_process are for CPU nodes (gpus_per_node=0); "
+            "GPU nodes take cpus_per_gpu"
+        )
+    if cpus_per_gpu < 1:
+        raise ValueError(f"cpus_per_gpu must be >= 1, got {cpus_per_gpu}")
+    if processes_per_node == "gpu":
+        return SlurmLayout(nodes, gpus, gpus, cpus_per_gpu, per_gpu=True)
+    return SlurmLayout(nodes, gpus, 1, cpus_per_gpu * gpus)
+
+
+def _sbatch_options(
+    job_name: str,
+    layout: SlurmLayout,
     time: str,
     partition: str | None,
     extra_sbatch: Sequence[str],
@@ -154,13 +267,6 @@ def _sbatch_options(
     """The `#SBATCH` options, after checking the values that go into them."""
     if not _NAME.fullmatch(job_name or ""):
         raise ValueError(f"job name must be letters, digits, '_', '.', '-', got {job_name!r}")
-    for name, value in (
-        ("nodes", nodes),
-        ("gpus_per_node", gpus_per_node),
-        ("cpus_per_gpu", cpus_per_gpu),
-    ):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
     if not time or any(c.isspace() for c in time):
         raise ValueError(f"time must be a SLURM time limit like 24:00:00, got {time!r}")
     bad = [s for s in extra_sbatch if not s.startswith("-") or "\n" in s]
@@ -168,10 +274,7 @@ def _sbatch_options(
         raise ValueError(f"extra sbatch options must look like --account=NAME, got {bad}")
     return [
         f"--job-name={job_name}",
-        f"--nodes={nodes}",
-        f"--ntasks-per-node={gpus_per_node if per_gpu else 1}",
-        f"--gpus-per-node={gpus_per_node}",
-        f"--cpus-per-task={cpus_per_gpu * (1 if per_gpu else gpus_per_node)}",
+        *layout.sbatch_options(),
         f"--time={time}",
         "--output=logs/%x-%j.out",
         *([f"--partition={partition}"] if partition else []),
@@ -179,60 +282,52 @@ def _sbatch_options(
     ]
 
 
-def _task_command(train_args: Sequence[str], per_gpu: bool, port: int) -> str:
+def _task_command(train_args: Sequence[str], layout: SlurmLayout) -> str:
     """The shell command one SLURM task runs: the trainer with this task's process flags."""
     check_train_args(train_args)
     given = [a for a in train_args if a.split("=", 1)[0] in DISTRIBUTED_FLAGS]
     if given:
         raise ValueError(f"{', '.join(given)}: the SLURM script sets these for each task")
-    gpu = "CUDA_VISIBLE_DEVICES=$SLURM_LOCALID " if per_gpu else ""
     return (
-        f"{gpu}exec {shlex.join([*TRAIN_MODULE, *train_args])}"
-        f' --coordinator_address="$COORD:{port}"'
+        f"{' '.join(layout.task_env())} exec {shlex.join([*TRAIN_MODULE, *train_args])}"
+        ' --coordinator_address="$COORD:$PORT"'
         ' --num_processes="$SLURM_NTASKS" --process_id="$SLURM_PROCID"'
     )
 
 
 def slurm_script(
     job_name: str,
-    nodes: int,
-    gpus_per_node: int,
+    layout: SlurmLayout,
     train_args: Sequence[str],
     partition: str | None = None,
     time: str = "24:00:00",
-    processes_per_node: str = "gpu",
     repo_dir: str | None = None,
     venv: str = ".venv",
     extra_sbatch: Sequence[str] = (),
-    cpus_per_gpu: int = 8,
-    port: int = COORDINATOR_PORT,
+    port: int | None = None,
 ) -> str:
-    """A complete sbatch script that runs the train module on `nodes` x `gpus_per_node` GPUs.
+    """A complete sbatch script that runs the train module with `layout`'s processes.
 
-    `processes_per_node="gpu"`: one JAX process per GPU, each seeing only its GPU;
-    `"node"`: one process per node seeing all of its GPUs. `repo_dir` None means the
-    directory sbatch was called from; `venv` (relative to it) "" skips activation.
+    `repo_dir` None means the directory sbatch was called from; `venv` (relative to it)
+    "" skips activation. `port` None: the coordinator's port is the one jax.distributed's
+    SLURM autodetection picks, 61440 + job id % 4096, so jobs sharing a node do not collide.
     """
-    if processes_per_node not in ("gpu", "node"):
-        raise ValueError(f"processes_per_node must be 'gpu' or 'node', got {processes_per_node!r}")
-    per_gpu = processes_per_node == "gpu"
-    options = _sbatch_options(
-        job_name, nodes, gpus_per_node, per_gpu, cpus_per_gpu, time, partition, extra_sbatch
-    )
-    task = _task_command(train_args, per_gpu, port)
-    mode = "one JAX process per GPU" if per_gpu else "one JAX process per node"
+    options = _sbatch_options(job_name, layout, time, partition, extra_sbatch)
+    task = _task_command(train_args, layout)
     cd_dir = remote_path(repo_dir) if repo_dir else '"$SLURM_SUBMIT_DIR"'
+    port_value = str(port) if port else "$((61440 + SLURM_JOB_ID % 4096))"
     lines = [
         "#!/bin/bash",
         *(f"#SBATCH {option}" for option in options),
-        f"# {nodes} node(s) x {gpus_per_node} GPU(s), {mode}. Written by finetune_jax.cluster.launch_commands.",
+        f"# {layout.describe()}. Written by finetune_jax.cluster.launch_commands.",
         "set -eo pipefail",
         f"cd {cd_dir}",
         *([f". {remote_path(venv)}/bin/activate"] if venv else []),
         "set -u  # after activate, which reads unset variables",
         "# Process 0 runs on the first host of the allocation; every process dials it there.",
         'COORD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        "export COORD",
+        f"PORT={port_value}",
+        "export COORD PORT",
         "# One failed task ends the job instead of leaving the others blocked in a collective.",
         # Single-quoted `bash -c`: SLURM_PROCID and SLURM_LOCALID must expand in each task.
         f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(task)}",
@@ -240,7 +335,8 @@ def slurm_script(
     return "\n".join(lines) + "\n"
 
 
-def slurm_submit_command(script_path: str) -> list[str]:
-    """The argv that submits a script written by `slurm_script`."""
+def slurm_submit_command(script_path: str, wait: bool = False) -> list[str]:
+    """The argv that submits a script written by `slurm_script`; `wait`: sbatch returns when
+    the job ends, with its exit code."""
     _require(script_path, "script path")
-    return ["sbatch", script_path]
+    return ["sbatch", *(["--wait"] if wait else []), script_path]

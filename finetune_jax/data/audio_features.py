@@ -3,7 +3,8 @@ and kept on disk, so training reads ready arrays and never touches audio in the 
 
   load_extractor   the model directory's preprocessor_config.json -> WhisperFeatureExtractor
   window_frames    `data.audio_seconds` -> (samples, frames) of the input window
-  split_features   rows -> Features (cached, keyed by the audio's content and the settings)
+  split_features   rows -> Features (cached, keyed by the audio's content and the settings;
+                   a first computation shows its progress: minutes for thousands of clips)
   Features.take    clip indices -> [B, mel, frames] float32, exactly the extractor's output
 
 Storage: a clip shorter than the window has a tail of identical frames (silence clamped to
@@ -18,11 +19,14 @@ import hashlib
 import json
 import os
 import pathlib
+import sys
 import tempfile
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
+from finetune_jax import progress
 from finetune_jax.cache_paths import cache_root
 from finetune_jax.data.audio_sources import AudioRow, read_audio
 from finetune_jax.data.text_sources import DataError
@@ -90,10 +94,11 @@ def compress(features_MF: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def split_features(
-    rows: Sequence[AudioRow], extractor, seconds: float, cache_dir: str = ""
+    rows: Sequence[AudioRow], extractor, seconds: float, cache_dir: str = "", label: str = ""
 ) -> Features:
     """Features of every row, from the cache when the same audio was featurised before with
-    the same extractor settings and window; else computed (and stored) here."""
+    the same extractor settings and window; else computed (and stored) here, with progress
+    shown under `label` (the split's name)."""
     samples, frames = window_frames(extractor, seconds)
     settings = {**extractor.to_dict(), "window_samples": samples, "version": FORMAT_VERSION}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -102,8 +107,12 @@ def split_features(
     path = _cache_dir(cache_dir) / f"{key.hexdigest()[:32]}.npz"
     if path.is_file():
         return _read(path, frames)
+    label = f"audio features of {label or 'the split'}"
+    if progress.shown():  # a long first computation should not look like a hang
+        print(f"computing {label} ({len(rows):,} clips) into {path}", file=sys.stderr)
+    started = time.perf_counter()
     heads, tails = [], []
-    for row in rows:
+    for row in progress.track(rows, len(rows), label, "clip"):
         audio = read_audio(row.source, extractor.sampling_rate)
         if audio.size == 0:
             raise DataError(f"audio {row.describe()} holds no samples")
@@ -115,6 +124,9 @@ def split_features(
         tails.append(tail)
     result = Features(heads, np.stack(tails), frames)
     _write(path, result)
+    if progress.shown():
+        seconds = time.perf_counter() - started
+        print(f"computed {label} in {seconds:.1f} s (reused from now on)", file=sys.stderr)
     return result
 
 

@@ -124,3 +124,7 @@ class ChatData:
             process_count=jax.process_count(),
         )
         return (step_batch(rows) for rows in batches)
+
+    def eval_batch_count(self, split: ChatSplit) -> int:
+        """How many batches `eval_batches(split)` yields (for progress): its packed rows'."""
+        return -(-len(split.rows["input_ids"]) // self.config.train.batch_size)

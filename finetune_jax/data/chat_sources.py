@@ -12,6 +12,7 @@ import pathlib
 import re
 from collections.abc import Iterator
 
+from finetune_jax.data import row_files
 from finetune_jax.data.text_sources import DataError
 
 FORMATS = ("auto", "gsm8k", "messages", "alpaca")
@@ -68,8 +69,11 @@ def _resolve_file(path: pathlib.Path, split: str) -> str:
 
 def _read_json_records(path: str, limit: int | None) -> Iterator[tuple[int, object]]:
     """(1-based line, record) for a JSON array file or a JSON-lines file."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise row_files.undecodable(path, e) from None
     if text.lstrip().startswith("["):
         yield from _json_array_records(text, path, limit)
         return

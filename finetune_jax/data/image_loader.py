@@ -16,7 +16,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from finetune_jax.data import image_batches, image_preprocess, image_sources, selection
+from finetune_jax.data import (
+    image_batches,
+    image_checks,
+    image_preprocess,
+    image_sources,
+    selection,
+)
 from finetune_jax.data.label_names import choose_label_names
 
 
@@ -67,6 +73,7 @@ class ImageData:
         self.task = resolve_task(config, task, saved_names)
         self.augment = augmentation(config)
         self.image_size = image_preprocess.output_size(processor)
+        self._unreadable: dict[str, np.ndarray] = {}  # split -> rows left out, once checked
 
     @staticmethod
     def batch_spec(
@@ -84,13 +91,19 @@ class ImageData:
         }
 
     def load(self, split: str) -> image_sources.ImageSplit:
-        """`split` ("train", "validation", "test" or "holdout"), images not yet decoded."""
+        """`split` ("train", "validation", "test" or "holdout"), images not yet decoded, but
+        every file opened once (`image_checks`, under `data.bad_images`), so a bad one stops
+        the run (or is left out) before step 1."""
         loaded = image_sources.load_split(
             self.task, self.config.data, selection.file_split(split), self.task.label_names
         )
         strata = loaded.labels if loaded.strata is None else loaded.strata
         rows = selection.config_rows(self.config, split, len(loaded), strata)
-        return loaded if rows is None else image_sources.take(loaded, rows)
+        chosen = loaded if rows is None else image_sources.take(loaded, rows)
+        if split not in self._unreadable:  # once per split (label_prior, then train_batches)
+            policy = self.config.data.bad_images
+            self._unreadable[split] = image_checks.rows_to_leave_out(chosen, split, policy)
+        return image_checks.without(chosen, self._unreadable[split])
 
     def label_prior(self) -> np.ndarray:
         """Log class frequencies of the train split (add-one smoothed), as head biases."""
@@ -119,3 +132,7 @@ class ImageData:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
+
+    def eval_batch_count(self, split: image_sources.ImageSplit) -> int:
+        """How many batches `eval_batches(split)` yields (for progress)."""
+        return -(-len(split) // self.config.train.batch_size)

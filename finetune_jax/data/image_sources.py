@@ -46,7 +46,8 @@ class ImageTask:
       label_names: class names, index = class id; None = taken from `data.label_names` or, when
         that is empty, discovered from the train split (sorted folder names / label values,
         or the dataset's ClassLabel names).
-      files: split -> (images file, labels file), for the "idx" format.
+      files: split -> (images file, labels file), for the "idx" format: every split the
+        dataset officially has; one whose files are not in `data.dir` is an error naming them.
       elpv_grades: for "elpv", defect probability -> class: False = defective (p >= 0.5)
         vs functional, True = the four levels 0, 1/3, 2/3, 1.
       subdir: conventional location of the files under the shared data root.
@@ -84,7 +85,9 @@ class ImageSplit:
     """Labels of one split and a way to decode each of its images.
 
     `read(i)` returns example i's image (any PIL mode; `image` converts to RGB);
-    `locate(i)` says where it comes from, for error messages.
+    `locate(i)` says where it comes from, for error messages; `check(i)` raises when example
+    i's file cannot be opened, without decoding its pixels (`image_checks` runs it over a
+    split before training; None: nothing to check, as for IDX arrays and hub datasets).
     """
 
     labels: np.ndarray  # int32 [N]
@@ -93,6 +96,7 @@ class ImageSplit:
     source: str
     # Groups a stratified split (data.stratify) draws in proportion; None = the labels.
     strata: np.ndarray | None = None
+    check: Callable[[int], None] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -109,13 +113,22 @@ class ImageSplit:
 def take(split: ImageSplit, rows: np.ndarray) -> ImageSplit:
     """The examples at `rows`, in that order."""
     rows = np.asarray(rows)
+    check = split.check
     return ImageSplit(
         split.labels[rows],
         lambda i: split.read(int(rows[i])),
         lambda i: split.locate(int(rows[i])),
         split.source,
         None if split.strata is None else split.strata[rows],
+        None if check is None else lambda i: check(int(rows[i])),
     )
+
+
+def check_image_file(path: str) -> None:
+    """Raises unless `path` opens as an image: its header parses (and, for PNG, every chunk's
+    checksum holds). Reads the file but decodes no pixels (~0.3 ms for a 35 kB PNG)."""
+    with Image.open(path) as image:
+        image.verify()
 
 
 @dataclasses.dataclass
@@ -127,6 +140,7 @@ class _Raw:
     locate: Callable[[int], str]
     source: str
     class_names: tuple[str, ...] | None = None  # what the source itself declares
+    check: Callable[[int], None] | None = None
 
 
 def load_split(task: ImageTask, data: Any, split: str, label_names: Sequence[str]) -> ImageSplit:
@@ -146,7 +160,7 @@ def load_split(task: ImageTask, data: Any, split: str, label_names: Sequence[str
                 f"{list(label_names)} (set data.label_names to name every class)"
             )
         labels[i] = label_id
-    return ImageSplit(labels, raw.read, raw.locate, raw.source)
+    return ImageSplit(labels, raw.read, raw.locate, raw.source, check=raw.check)
 
 
 def discover_label_names(task: ImageTask, data: Any) -> tuple[str, ...]:
@@ -176,10 +190,16 @@ def _idx(task: ImageTask, data_dir: str, split: str) -> ImageSplit:
             f"task {task.name} has no {split!r} split, only {sorted(task.files)}: hold rows out "
             "of train with data.holdout_rows=N and evaluate split 'holdout'"
         )
-    paths = [os.path.join(data_dir, name) for name in task.files[split]]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise DataError(f"{split} file {path!r} for task {task.name} is missing")
+    paths = [_idx_file(data_dir, name) for name in task.files[split]]
+    missing = [name for name, path in zip(task.files[split], paths) if path is None]
+    if missing:
+        holdout = "; or evaluate rows held out of train (data.holdout_rows=N, split 'holdout')"
+        hint = "" if split == "train" else holdout
+        raise DataError(
+            f"task {task.name}'s {split!r} split reads {' and '.join(task.files[split])} "
+            f"(gzipped or not) in data.dir={data_dir!r}, which lacks {', '.join(missing)}: "
+            f"put the dataset's official {split} files there{hint}"
+        )
     images, labels = idx_files.read_images_and_labels(*paths, len(task.label_names))
     return ImageSplit(
         labels,
@@ -187,6 +207,15 @@ def _idx(task: ImageTask, data_dir: str, split: str) -> ImageSplit:
         lambda i: f"{paths[0]!r} image {i}",
         paths[0],
     )
+
+
+def _idx_file(data_dir: str, name: str) -> str | None:
+    """`data_dir/name`, or its decompressed twin (`name` without ".gz"); None if neither."""
+    for candidate in (name, name.removesuffix(".gz")):
+        path = os.path.join(data_dir, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def _image_files(directory: str) -> list[str]:
@@ -213,7 +242,13 @@ def _folder(data: Any, split: str) -> _Raw:
             labels.append(name)
     if not paths:
         raise DataError(f"image folder {root!r} holds no images in class sub-folders")
-    return _Raw(labels, lambda i: Image.open(paths[i]), lambda i: repr(paths[i]), root)
+    return _Raw(
+        labels,
+        lambda i: Image.open(paths[i]),
+        lambda i: repr(paths[i]),
+        root,
+        check=lambda i: check_image_file(paths[i]),
+    )
 
 
 def _table_path(data_dir: str, split: str) -> str:
@@ -267,7 +302,13 @@ def _table(data: Any, split: str) -> _Raw:
     def locate(i: int) -> str:
         return f"{path!r} line {i + first_line} ({paths[i]!r})"
 
-    return _Raw(labels, lambda i: Image.open(paths[i]), locate, path)
+    return _Raw(
+        labels,
+        lambda i: Image.open(paths[i]),
+        locate,
+        path,
+        check=lambda i: check_image_file(paths[i]),
+    )
 
 
 def _hub(data: Any, split: str) -> _Raw:
@@ -357,6 +398,7 @@ def _elpv(task: ImageTask, data_dir: str, split: str) -> ImageSplit:
         lambda i: f"{path!r} line {i + 1} ({paths[i]!r})",
         path,
         np.asarray(strata, np.int32),
+        lambda i: check_image_file(paths[i]),
     )
 
 

@@ -231,6 +231,10 @@ class NerData:
             length = text_batches.bucket_for(lengths[start : start + batch_size], self.buckets)
             yield {k: v[:, :length] for k, v in batch.items()}
 
+    def eval_batch_count(self, split: NerSplit) -> int:
+        """How many batches `eval_batches(split)` yields (for progress): its rows'."""
+        return -(-len(split.arrays["input_ids"]) // self.config.train.batch_size)
+
 
 class BucketedRowBatches(chat_batches.SFTBatches):
     """`SFTBatches` over fixed-width rows, each global batch cut to the smallest bucket that

@@ -2,15 +2,16 @@
 predictions written to a temporary sibling and renamed at the end.
 
 Inputs, by extension: `.csv`, `.tsv`, `.jsonl`, `.parquet` (rows with named columns), `.txt`
-(one image path per line), or a directory (every image file in it, sorted). Outputs: `.csv` or
-`.jsonl`. No input is ever read whole: `read_chunks` yields lists of at most `rows` dicts.
+(one image path per line), or a directory (every image file in it, sorted). A `.csv` / `.tsv`
+is read by train's own reader (`row_files.delimited_rows`: a header line, cells quoted with
+`"`), so a row train would reject with its line is rejected here the same way. Outputs: `.csv`
+or `.jsonl`. No input is ever read whole: `read_chunks` yields lists of at most `rows` dicts.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from finetune_jax.data import row_files
 from finetune_jax.data.image_sources import ImageSplit
 from finetune_jax.data.text_sources import DataError, Examples
 from finetune_jax.json_values import json_text
@@ -44,19 +46,36 @@ def check_input(path: str) -> None:
         )
 
 
-def read_chunks(path: str, rows: int) -> Iterator[list[dict[str, Any]]]:
+class Rows(list):
+    """A chunk of input rows (dicts), and where each one is in its file, for errors."""
+
+    def __init__(self, source: str, word: str):
+        super().__init__()
+        self.source, self.word, self.numbers = source, word, []
+
+    def where(self, i: int) -> str:
+        """Row i's place, e.g. "'new.csv' line 4"."""
+        return f"{self.source!r} {self.word} {self.numbers[i]}"
+
+
+def read_chunks(path: str, rows: int, task: Any = None) -> Iterator[Rows]:
     """The rows of `path` in file order, `rows` at a time (the last chunk may be shorter).
 
     A directory yields `{"path": <image file>}` per image; a `.txt` file one such row per
-    non-empty line (relative paths are taken from the file's directory).
+    non-empty line (relative paths are taken from the file's directory). `task`, the run's:
+    a `.tsv` of a task that reads its own TSV files without quoting (GLUE's, which hold
+    unbalanced `"`) is read so too, as train would read it.
     """
     check_input(path)
-    chunk: list[dict[str, Any]] = []
-    for row in _rows(path):
+    quote_none = getattr(task, "quote_none", False) and _extension(path) == ".tsv"
+    word = "row" if os.path.isdir(path) or _extension(path) == ".parquet" else "line"
+    chunk = Rows(path, word)
+    for number, row in _rows(path, quote_none):
         chunk.append(row)
+        chunk.numbers.append(number)
         if len(chunk) == rows:
             yield chunk
-            chunk = []
+            chunk = Rows(path, word)
     if chunk:
         yield chunk
 
@@ -75,41 +94,36 @@ def example_chunks(
         ]
 
 
-def _rows(path: str) -> Iterator[dict[str, Any]]:
+def _rows(path: str, quote_none: bool) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, or 1-based row of a parquet file or directory, row) in file order."""
     if os.path.isdir(path):
         extensions = Image.registered_extensions()
-        for name in sorted(os.listdir(path)):
-            if _extension(name) in extensions and not name.startswith("."):
-                yield {PATH_COLUMN: os.path.join(path, name)}
+        names = [n for n in sorted(os.listdir(path)) if _extension(n) in extensions]
+        names = [n for n in names if not n.startswith(".")]
+        for number, name in enumerate(names, 1):
+            yield number, {PATH_COLUMN: os.path.join(path, name)}
         return
     kind = _extension(path)
     if kind == ".parquet":
         import pyarrow.parquet as pq  # noqa: PLC0415 (datasets' dependency; parquet only)
 
+        number = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
-        return
-    with open(path, newline="" if kind in (".csv", ".tsv") else None, encoding="utf-8") as f:
-        if kind in (".csv", ".tsv"):
-            yield from csv.DictReader(f, delimiter="\t" if kind == ".tsv" else ",")
-        elif kind == ".jsonl":
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    yield _json_row(line, path, number)
-        else:  # .txt: image paths
-            for line in f:
-                if line.strip():
-                    yield {PATH_COLUMN: _beside(path, line.strip())}
-
-
-def _json_row(line: str, path: str, number: int) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}, line {number}: not valid JSON ({e})") from e
-    if not isinstance(row, dict):
-        raise DataError(f"{path}, line {number}: expected a JSON object, got {row!r:.60}")
-    return row
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+    elif kind in (".csv", ".tsv"):
+        yield from row_files.delimited_rows(path, "\t" if kind == ".tsv" else ",", quote_none)
+    elif kind == ".jsonl":
+        yield from row_files.json_rows(path)
+    else:  # .txt: image paths
+        with open(path, encoding="utf-8") as f:
+            try:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        yield number, {PATH_COLUMN: _beside(path, line.strip())}
+            except UnicodeDecodeError as e:
+                raise row_files.undecodable(path, e) from None
 
 
 def _beside(list_file: str, image: str) -> str:
@@ -128,9 +142,23 @@ def _require(rows: Sequence[dict[str, Any]], columns: Sequence[str], source: str
 def text_examples(
     rows: Sequence[dict[str, Any]], text_columns: Sequence[str], source: str
 ) -> Examples:
-    """A chunk's texts as unlabeled `Examples` (labels 0) in the run's text columns."""
+    """A chunk's texts as unlabeled `Examples` (labels 0) in the run's text columns.
+
+    An empty (or missing) text is an error naming its line, as in train: a prediction for
+    no text would look like an answer and say nothing.
+    """
     _require(rows, text_columns, source)
     texts = [["" if row[c] is None else str(row[c]) for row in rows] for c in text_columns]
+    for column, values in zip(text_columns, texts):
+        empty = [i for i, text in enumerate(values) if not text.strip()]
+        if empty:
+            where = (
+                rows.where(empty[0]) if isinstance(rows, Rows) else f"{source} row {empty[0] + 1}"
+            )
+            raise DataError(
+                f"{where}: column {column!r} is empty; fill or remove the row (predict needs a "
+                "text in every row)"
+            )
     return Examples(
         text_a=texts[0],
         text_b=texts[1] if len(texts) > 1 else None,
@@ -182,7 +210,13 @@ class RowWriter:
     def __enter__(self) -> RowWriter:
         if not self.enabled:
             return self
-        self._file = open(self._tmp, "w", newline="", encoding="utf-8")  # noqa: SIM115
+        try:
+            self._file = open(self._tmp, "w", newline="", encoding="utf-8")  # noqa: SIM115
+        except OSError as e:  # a read-only or full file system, no permission
+            folder = os.path.dirname(os.path.abspath(self.path))
+            raise OSError(
+                e.errno, f"--output={self.path!r}: cannot write in {folder!r} ({e.strerror})"
+            ) from None
         return self
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:

@@ -23,8 +23,9 @@ def split_rows(
 ) -> np.ndarray | None:
     """Sorted row indices of the loaded file that form `split`, or None for all of them.
 
-    `split` "holdout" is `holdout_rows` rows drawn from train; "train" is the rest of train,
-    capped at `max_rows` (0 = no cap); any other split is its file, capped at `max_rows`.
+    `split` "holdout" is `holdout_rows` rows drawn from train; "train" is the rest of train;
+    any other split is its file. Each is capped at `max_rows` (0 = no cap): the holdout's cap
+    draws from the held-out rows only, so the train rows never depend on it.
     `strata` (length `num_rows`) makes both draws stratified.
     """
     if split == HOLDOUT and holdout_rows <= 0:
@@ -51,7 +52,7 @@ def split_rows(
         return None
     else:
         rows = np.arange(num_rows)
-    if split != HOLDOUT and 0 < max_rows < len(rows):
+    if 0 < max_rows < len(rows):
         if strata is None:
             rows = np.random.default_rng([split_seed, 2]).permutation(rows)[:max_rows]
         else:

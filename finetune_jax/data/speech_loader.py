@@ -102,7 +102,7 @@ class SpeechData:
         rows = self.rows(split)
         data = self.config.data
         features = audio_features.split_features(
-            rows, self.extractor, data.audio_seconds, data.cache_dir
+            rows, self.extractor, data.audio_seconds, data.cache_dir, label=split
         )
         texts = [row.text for row in rows]
         targets = speech_batches.encode_targets(texts, self.tokenizer, self.eos_id)
@@ -137,3 +137,7 @@ class SpeechData:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
+
+    def eval_batch_count(self, split: SpeechSplit) -> int:
+        """How many batches `eval_batches(split)` yields (for progress)."""
+        return -(-len(split) // self.config.train.batch_size)

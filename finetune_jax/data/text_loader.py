@@ -129,3 +129,7 @@ class ClassificationData:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
+
+    def eval_batch_count(self, encoded: token_cache.NerSplit) -> int:
+        """How many batches `eval_batches(encoded)` yields (for progress)."""
+        return -(-len(encoded) // self.config.train.batch_size)

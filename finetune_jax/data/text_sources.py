@@ -1,18 +1,21 @@
 """Loading one split of a text task — csv / tsv / jsonl / parquet files or an HF hub
 dataset — into plain arrays, whole (`load_split`) or chunk by chunk (`iter_split_chunks`).
 
-Everything goes through HF `datasets` (its csv, json and parquet builders, or
-`load_dataset(<hub name>)`), one file at a time so that rows keep their file and line.
-Rows are validated as they are read, and every problem raises `DataError` naming the file,
+jsonl and parquet files go through HF `datasets` (its json and parquet builders), hub splits
+through `load_dataset(<hub name>)`, one file at a time so that rows keep their file and line;
+csv / tsv through `row_files.delimited_rows`, the reader predict uses too (pandas' parser,
+under `datasets`' csv builder, silently shifts a row with one field too many). Rows are
+validated as they are read, and every problem raises `DataError` naming the file,
 the line (or row) and what to do, because a silently mis-parsed file still trains — just to a
 worse number.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import dataclasses
 import glob
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -21,13 +24,11 @@ from typing import Any
 import datasets
 import numpy as np
 
+from finetune_jax.data import row_files
+from finetune_jax.data.row_files import DataError  # noqa: F401 (the package imports it here)
 from finetune_jax.data.text_tasks import SPLITS, Task
 
 LOAD_CHUNK_ROWS = 65536  # rows per arrow batch when a split is read whole
-
-
-class DataError(ValueError):
-    """A data file or hub split is missing, malformed or holds an invalid label."""
 
 
 @dataclasses.dataclass
@@ -129,9 +130,10 @@ def infer_label_names(task: Task, data_dir: str | os.PathLike | None) -> tuple[s
 
 @dataclasses.dataclass
 class _Table:
-    """One file (or hub split) as an arrow dataset, and how to name its rows in errors."""
+    """One file (or hub split): its rows in batches, and how to name its rows in errors."""
 
-    dataset: datasets.Dataset
+    # (columns, rows per batch) -> {column: values} per batch, in row order
+    batches: Callable[[list[str], int], Iterator[dict[str, list]]]
     source: str
     where: Callable[[int], str]  # row index -> "'file' line N"
     text_columns: tuple[str, ...]
@@ -146,7 +148,7 @@ def _batches(
     the text and label columns)."""
     columns = columns or [*table.text_columns, table.label_column]
     start = 0
-    for batch in table.dataset.select_columns(columns).iter(batch_size=chunk_rows):
+    for batch in table.batches(columns, chunk_rows):
         yield start, batch
         start += len(batch[table.label_column])
 
@@ -163,6 +165,8 @@ def _tables(task: Task, data_dir, split: str) -> Iterator[_Table]:
 
 def split_files(task: Task, data_dir: str | os.PathLike | None, split: str) -> list[str]:
     """The files of `split`: its path or glob, relative to `data_dir` unless absolute."""
+    if split not in SPLITS:  # not "set data.files.<typo>"
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
     base = os.fspath(data_dir) if data_dir is not None else ""
     if base and not os.path.isdir(base):
         where = f" (e.g. <data root>/{task.subdir})" if task.subdir else ""
@@ -196,73 +200,75 @@ def _file_table(task: Task, path: str) -> _Table:
     if os.path.getsize(path) == 0:
         raise DataError(f"{path!r} is empty; task {task.name} expects a {task.format} file")
     if task.format in ("csv", "tsv"):
-        dataset, word, first = _read_delimited(task, path), "line", 2 if task.has_header else 1
+        names, batches, where = _delimited(task, path)
     else:
         builder, word, first = _BUILDERS[task.format]
         dataset = _read_builder(builder, path)
-    missing = [c for c in task.required_columns if c not in dataset.column_names]
+        names, batches = dataset.column_names, _dataset_batches(dataset)
+
+        def where(i: int) -> str:
+            if task.format == "jsonl":  # blank lines hold no row
+                return f"{path!r} line {row_files.json_line_of_row(path, i)}"
+            return f"{path!r} {word} {i + first}"
+
+    missing = [c for c in task.required_columns if c not in names]
     if missing:
         raise DataError(
             f"{path!r} lacks columns {missing} needed by task {task.name} "
             f"(data.text_columns / data.label_column): expected {list(task.required_columns)}, "
-            f"found {dataset.column_names}"
+            f"found {names}"
         )
-    return _Table(
-        dataset,
-        path,
-        lambda i: f"{path!r} {word} {i + first}",
-        task.text_columns,
-        task.label_column,
-    )
+    return _Table(batches, path, where, task.text_columns, task.label_column)
 
 
 def _read_builder(builder: str, path: str) -> datasets.Dataset:
     try:
-        return datasets.load_dataset(builder, data_files={"train": path}, split="train")
+        # The builders log a parse error before raising it; it is raised once, below.
+        with _quiet_builders():
+            return datasets.load_dataset(builder, data_files={"train": path}, split="train")
     except Exception as e:  # the builders wrap arrow's parse errors; name the file instead
+        # Arrow names a bad JSON line by its 0-based row; the stdlib reader, by its line.
+        found = row_files.first_bad_json_line(path) if builder == "json" else None
+        if found is not None:
+            raise found from e
         cause = e.__cause__ or e
         raise DataError(f"could not read {path!r} as {builder}: {cause}") from e
 
 
-def _read_delimited(task: Task, path: str) -> datasets.Dataset:
-    """Every column as strings through `datasets`' CSV builder."""
-    delimiter = "\t" if task.format == "tsv" else ","
-    names = _column_names(task, path, delimiter)
-    features = datasets.Features({n: datasets.Value("string") for n in names})
+@contextlib.contextmanager
+def _quiet_builders():
+    builders = logging.getLogger("datasets.packaged_modules")
+    level = builders.level
+    builders.setLevel(logging.CRITICAL)
     try:
-        return datasets.load_dataset(
-            "csv",
-            data_files={"train": path},
-            split="train",
-            delimiter=delimiter,
-            # GLUE texts contain unbalanced quote characters: never treat them as quoting.
-            quoting=csv.QUOTE_NONE if task.quote_none else csv.QUOTE_MINIMAL,
-            column_names=names,
-            header=0 if task.has_header else None,
-            features=features,
-            # Keep "NA"/"null"/"" as text, and blank lines as rows, so row i is line i+offset.
-            keep_default_na=False,
-            skip_blank_lines=False,
-        )
-    except Exception as e:  # the builder wraps pandas' parse errors; name the file instead
-        cause = e.__cause__ or e
-        raise DataError(
-            f"could not parse {path!r} as a {task.format} file with columns {names}: {cause}"
-        ) from e
+        yield
+    finally:
+        builders.setLevel(level)
 
 
-def _column_names(task: Task, path: str, delimiter: str) -> list[str]:
-    """Column names of `path`: from its header (BOM stripped) or from the task."""
-    if not task.has_header:
-        return list(task.column_names)
-    # utf-8-sig drops the BOM GLUE's MRPC files start with.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        header = f.readline().rstrip("\r\n")
-    if not header:
-        raise DataError(f"{path!r} is empty (no header line); task {task.name} expects a header")
-    if task.quote_none:
-        return [name.strip() for name in header.split(delimiter)]
-    return [name.strip() for name in next(csv.reader([header], delimiter=delimiter))]
+def _delimited(task: Task, path: str):
+    """(column names, batches, where) of a csv / tsv file, read by `row_files`' one reader
+    (the one predict reads its inputs with)."""
+    delimiter = "\t" if task.format == "tsv" else ","
+    # GLUE texts contain unbalanced quote characters: the presets never treat them as quoting.
+    quote_none, given = task.quote_none, None if task.has_header else task.column_names
+    names = row_files.header(path, delimiter, quote_none) if given is None else list(given)
+    lines = row_files.LineIndex(2 if given is None else 1)
+
+    def batches(columns: list[str], chunk_rows: int) -> Iterator[dict[str, list]]:
+        batch: dict[str, list] = {c: [] for c in columns}
+        rows = row_files.delimited_rows(path, delimiter, quote_none, given)
+        for row, (line, cells) in enumerate(rows):
+            lines.add(row, line)
+            for c in columns:
+                batch[c].append(cells[c])
+            if len(batch[columns[0]]) == chunk_rows:
+                yield batch
+                batch = {c: [] for c in columns}
+        if batch[columns[0]]:
+            yield batch
+
+    return names, batches, lambda i: f"{path!r} line {lines.line(i)}"
 
 
 def _hub_table(task: Task, split: str) -> _Table:
@@ -281,15 +287,33 @@ def _hub_table(task: Task, split: str) -> _Table:
     feature = dataset.features[label_column]
     names = tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     return _Table(
-        dataset, source, lambda i: f"{source} row {i}", tuple(text_columns), label_column, names
+        _dataset_batches(dataset),
+        source,
+        lambda i: f"{source} row {i}",
+        tuple(text_columns),
+        label_column,
+        names,
     )
 
 
+def _dataset_batches(dataset: datasets.Dataset):
+    """An arrow dataset's `_Table.batches`."""
+    return lambda columns, rows: dataset.select_columns(columns).iter(batch_size=rows)
+
+
 def _clean_texts(values: list[Any], column: str, where, start: int) -> list[str]:
+    """Stripped texts; a missing, non-text or empty cell is an error naming its row: an empty
+    text teaches the model nothing true about its label (predict refuses one too)."""
     for i, value in enumerate(values):
-        if not isinstance(value, str):  # None: a row with too few fields, or a null
-            problem = "missing" if value is None else f"not text ({value!r})"
-            raise DataError(f"{where(start + i)}: column {column!r} is {problem}")
+        if isinstance(value, str) and value.strip():
+            continue
+        if value is None:  # a null (jsonl, parquet, hub)
+            problem = "missing"
+        else:
+            problem = "empty" if isinstance(value, str) else f"not text ({value!r})"
+        raise DataError(
+            f"{where(start + i)}: column {column!r} is {problem}; fill or remove the row"
+        )
     return [value.strip() for value in values]
 
 

@@ -52,7 +52,10 @@ from finetune_jax.data import text_batches, text_sources
 from finetune_jax.data.text_tasks import Task
 
 CHUNK_ROWS = 10_000  # rows read and tokenized at a time while building
-FORMAT_VERSION = 1  # bump when the layout or the tokenization call changes
+# Bump when the layout, the tokenization call or the rows read change. 2: csv / tsv read by
+# `row_files` (version 1's reader let an empty text or a first row's unquoted comma through:
+# its caches of such files would hide the error the reader now gives).
+FORMAT_VERSION = 2
 
 
 def tokens_root(cache_dir: str = "") -> pathlib.Path:

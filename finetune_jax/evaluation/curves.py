@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 # Eval record fields that are bookkeeping, not metrics to plot.
-NOT_METRICS = frozenset({"step", "kind", "best", "examples", "loss", "split"})
+NOT_METRICS = frozenset({"step", "kind", "best", "examples", "tokens", "loss", "split"})
 
 
 def curve(records: Sequence[dict[str, Any]], kind: str, key: str) -> tuple[list[int], list[float]]:

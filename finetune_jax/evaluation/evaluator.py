@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from finetune_jax import progress
 from finetune_jax.evaluation import metrics as metrics_lib
 
 
@@ -28,16 +29,19 @@ def evaluate(
     scorer: Any = None,
     records: list[dict[str, Any]] | None = None,
     per_token: bool = False,
+    count_key: str = "examples",
+    total: int | None = None,
 ) -> dict[str, float]:
     """Mean loss and the task's metrics over every real (weight > 0) example of `batches`.
 
     `per_token`: the loss is per target token (a decoder's), so perplexity is reported too.
+    `count_key`: the name of the count of weighted units scored ("examples" or "tokens").
     With a `scorer` its metrics are added and, when `records` is given, its per-example
-    records appended to it.
+    records appended to it. Progress over the `total` batches shows while it runs.
     """
     loss_sum, weight_sum = 0.0, 0.0
     predictions, labels = [], []
-    for batch in batches:
+    for batch in progress.track(batches, total, "eval", "batch"):
         device_batch = put_batch(batch)
         out = jax.device_get(eval_step(params, device_batch))
         keep = np.asarray(out["weights"]) > 0  # global rows, not just this process's
@@ -49,8 +53,8 @@ def evaluate(
             scorer.add(params, device_batch, out, keep)
     if weight_sum == 0:
         raise ValueError("evaluation ran over no examples")
-    # "examples" counts weighted units: rows for classification, trained tokens for an LM.
-    result = {"loss": loss_sum / weight_sum, "examples": int(weight_sum)}
+    # The weighted units scored, named by the kind (`count_key`): rows ("examples") or tokens.
+    result = {"loss": loss_sum / weight_sum, count_key: int(weight_sum)}
     if per_token:
         result["perplexity"] = math.exp(min(result["loss"], 700.0))  # no overflow to inf
     result.update(

@@ -48,6 +48,7 @@ class CausalLM(TaskKind):
     name = "causal_lm"
     tasks = CHAT_TASKS
     per_token = True
+    eval_count = "tokens"  # the trained (assistant) target tokens
     eval_records = "generations"
     data_keys = frozenset({"max_length", "packing"})
 

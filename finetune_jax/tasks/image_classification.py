@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune_jax.data import image_loader, image_preprocess, prediction_io
+from finetune_jax.data import image_checks, image_loader, image_preprocess, prediction_io
 from finetune_jax.data.image_sources import ImageTask
 from finetune_jax.evaluation import prediction
 from finetune_jax.tasks import losses
@@ -17,12 +17,16 @@ FASHION_MNIST_CLASSES = (
 )  # fmt: skip
 
 IMAGE_TASKS: dict[str, ImageTask] = {
-    # Train only (the test images are not shipped): select on data.eval_split="holdout".
+    # The official train and test (t10k) files; the shared copy holds train only: select on
+    # data.eval_split="holdout", and evaluate split "test" once its files are in data.dir.
     "fashion_mnist": ImageTask(
         name="fashion_mnist",
         format="idx",
         label_names=FASHION_MNIST_CLASSES,
-        files={"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")},
+        files={
+            "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+            "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+        },
         subdir="fashion_mnist",
     ),
     "elpv_binary": ImageTask(
@@ -58,11 +62,16 @@ class ImageClassification(TaskKind):
             "augment_scale",
             "augment_flip",
             "image_column",
+            "bad_images",
         }
     )
 
     def resolve(self, config, task, saved_names=None):
         return image_loader.resolve_task(config, task, saved_names)
+
+    def check_options(self, config, task) -> None:
+        super().check_options(config, task)
+        image_checks.check_policy(config.data.bad_images)
 
     def model_overrides(self, config, task) -> dict[str, Any]:
         return {"num_labels": task.num_labels}

@@ -48,6 +48,8 @@ class TaskKind:
       label_prior: its loader's `label_prior()` may start a new head's bias
         (`model.head_bias_init=prior`).
       beam_search: its evals generate with `generate.num_beams`.
+      eval_count: the key under which an eval reports what it scored (its loss weights
+        summed): "examples" (rows), or "tokens" for kinds scored per token.
     """
 
     name: str = ""
@@ -59,6 +61,7 @@ class TaskKind:
     monitors: bool = False
     label_prior: bool = False
     beam_search: bool = False
+    eval_count: str = "examples"
 
     # -- resolving the task -------------------------------------------------------------
     def configured(self, data: ml_collections.ConfigDict) -> Any:
@@ -95,7 +98,8 @@ class TaskKind:
 
     def loader(self, config, task, preprocessor, model_ref: str, saved_names=None) -> Any:
         """The data object the loop reads: `.task`, `.load(split)`, `.train_batches()`,
-        `.eval_batches(split)` (see `training/steps.py` for the batch contract)."""
+        `.eval_batches(split)` and `.eval_batch_count(split)` (how many it yields, for the
+        eval's progress; see `training/steps.py` for the batch contract)."""
         raise NotImplementedError(self.name)
 
     def batch_spec(self, config: ml_collections.ConfigDict, task: Any) -> dict[str, tuple]:

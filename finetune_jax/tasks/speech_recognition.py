@@ -42,6 +42,7 @@ class SpeechRecognition(TaskKind):
     name = "speech_recognition"
     tasks = SPEECH_TASKS
     per_token = True
+    eval_count = "tokens"  # transcript target tokens (and each EOS)
     beam_search = True
     eval_records = "transcripts"
     data_keys = frozenset(

@@ -120,6 +120,7 @@ class TokenClassification(TaskKind):
     name = "token_classification"
     tasks = TOKEN_TASKS
     predicts_with_head = True
+    eval_count = "tokens"  # the tagged word pieces
     eval_records = "entities"
     data_keys = frozenset(
         {

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 
 from finetune_jax import config as config_lib
-from finetune_jax import tasks, tree_paths
+from finetune_jax import config_ranges, tasks, tree_paths
 from finetune_jax.cluster import sharding
 from finetune_jax.hf import loading, model_files
 from finetune_jax.models import family_for
@@ -62,6 +62,7 @@ def build(
     A `workdir` of an earlier run supplies the class names it trained with.
     The returned `Setup.config` has the family's defaults in place of 'auto' values.
     """
+    config_ranges.check_ranges(config)  # every numeric key in its range, before anything loads
     lora_config(config)  # fail before any loading
     task = tasks.task_for(config.data)
     kind = tasks.kind_of(task)

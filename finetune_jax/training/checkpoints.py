@@ -1,9 +1,9 @@
 """Orbax checkpoints in `<workdir>/checkpoints`: periodic, async, keep last K + best, resume.
 
 A checkpoint holds two items: `state` (the TrainState: step, params, optimizer state, RNG)
-and `progress` (JSON: the data iterator's position, early-stopping bookkeeping). Orbax
-writes each step to a temporary directory and renames it when complete, so a crash during
-a save leaves the earlier checkpoints as they were.
+and `progress` (JSON: the data iterator's position, early-stopping bookkeeping, the open
+log window's sums). Orbax writes each step to a temporary directory and renames it when
+complete, so a crash during a save leaves the earlier checkpoints as they were.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ non-finite losses or gradients."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -43,25 +45,59 @@ def nonfinite_check(trainable_paths: list[str], mode: str) -> Callable[[int, dic
     return check
 
 
+# The Ctrl-C that aborts without saving: the second only waits, as a reflexive double press
+# during a save would otherwise lose it.
+ABORT_AT_INTERRUPT = 3
+
+
 class PreemptionGuard:
     """SIGTERM / SIGINT ask the loop to stop: it finishes the step, saves and exits cleanly.
 
-    A second SIGINT restores the default handler's behaviour (KeyboardInterrupt) for a user
-    who really wants out. With several processes all must stop at the same step, so they
-    agree (an any-reduction over processes) at steps every process checks.
+    The first signal is acknowledged at once on stderr (saving, please wait). A second one
+    waits for the save too, and says so; the third Ctrl-C (ABORT_AT_INTERRUPT) aborts at
+    once without saving, in one line and exit status 130 (no traceback): finished
+    checkpoints are complete directories that an abort leaves intact. `on_abort` runs just
+    before (e.g. releasing the workdir's lock). With several processes all must stop at the
+    same step, so they agree (an any-reduction over processes) at steps every process checks.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+    def __init__(
+        self,
+        signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+        on_abort: Callable[[], None] | None = None,
+    ):
         self.received: str | None = None
+        self._interrupts = 0
+        self._on_abort = on_abort
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():  # handlers: main thread only
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        self._interrupts += signum == signal.SIGINT
+        left = ABORT_AT_INTERRUPT - self._interrupts
+        if left <= 0:
+            self._abort()
+        hint = ""
+        if self._interrupts:
+            hint = f" (Ctrl-C {left} more time{'s' * (left > 1)} aborts without saving)"
+        if self.received is None:
+            self.received = name
+            _tell(f"{name}: saving a checkpoint after this step, then stopping; please wait{hint}")
+        else:
+            _tell(f"{name}: still stopping: waiting for the checkpoint to be saved{hint}")
+
+    def _abort(self) -> None:
+        _tell(
+            f"Ctrl-C x{self._interrupts}: aborting now without saving; finished checkpoints "
+            "are kept: rerun the same command to resume from the latest"
+        )
+        if self._on_abort is not None:
+            with contextlib.suppress(Exception):
+                self._on_abort()
+        os._exit(130)  # no unwinding: it would wait for the save being aborted
 
     def should_stop(self, every_process_checks: bool = True) -> bool:
         """Whether any process received a signal (collective when several processes)."""
@@ -81,3 +117,10 @@ class PreemptionGuard:
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _tell(line: str) -> None:
+    """Write a line to stderr from a signal handler: straight to the file descriptor, since
+    the handler may run in the middle of a print to the same stream."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"\n{line}\n".encode())

@@ -6,7 +6,12 @@ Rerunning on the same workdir resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
+import os
+import shutil
+import sys
 import time
 from typing import Any
 
@@ -22,7 +27,9 @@ from finetune_jax.training import (
     manifest,
     optim,
     rerun,
+    run_status,
     workdir_files,
+    workdir_lock,
 )
 from finetune_jax.training.early_stopping import EarlyStopping
 from finetune_jax.training.run_log import (
@@ -40,17 +47,32 @@ def train(
     """Train (or resume) until `config.train.max_steps` (or `until_step`); returns a summary.
 
     A finished run is not trained again: its summary is printed and returned as it is.
+    One training run per workdir: another one holding it is refused (`workdir_lock.py`).
     """
     _check_final_split(config)
+    created = not workdir_files.workdir_path(workdir).exists()
     workdir_files.ensure_writable(workdir)
+    try:
+        with workdir_lock.hold(workdir) as lock:
+            return _train(config, workdir, until_step, lock)
+    except BaseException:
+        if created:  # a failed first start leaves no empty workdir behind either
+            with contextlib.suppress(OSError):
+                os.rmdir(workdir)
+        raise
+
+
+def _train(config, workdir: str, until_step: int | None, lock) -> dict[str, Any]:
+    """`train` once the workdir is this run's."""
+    t_run = time.perf_counter()
     end = min(config.train.max_steps, until_step or config.train.max_steps)
     finished = rerun.check_workdir(config, workdir, end)  # before anything is built
     if finished is not None:
         return finished
-    setup = builder.build(config, workdir=workdir)
-    workdir_files.write_config(config, workdir)
-    _save_label_names(setup.task, workdir)
-    manifest.write_manifest(config, workdir, setup.mesh)
+    # Class names saved by a start that never reached a checkpoint are not the run's: the
+    # data (perhaps fixed since) names them afresh.
+    resumes = checkpoints.latest_step(workdir) is not None
+    setup = builder.build(config, workdir=workdir if resumes else None)
     say(
         f"parameter groups (optim.preset={config.optim.preset!r}):\n"
         + optim.group_table(setup.groups, setup.abstract_params)
@@ -59,6 +81,10 @@ def train(
     # Every split the run evaluates is read now, before weights load and steps compile.
     eval_data = setup.data.load(config.data.eval_split)
     final_data = setup.data.load(config.train.final_split) if config.train.final_split else None
+    # Written only now that the config and data have passed: a failed start changes nothing.
+    workdir_files.write_config(config, workdir)
+    _save_label_names(setup.task, workdir)
+    manifest.write_manifest(config, workdir, setup.mesh)
     host_memory.release_freed()  # what tokenizing left behind, before weights and state arrive
     manager = checkpoints.make_manager(
         workdir,
@@ -67,12 +93,14 @@ def train(
         metric_mode(setup.metric),
         config.train.async_checkpoint,
     )
-    state, stopper = _resume_or_init(setup, manager, batches, workdir)
+    state, stopper, window = _resume_or_init(setup, manager, batches, workdir)
     start = int(state.step)
     check = faults.nonfinite_check(setup.trainable_paths, config.train.nonfinite)
     run = _Run(setup, manager, batches, eval_data, stopper)
-    run.log = TrainLog(workdir, start, end, config.train.log_every, config.train.progress, check)
-    guard = faults.PreemptionGuard()
+    run.log = TrainLog(
+        workdir, start, end, config.train.log_every, config.train.progress, check, window
+    )
+    guard = faults.PreemptionGuard(on_abort=lock.release if lock is not None else None)
     t_wall, final = time.perf_counter(), None
     try:
         state, stopped_by = _steps(run, state, start, end, guard)
@@ -81,14 +109,17 @@ def train(
             final = _final_eval(run, state, config.train.final_split, final_data)
             run.log.record(int(state.step), "final", final)
     finally:
-        guard.close()
         try:
             checkpoints.wait(manager)  # earlier saves complete even when a step failed
         finally:
             checkpoints.close(manager)
             run.log.close()
+            guard.close()  # only now: a Ctrl-C while the saves finish is answered too
     summary = _summary(setup, state, stopper, run.log, time.perf_counter() - t_wall)
+    summary["run_time_s"] = time.perf_counter() - t_run
+    summary["process_time_s"] = process_seconds()
     summary["stopped_by"] = stopped_by
+    summary["finished"] = run_status.is_finished(stopped_by, int(state.step), config)
     summary["first_step_s"] = run.first_step_s
     if final is not None:
         summary["final"] = final
@@ -106,9 +137,18 @@ def _outputs(path, steps) -> str:
     return (
         f"outputs in {path}:\n  summary.json, metrics.jsonl, config.json, manifest.json\n"
         f"  checkpoints/ (steps {sorted(steps)})\n"
-        f"  tensorboard/ (open: tensorboard --logdir {path / 'tensorboard'})\n"
+        f"  tensorboard/ ({tensorboard_hint(path / 'tensorboard')})\n"
         f"  learning curves: python -m finetune_jax.plot --workdir={path}"
     )
+
+
+def tensorboard_hint(logdir) -> str:
+    """How to open `logdir` in TensorBoard here, or how to install it (an optional extra)."""
+    if shutil.which("tensorboard"):
+        return f"open: tensorboard --logdir {logdir}"
+    if importlib.util.find_spec("tensorboard") is not None:  # installed, not on PATH
+        return f"open: {sys.executable} -m tensorboard.main --logdir {logdir}"
+    return f"to view: pip install -e '.[tensorboard]', then tensorboard --logdir {logdir}"
 
 
 def _save_label_names(task, workdir: str) -> None:
@@ -188,9 +228,13 @@ def _evaluate(run: _Run, state, step: int) -> dict[str, Any]:
 
 def _save(run: _Run, state, results: dict[str, Any] | None) -> None:
     """Checkpoints `state` with the data position and early-stopping record."""
-    run.log.flush()  # sees every step's metrics (non-finite check) before saving
+    run.log.fetch()  # sees every step's metrics (non-finite check) before saving
     run.log.sync()  # and a resume from this checkpoint finds them in the workdir
-    progress = {"data": run.batches.state(), "early_stopping": run.stopper.to_dict()}
+    progress = {
+        "data": run.batches.state(),
+        "early_stopping": run.stopper.to_dict(),
+        "log_window": run.log.window_state(),  # a resume logs what an unbroken run logs
+    }
     checkpoints.save(run.manager, state, progress, metrics=results)
     run.log.restart_timer()
 
@@ -205,9 +249,10 @@ def _check_final_split(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _resume_or_init(setup, manager, batches, workdir) -> tuple[Any, EarlyStopping]:
-    """The latest checkpoint's state (moving the data iterator to its position), or a new one."""
-    stopper = EarlyStopping(setup.metric, setup.config.train.patience)
+def _resume_or_init(setup, manager, batches, workdir) -> tuple[Any, EarlyStopping, Any]:
+    """The latest checkpoint's state (moving the data iterator to its position) and its open
+    log window, or a new state (and None)."""
+    stopper, window = EarlyStopping(setup.metric, setup.config.train.patience), None
     restored = checkpoints.restore_latest(manager, setup.abstract_state())
     if restored is None:
         state = setup.initial_state()
@@ -221,6 +266,7 @@ def _resume_or_init(setup, manager, batches, workdir) -> tuple[Any, EarlyStoppin
                 "stopping would mix the two. Use a new workdir, or restore train.metric"
             )
         batches.restore(progress["data"])
+        window = progress.get("log_window")  # absent from checkpoints of older runs
         stopper = EarlyStopping.from_dict(
             {**progress["early_stopping"], "patience": setup.config.train.patience}
         )
@@ -228,7 +274,7 @@ def _resume_or_init(setup, manager, batches, workdir) -> tuple[Any, EarlyStoppin
     say(
         f"optimizer state: {optim.tree_bytes(state.opt_state):,} bytes; mesh {dict(setup.mesh.shape)}"
     )
-    return state, stopper
+    return state, stopper, window
 
 
 def _final_eval(run: _Run, state, split: str, data) -> dict[str, Any]:
@@ -252,7 +298,9 @@ def _summary(setup, state, stopper, log, wall_time) -> dict[str, Any]:
     seconds_per_step = log.steady_seconds_per_step()
     return {
         "final_step": int(state.step),
-        "wall_time_s": wall_time,
+        # The step loop's seconds (compilation, steps, evals, checkpoints); run_time_s adds
+        # what came before it (data preparation, weights), process_time_s also the imports.
+        "loop_time_s": wall_time,
         "steady_seconds_per_step": seconds_per_step,
         "samples_per_s": setup.config.train.batch_size / seconds_per_step,
         "compiled_train_shapes": setup.train_step._cache_size(),

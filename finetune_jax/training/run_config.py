@@ -116,14 +116,16 @@ def resolve(
     needs a --config file.
     """
     saved = saved_config(workdir)
-    path = workdir_files.workdir_path(workdir) / "config.json"
+    root = workdir_files.workdir_path(workdir)
+    path = root / "config.json"
     if saved is None:
-        if not from_file:
-            raise FileNotFoundError(
-                f"{path} does not exist (not a workdir train has written to?): pass "
-                "--config=<the run's config file>"
-            )
-        return given
+        if from_file:
+            return given
+        _check_is_run(workdir)
+        raise FileNotFoundError(
+            f"{path} does not exist, but the workdir has checkpoints (a run from before "
+            "runs saved their config?): pass --config=<the run's config file>"
+        )
     if from_file:
         config = given
     else:
@@ -138,6 +140,22 @@ def resolve(
             "overrides) to use the saved one, or make these keys agree"
         )
     return config
+
+
+def _check_is_run(workdir: str | os.PathLike) -> None:
+    """Raises unless `workdir` holds a train run's checkpoints: with no run there, no
+    --config can help, so the error says what is wrong with the --workdir instead."""
+    root = workdir_files.workdir_path(workdir)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"--workdir={os.fspath(workdir)!r} does not exist: pass the --workdir of a train run"
+        )
+    if not (root / "checkpoints").is_dir():
+        present = sorted(p.name for p in root.iterdir())
+        raise FileNotFoundError(
+            f"--workdir={os.fspath(workdir)!r} holds no run (no config.json, no checkpoints; "
+            f"it has {present or 'nothing'}): pass the --workdir of a train run"
+        )
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:

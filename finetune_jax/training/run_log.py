@@ -1,5 +1,10 @@
 """What the training loop reports: step metrics fetched one log interval late (so dispatch
-stays asynchronous), steady-state timing, JSONL/TensorBoard records and the progress bar."""
+stays asynchronous), steady-state timing, JSONL/TensorBoard records and the progress bar.
+
+A record is written every `log_every` steps (at evals, and at the run's last step): the
+means over the steps since the last record, a window that checkpoints do not close. Its
+running sums (`log_window.py`) are saved with each checkpoint, so a resumed run logs the
+values an uninterrupted one logs."""
 
 from __future__ import annotations
 
@@ -10,14 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
+from finetune_jax.training.log_window import LogWindow
 from finetune_jax.training.metric_files import MetricWriter
 from finetune_jax.training.progress_bar import Progress
-
-# Step metrics that are the value at a step, not a quantity to average over the log interval:
-# the lr logged (and shown on the bar) at step s is the lr step s used.
-POINT_VALUES = frozenset({"lr"})
 
 
 def say(message: str) -> None:
@@ -62,45 +63,67 @@ class TrainLog:
         log_every: int,
         progress: bool,
         check: Callable[[int, dict], None] = lambda step, metrics: None,
+        window: dict[str, Any] | None = None,
     ):
-        """`check(step, metrics)` sees every step's fetched metrics (and may raise)."""
+        """`check(step, metrics)` sees every step's fetched metrics (and may raise);
+        `window`: the open log window a resumed checkpoint saved (`window_state`)."""
         self.check = check
         self.writer = MetricWriter(workdir, resume_step=start)
         self.bar = Progress(start, end, enabled=progress)
         self.log_every, self.end = log_every, end
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+        self.window = LogWindow.from_dict(window)
         self.intervals: list[float] = []  # seconds/step of each log interval
+        # Step time and steps timed in this process since the last record (a window
+        # carried over from a checkpoint was timed by another process).
+        self._seconds, self._timed = 0.0, 0
         self._t0 = time.perf_counter()
 
     def step(self, step: int, metrics: dict[str, jax.Array]) -> list[tuple[int, dict]]:
         """Record a step's metrics; at a log step fetch, write and return them per step."""
         self.pending.append((step, metrics))
         due = self.log_every > 0 and step % self.log_every == 0
-        if not due and step != self.end:  # log_every=0: only at the end (and evals, saves)
+        if not due and step != self.end:  # log_every=0: only at the end (and evals)
             return []
         return self.flush()
 
-    def flush(self) -> list[tuple[int, dict]]:
-        """Fetch pending metrics now (before a checkpoint, so it never holds unseen steps)."""
+    def fetch(self) -> list[tuple[int, dict]]:
+        """Fetch pending metrics into the open window without writing a record (before a
+        checkpoint, so it never holds unseen steps and saves the window's sums)."""
         if not self.pending:
             return []
         fetched = [(s, jax.device_get(m)) for s, m in self.pending]
-        step = fetched[-1][0]
-        self.intervals.append((time.perf_counter() - self._t0) / len(fetched))
-        scalars = [k for k, v in fetched[0][1].items() if np.ndim(v) == 0]
-        means = {k: float(np.mean([m[k] for _, m in fetched])) for k in scalars}
-        if "skipped" in means:  # a count over the interval, not a mean
-            means["skipped"] = float(sum(m["skipped"] for _, m in fetched))
         for s, m in fetched:
             self.check(s, m)
-        means["seconds_per_step"] = self.intervals[-1]
-        for k in POINT_VALUES.intersection(means):  # the value at the logged step
-            means[k] = float(fetched[-1][1][k])
-        self.writer.write(step, "train", means)
-        self.bar.update(step, means)
+        for _, m in fetched:
+            self.window.add(m)
+        self._seconds += time.perf_counter() - self._t0
+        self._timed += len(fetched)
         self.pending = []
         self.restart_timer()
         return fetched
+
+    def flush(self) -> list[tuple[int, dict]]:
+        """Fetch pending metrics and write the window's record at the latest step (at log
+        steps, evals and the end)."""
+        fetched = self.fetch()
+        if fetched:
+            self._write(fetched[-1][0])
+        return fetched
+
+    def _write(self, step: int) -> None:
+        """The open window's record at `step`; a new window starts."""
+        values = self.window.values()
+        self.intervals.append(self._seconds / self._timed)
+        values["seconds_per_step"] = self.intervals[-1]
+        self.writer.write(step, "train", values)
+        self.bar.update(step, values)
+        self.window = LogWindow()
+        self._seconds, self._timed = 0.0, 0
+
+    def window_state(self) -> dict[str, Any]:
+        """The open window (call `fetch` first), for the checkpoint's progress item."""
+        return self.window.to_dict()
 
     def restart_timer(self) -> None:
         """Keep eval and checkpoint time out of the step timings."""

@@ -81,6 +81,8 @@ class Setup:
             scorer=self.scorer,
             records=records,
             per_token=self.kind.per_token,
+            count_key=self.kind.eval_count,
+            total=self.data.eval_batch_count(split),
         )
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:

@@ -1,8 +1,9 @@
 """Train the tiny model, making the checkpoint at STEP hang before its final rename.
 
-Usage: python slow_save_driver.py CONFIG_FILE WORKDIR STEP MARKER
+Usage: python slow_save_driver.py CONFIG_FILE WORKDIR STEP MARKER [SECONDS]
 Orbax writes a step into a temporary directory and renames it when complete; this driver
-delays that rename (after touching MARKER) so the test can SIGKILL the process mid-save.
+delays that rename by SECONDS (default 600; after touching MARKER) so the test can signal or
+SIGKILL the process mid-save.
 """
 
 import asyncio
@@ -17,13 +18,13 @@ from orbax.checkpoint._src.path import async_path  # noqa: E402
 from finetune_jax.train import train  # noqa: E402
 
 
-def main(config_file, workdir, step, marker):
+def main(config_file, workdir, step, marker, seconds="600"):
     real_rename = async_path.rename
 
     async def slow_rename(src, dst):
         if pathlib.Path(dst).name == step:
             pathlib.Path(marker).touch()
-            await asyncio.sleep(600)
+            await asyncio.sleep(float(seconds))
         return await real_rename(src, dst)
 
     async_path.rename = slow_rename

@@ -7,6 +7,7 @@ README.md's fault table lists them.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -82,6 +83,56 @@ def test_preempted_run_saves_exits_0_and_resumes_bitwise(tiny_bert_dir, sst2_sli
     train(config, str(workdir))
     train(config, str(tmp_path / "straight"))
     assert_same_run(config, workdir, tmp_path / "straight")
+
+
+class SignalAtBatch:
+    """Training batches that send this process SIGTERM as batch number `at` (1-based) is
+    drawn: the run is preempted during that step."""
+
+    def __init__(self, batches, at):
+        self._batches, self._at, self._count = batches, at, 0
+
+    def __next__(self):
+        self._count += 1
+        if self._count == self._at:
+            signal.raise_signal(signal.SIGTERM)
+        return next(self._batches)
+
+    def __getattr__(self, name):  # state(), restore(), ... of the real iterator
+        return getattr(self._batches, name)
+
+
+def train_records(workdir):
+    """metrics.jsonl's train records without their timings (which no two runs share)."""
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    return [
+        {k: v for k, v in r.items() if k != "seconds_per_step"}
+        for r in records
+        if r["kind"] == "train"
+    ]
+
+
+def test_run_preempted_mid_log_window_logs_what_an_unbroken_run_logs(
+    tiny_bert_dir, sst2_slice, tmp_path, monkeypatch
+):
+    # Logged every 4 steps, preempted after step 6: the window of steps 5-8 spans the stop.
+    overrides = {"max_steps": 8, "log_every": 4, "eval_every": 8, "checkpoint_every": 8}
+    config = tiny_config(tiny_bert_dir, sst2_slice, **overrides)
+    train(config, str(tmp_path / "straight"))
+    real = text_loader.ClassificationData.train_batches
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            text_loader.ClassificationData,
+            "train_batches",
+            lambda data: SignalAtBatch(real(data), at=6),
+        )
+        summary = train(config, str(tmp_path / "resumed"))
+    assert summary["stopped_by"] == "SIGTERM" and summary["final_step"] == 6
+    train(config, str(tmp_path / "resumed"))
+    straight = train_records(tmp_path / "straight")
+    assert [r["step"] for r in straight] == [4, 8]
+    assert train_records(tmp_path / "resumed") == straight  # bitwise: loss, grad_norm, lr
+    assert_same_run(config, tmp_path / "resumed", tmp_path / "straight")
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tiny_bert_dir, sst2_slice, tmp_path):
@@ -229,3 +280,81 @@ def test_checkpoint_with_another_optimizer_layout_is_a_clear_error(
     with pytest.raises(checkpoints.CheckpointError, match="optim.preset") as error:
         train(probe, str(tmp_path))
     assert "\n" not in str(error.value)
+
+
+def test_a_second_trainer_on_a_busy_workdir_is_refused_and_writes_nothing(
+    tiny_bert_dir, sst2_slice, tmp_path
+):
+    # Steps take milliseconds: long enough to be stopped, never to end, while the test runs.
+    endless = {"max_steps": 10**6, "eval_every": 0, "checkpoint_every": 10**5}
+    config_file = write_config_file(tmp_path / "cfg.py", tiny_bert_dir, sst2_slice, **endless)
+    workdir = tmp_path / "run"
+    command = ["-m", "finetune_jax.train", f"--config={config_file}", f"--workdir={workdir}"]
+    first = start(command)
+    metrics = workdir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc=first)
+    files = lambda: {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}  # noqa: E731
+    before = {k: v for k, v in files().items() if k != "metrics.jsonl"}
+    second = start([*command, "--config.optim.lr=3e-5"])  # another setting, same workdir
+    out, _ = second.communicate(timeout=300)
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert second.returncode == 2 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    holder = f"host {socket.gethostname()}, pid {first.pid}, started "
+    assert f"workdir {workdir} is in use by another training run ({holder}" in errors[0]
+    assert f"delete {workdir / 'train.lock'}" in errors[0]
+    assert {k: v for k, v in files().items() if k != "metrics.jsonl"} == before  # untouched
+
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out[-3000:]
+    assert not (workdir / "train.lock").exists()  # released at the end
+
+
+SAVE_EVERY_3 = {"max_steps": 200, "eval_every": 100, "checkpoint_every": 3}
+
+
+def start_slow_save(tmp_path, tiny_bert_dir, sst2_slice, seconds):
+    """A run whose save of step 6 takes `seconds` before it is renamed into place:
+    (process, workdir, marker touched when that save starts waiting)."""
+    config_file = write_config_file(tmp_path / "cfg.py", tiny_bert_dir, sst2_slice, **SAVE_EVERY_3)
+    workdir, marker = tmp_path / "run", tmp_path / "saving-6"
+    driver = REPO / "tests" / "faults" / "slow_save_driver.py"
+    proc = start([str(driver), str(config_file), str(workdir), "6", str(marker), str(seconds)])
+    wait_for(marker.exists, proc=proc)
+    return proc, workdir
+
+
+def test_a_second_ctrl_c_during_the_save_waits_for_it_and_says_so(
+    tiny_bert_dir, sst2_slice, tmp_path
+):
+    proc, workdir = start_slow_save(tmp_path, tiny_bert_dir, sst2_slice, seconds=5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
+    assert (
+        "SIGINT: saving a checkpoint after this step, then stopping; please wait "
+        "(Ctrl-C 2 more times aborts without saving)" in out
+    )
+    assert (
+        "SIGINT: still stopping: waiting for the checkpoint to be saved "
+        "(Ctrl-C 1 more time aborts without saving)" in out
+    )
+    stopped = int(final_state(tiny_config(tiny_bert_dir, sst2_slice, **SAVE_EVERY_3), workdir).step)
+    assert stopped > 6 and f"SIGINT: stopped after step {stopped}, checkpoint saved" in out
+
+
+def test_a_third_ctrl_c_aborts_at_once_in_one_line_keeping_finished_checkpoints(
+    tiny_bert_dir, sst2_slice, tmp_path
+):
+    proc, workdir = start_slow_save(tmp_path, tiny_bert_dir, sst2_slice, seconds=600)
+    for _ in range(3):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    assert "Ctrl-C x3: aborting now without saving; finished checkpoints are kept" in out
+    config = tiny_config(tiny_bert_dir, sst2_slice, **SAVE_EVERY_3)
+    assert int(final_state(config, workdir).step) == 3  # step 6 never finished
+    assert not (workdir / "train.lock").exists()  # released on the way out
