@@ -91,7 +91,7 @@ def profile_ours(config, length: int, repeats: int) -> tuple[dict[str, float], d
     seconds["put_batch"] = timed(exp.put_batch, host_batch, repeats=repeats)
     batch = exp.put_batch(host_batch)
     state = exp.initial_state()
-    objective = builder.objective_for(config, exp.task, exp.module)
+    objective = builder.objective_for(config, exp.kind, exp.task, exp.module)
     rng = jax.random.key(0)
     trainable = exp.groups.trainable
 
