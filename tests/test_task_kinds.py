@@ -24,7 +24,7 @@ def test_every_task_carries_what_the_code_reads(kind, name):
     task = kind.tasks[name]
     assert tasks.kind_of(task) is kind and task.name == name
     assert tasks.get_task(name) is task
-    for attribute in ("label_names", "metrics", "main_metric"):
+    for attribute in ("label_names", "metrics", "main_metric", "quote_none"):
         getattr(task, attribute)  # no getattr defaults anywhere: every task has them
     assert task.main_metric in kind.metric_names(task)
 

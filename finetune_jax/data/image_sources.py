@@ -65,6 +65,7 @@ class ImageTask:
     main_metric = "accuracy"
     is_regression = False
     is_multi_label = False
+    quote_none = False  # predict reads .tsv rows as ordinary quoted TSV
 
     def __post_init__(self):
         if self.format not in IMAGE_FORMATS:

@@ -67,7 +67,7 @@ def read_chunks(path: str, rows: int, task: Any = None) -> Iterator[Rows]:
     unbalanced `"`) is read so too, as train would read it.
     """
     check_input(path)
-    quote_none = getattr(task, "quote_none", False) and _extension(path) == ".tsv"
+    quote_none = task is not None and task.quote_none and _extension(path) == ".tsv"
     word = "row" if os.path.isdir(path) or _extension(path) == ".parquet" else "line"
     chunk = Rows(path, word)
     for number, row in _rows(path, quote_none):
@@ -103,8 +103,8 @@ def _rows(path: str, quote_none: bool) -> Iterator[tuple[int, dict[str, Any]]]:
         for number, name in enumerate(names, 1):
             yield number, {PATH_COLUMN: os.path.join(path, name)}
         return
-    kind = _extension(path)
-    if kind == ".parquet":
+    extension = _extension(path)
+    if extension == ".parquet":
         import pyarrow.parquet as pq  # noqa: PLC0415 (datasets' dependency; parquet only)
 
         number = 0
@@ -112,9 +112,9 @@ def _rows(path: str, quote_none: bool) -> Iterator[tuple[int, dict[str, Any]]]:
             for row in batch.to_pylist():
                 number += 1
                 yield number, row
-    elif kind in (".csv", ".tsv"):
-        yield from row_files.delimited_rows(path, "\t" if kind == ".tsv" else ",", quote_none)
-    elif kind == ".jsonl":
+    elif extension in (".csv", ".tsv"):
+        yield from row_files.delimited_rows(path, "\t" if extension == ".tsv" else ",", quote_none)
+    elif extension == ".jsonl":
         yield from row_files.json_rows(path)
     else:  # .txt: image paths
         with open(path, encoding="utf-8") as f:

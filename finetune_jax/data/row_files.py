@@ -46,7 +46,7 @@ def delimited_rows(
     quoted ("a, b"). A row with another number of fields than the header, a blank line
     and a byte that is not UTF-8 are errors naming the line.
     """
-    kind = "tsv" if delimiter == "\t" else "csv"
+    file_format = "tsv" if delimiter == "\t" else "csv"
     quoting = csv.QUOTE_NONE if quote_none else csv.QUOTE_MINIMAL
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
@@ -60,14 +60,16 @@ def delimited_rows(
                         raise DataError(f"{path!r} line {line}: the header line is blank")
                     continue
                 if len(fields) != len(names):
-                    problem = _field_count_problem(path, line, last_line, kind, fields, names)
+                    problem = _field_count_problem(
+                        path, line, last_line, file_format, fields, names
+                    )
                     raise DataError(problem)
                 yield line, dict(zip(names, fields))
         except UnicodeDecodeError as e:
             raise undecodable(path, e) from None
         except csv.Error as e:  # a NUL byte; a quote that never closes
             raise DataError(
-                f"could not parse {path!r} from line {last_line + 1} as {kind}: {e} (a quote "
+                f"could not parse {path!r} from line {last_line + 1} as {file_format}: {e} (a quote "
                 'that never closes? quote a whole cell, "like ""this""", or none of it)'
             ) from None
 
@@ -90,14 +92,14 @@ def header(path: str, delimiter: str, quote_none: bool = False) -> list[str]:
 
 
 def _field_count_problem(
-    path: str, line: int, last_line: int, kind: str, fields: list[str], names: list[str]
+    path: str, line: int, last_line: int, file_format: str, fields: list[str], names: list[str]
 ) -> str:
-    where = f"could not parse {path!r} line {line} as {kind}"
+    where = f"could not parse {path!r} line {line} as {file_format}"
     if not fields:
         return f"{where}: the line is blank; remove it (every row needs {_count(names)})"
     if last_line > line:  # a quoted cell ran over line ends
         hint = f"a quote opened there runs on to line {last_line}: close it"
-    elif kind == "csv":
+    elif file_format == "csv":
         hint = 'a comma inside a text must be quoted ("a, b"), or save the file as .tsv'
     else:
         hint = "a tab inside a text must be quoted"

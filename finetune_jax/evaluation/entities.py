@@ -109,8 +109,8 @@ def group_entities(
     """
     groups: list[list[Piece]] = []
     for piece in pieces:
-        begins, kind = _split_label(piece.label)
-        if groups and not begins and kind == _split_label(groups[-1][-1].label)[1]:
+        begins, entity_type = _split_label(piece.label)
+        if groups and not begins and entity_type == _split_label(groups[-1][-1].label)[1]:
             groups[-1].append(piece)
         else:
             groups.append([piece])

@@ -32,6 +32,7 @@ class ChatTask:
     metrics = ("token_accuracy",)
     main_metric = "loss"  # held-out loss per trained token; lower is better
     label_names = None  # a causal LM has no class head
+    quote_none = False  # predict reads .tsv rows as ordinary quoted TSV
 
 
 CHAT_TASKS: dict[str, ChatTask] = {

@@ -28,6 +28,7 @@ class SpeechTask:
     generated_metrics = ("wer", "cer")  # from transcripts generated in every eval
     main_metric = "wer"
     label_names = None  # the decoder's LM head, no class head
+    quote_none = False  # predict reads .tsv rows as ordinary quoted TSV
 
 
 SPEECH_TASKS: dict[str, SpeechTask] = {

@@ -51,6 +51,7 @@ class TokenTask:
     main_metric = "f1"  # entity-level micro F1
     is_regression = False
     is_multi_label = False
+    quote_none = False  # predict reads .tsv rows as ordinary quoted TSV
 
     def __post_init__(self):
         if self.format not in ("", *FORMATS):
