@@ -212,13 +212,19 @@ def test_slurm_script_is_valid_bash(tmp_path):
 
 
 def test_slurm_script_gives_each_task_its_process_id_and_gpu(tmp_path):
-    # srun starts the same command for two tasks; scontrol names the allocation's hosts.
+    # srun starts the same command for two tasks; scontrol names the allocation's hosts, as
+    # many as a big job has: a reader that stops after the first line would kill scontrol with
+    # SIGPIPE, and under pipefail the job with it (exit 141).
     fake_tool(
         tmp_path / "bin",
         "srun",
         'shift\nfor i in 0 1; do SLURM_PROCID=$i SLURM_LOCALID=$i "$@"; echo ---; done\n',
     )
-    fake_tool(tmp_path / "bin", "scontrol", 'printf "node-a\\nnode-b\\n"\n')
+    fake_tool(
+        tmp_path / "bin",
+        "scontrol",
+        'echo node-a; echo node-b; for i in $(seq 20000); do echo "node-$i"; done\n',
+    )
     fake_tool(tmp_path / "bin", "python", FAKE_PYTHON)
     script = tmp_path / "job.sbatch"
     script.write_text(

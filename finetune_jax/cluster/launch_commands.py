@@ -325,7 +325,9 @@ def slurm_script(
         *([f". {remote_path(venv)}/bin/activate"] if venv else []),
         "set -u  # after activate, which reads unset variables",
         "# Process 0 runs on the first host of the allocation; every process dials it there.",
-        'COORD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        # sed reads all of scontrol's output: `head -n 1` may close the pipe early, and
+        # under pipefail scontrol's SIGPIPE (exit 141) would end the job.
+        'COORD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
         f"PORT={port_value}",
         "export COORD PORT",
         "# One failed task ends the job instead of leaving the others blocked in a collective.",
