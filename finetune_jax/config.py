@@ -157,6 +157,10 @@ def _optim() -> ml_collections.ConfigDict:
     s.weight_decay = 0.01  # decoupled (AdamW), on the params decay_rules select
     s.clip_norm = 1.0  # global norm over trainable leaves; <=0 disables
     s.state_dtype = "float32"  # storage dtype of AdamW's moments (mu, nu): float32 | bfloat16
+    # How updates land in bf16-stored params and moments: auto | nearest | stochastic | kahan
+    # (README "bf16 storage that trains like float32"); auto = the measured best wherever
+    # model.param_dtype or state_dtype is bfloat16, nothing extra in float32.
+    s.bf16_rounding = "auto"
     # Which params train, and at what lr multiplier: a preset, or explicit rules.
     s.preset = "full"  # full | linear_probe | bitfit | top_k_layers | llrd | lora | rules
     s.top_k = 2  # for top_k_layers
