@@ -17,6 +17,7 @@ from finetune_jax.tasks import (
     speech_recognition,
     text_classification,
     token_classification,
+    translation,
 )
 from finetune_jax.tasks.kind import TaskKind
 
@@ -28,6 +29,7 @@ KINDS: dict[str, TaskKind] = {
         causal_lm.KIND,
         image_classification.KIND,
         speech_recognition.KIND,
+        translation.KIND,
     )
 }
 
