@@ -89,7 +89,8 @@ def _optimizer_state(param_dtype: str, rounding: str, state_dtype: str = "float3
     config.bf16_rounding, config.state_dtype = rounding, state_dtype
     params = {"dense": {"kernel": jnp.ones((4, 3), param_dtype), "bias": jnp.ones((3,))}}
     groups = optim.param_groups(config, params)
-    tx, _ = optim.make_optimizer(config, groups, 10, param_dtype, seed=0)
+    rounding = low_precision.resolve_mode(rounding, param_dtype, state_dtype)
+    tx, _ = optim.make_optimizer(config, groups, 10, rounding, seed=0)
     return tx, params, tx.init(params)
 
 

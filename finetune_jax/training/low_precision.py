@@ -100,6 +100,13 @@ def _leaf_seeds(seed: jax.Array, tree: Any) -> Any:
     )
 
 
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """`tree` with its floating leaves in `dtype` (counters and other integers kept)."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
 class RoundingState(NamedTuple):
     """The inner optimizer's state, the step counter the random bits come from, and the
     Kahan compensation (a tree of bf16 arrays shaped like the bf16 params; () otherwise)."""
@@ -136,10 +143,7 @@ def rounded(
     def store_state(tree: Any, key: jax.Array) -> Any:
         if low_state:
             return _stochastic_cast(tree, state_dtype, key)
-        return jax.tree.map(
-            lambda x: x.astype(state_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-            tree,
-        )
+        return cast_floating(tree, state_dtype)
 
     def init(params: Any) -> RoundingState:
         compensation = ()
@@ -150,10 +154,7 @@ def rounded(
                 lambda p: jnp.zeros_like(p) if _is_low(p) else optax.transforms.MaskedNode(),
                 params,
             )
-        inner_state = jax.tree.map(
-            lambda x: x.astype(state_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-            inner.init(params),
-        )
+        inner_state = cast_floating(inner.init(params), state_dtype)
         return RoundingState(inner_state, jnp.zeros([], jnp.int32), compensation)
 
     def update(updates: Any, state: RoundingState, params: Any = None):

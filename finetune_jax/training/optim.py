@@ -197,17 +197,12 @@ def with_state_dtype(
     step; a fixed dtype keeps the state tree (checkpoints, shardings, donation) stable.
     """
 
-    def cast(tree: Any) -> Any:
-        return jax.tree.map(
-            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-        )
-
     def init(params: Any) -> Any:
-        return cast(inner.init(params))
+        return low_precision.cast_floating(inner.init(params), dtype)
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         updates, state = inner.update(updates, state, params)
-        return updates, cast(state)
+        return updates, low_precision.cast_floating(state, dtype)
 
     return optax.GradientTransformation(init, update)
 
@@ -223,23 +218,22 @@ def make_optimizer(
     optim: ml_collections.ConfigDict,
     groups: ParamGroups,
     total_steps: int,
-    param_dtype: Any = "float32",
+    rounding: str = "nearest",
     seed: int = 0,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """One optax transform: masked clipping, then an AdamW per group, set_to_zero if frozen
     (a per-layer AdamW for per-layer groups, whose frozen layers' gradients are zeroed first).
 
     Each AdamW stores its moments in `optim.state_dtype` and lands its updates in bf16
-    params (`param_dtype`) by `optim.bf16_rounding` (`low_precision`), its random bits
-    drawn from `seed`.
+    params by `rounding` (the run's resolved `optim.bf16_rounding`: `rounding_mode`), its
+    random bits drawn from `seed`.
     """
     lr = schedule(optim, total_steps)
-    mode = low_precision.resolve_mode(optim.bf16_rounding, param_dtype, optim.state_dtype)
 
     def stored(adamw: optax.GradientTransformation) -> optax.GradientTransformation:
-        if mode == "nearest":
+        if rounding == "nearest":
             return with_state_dtype(adamw, jnp.dtype(optim.state_dtype))
-        return low_precision.rounded(adamw, mode, optim.state_dtype, seed)
+        return low_precision.rounded(adamw, rounding, optim.state_dtype, seed)
 
     transforms = {}
     for name, mult in groups.multipliers.items():
