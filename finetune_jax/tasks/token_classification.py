@@ -163,7 +163,7 @@ class TokenClassification(TaskKind):
     def evaluator(self, config, module, data, tokenizer):
         return None if data is None else entities.EntityScorer(data.task.label_names)
 
-    def predictor(self, setup, params, source, threshold):
+    def predictor(self, setup, params, source, threshold, files=None):
         return prediction.EntityPredictor(setup, params, source)
 
     def export_config(self, task) -> dict[str, Any]:
