@@ -88,6 +88,8 @@ class Segmentation(ImageInputKind):
         )
 
     def predictor(self, setup, params, source, threshold, files=None):
+        if files is None:
+            raise ValueError("segmentation predict writes a mask file per image: pass `files`")
         return segmentation_prediction.MaskPredictor(setup, params, source, files)
 
     def export_config(self, task) -> dict[str, Any]:
