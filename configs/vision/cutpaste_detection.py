@@ -18,8 +18,9 @@ is a CenterNet / TTFNet-style anchor-free detector on the last layer's patch gri
 2x (stride 7 px); COCO mAP by pycocotools on the validation split.
 
 Sized for a 2-core CPU: 112 x 112 inputs (the 224 px images halved: items 20-50 px, an 8 x 8
-patch grid), batch 16, 600 steps (8 epochs). Expected (README "Object detection", measured
-on the shared 2-core CPU): see the figures there; the issue's target is mAP@0.5 >= 0.5.
+patch grid), batch 16, 600 steps (8 epochs): 1.46 s/step (11 images/s) on a quiet 2-core CPU,
+~15 min. Expected (measured 2026-12-07 on the validation split, 200 images): `full` map 0.397,
+mAP@0.5 0.558, mAP@0.75 0.455; with --config.model.init=random 0.146 / 0.291 / 0.128.
 """
 
 from finetune_jax.config import base_config
