@@ -101,7 +101,7 @@ def _data() -> ml_collections.ConfigDict:
     s.stratify = False
     # -- several kinds ----------------------------------------------------------------------
     # An HF dataset (`datasets.load_dataset` name, or a save_to_disk dir) for text tasks with
-    # format "hub", image_hub and speech tasks.
+    # format "hub", image_hub, speech and translation tasks.
     s.hub_name = ""
     # The label column (text and image tables / hub datasets): class names, a list of names
     # (jsonl / parquet) or names joined by label_delimiter (csv / tsv) for multi_label, a
@@ -112,7 +112,8 @@ def _data() -> ml_collections.ConfigDict:
     # <workdir>/label_names.json, which eval / export / predict read back so ids never shift.
     s.label_names = ()
     # Tokens per row: text rows; token classification: word pieces; chat rows; speech: the
-    # decoder's row (prompt + transcript tokens + EOS).
+    # decoder's row (prompt + transcript tokens + EOS); translation: the source and the
+    # target row each (longer ones are cut, with a warning saying how many).
     s.max_length = 64
     # Tokenized splits (<cache_dir>/text_tokens) and log-mel features
     # (<cache_dir>/audio_features); "" = $FINETUNE_JAX_CACHE (or ~/.cache/finetune_jax).
@@ -124,7 +125,7 @@ def _data() -> ml_collections.ConfigDict:
     s.text_columns = ()  # the 1 or 2 text columns; () = the preset's ("text")
     s.label_delimiter = "|"  # multi_label in csv / tsv: "sports|politics" = two labels
     s.label_range = ()  # regression: (low, high) a score must lie in; () = any finite float
-    s.buckets = (16, 32, 64)  # padded lengths: bounds the number of compiled shapes
+    s.buckets = (16, 32, 64)  # padded lengths (also translation): bounds the compiled shapes
     s.prefetch = 2  # training batches prepared ahead in a background thread; 0 = in the step
     # -- token classification (NER) ----------------------------------------------------------
     s.tokens_column = "tokens"  # jsonl / parquet / hub: the list of words of a sentence
@@ -175,6 +176,9 @@ def _data() -> ml_collections.ConfigDict:
     s.audio_seconds = 30.0
     s.audio_column = "audio"  # hub / table speech tasks: the audio column
     s.transcript_column = "text"  # ... and the reference transcript column
+    # -- translation -----------------------------------------------------------------------------
+    s.source_column = "en"  # jsonl / csv / tsv / parquet / hub rows: the text to translate
+    s.target_column = "pt_BR"  # ... and its reference translation (what training imitates)
     return s
 
 
@@ -190,6 +194,10 @@ def _optim() -> ml_collections.ConfigDict:
     s.weight_decay = 0.01  # decoupled (AdamW), on the params decay_rules select
     s.clip_norm = 1.0  # global norm over trainable leaves; <=0 disables
     s.state_dtype = "float32"  # storage dtype of AdamW's moments (mu, nu): float32 | bfloat16
+    # How updates land in bf16-stored params and moments: auto | nearest | stochastic | kahan
+    # (README "bf16 storage that trains like float32"); auto = the measured best wherever
+    # model.param_dtype or state_dtype is bfloat16, nothing extra in float32.
+    s.bf16_rounding = "auto"
     # Which params train, and at what lr multiplier: a preset, or explicit rules.
     s.preset = "full"  # full | linear_probe | bitfit | top_k_layers | llrd | lora | rules
     s.top_k = 2  # for top_k_layers
@@ -252,19 +260,19 @@ def _train() -> ml_collections.ConfigDict:
 
 
 def _generate() -> ml_collections.ConfigDict:
-    """Sample generations the eval script writes for causal-LM tasks; for speech tasks,
-    `max_new_tokens`, `batch_size` and `num_beams` shape the transcripts of every eval."""
+    """Sample generations the eval script writes for causal-LM tasks; for speech and
+    translation tasks, `max_new_tokens` and `num_beams` shape the outputs of every eval."""
     s = ml_collections.ConfigDict()
     # Sample generations written by the eval script for causal-LM tasks.
     s.num_samples = 16  # prompts of the eval split to generate for; 0 = none
-    s.max_new_tokens = 256  # per generation (and per speech transcript)
+    s.max_new_tokens = 256  # per generation (and per speech transcript or translation)
     s.temperature = 0.0  # 0 = greedy
     s.top_k = 0  # sample among the k most likely tokens; 0 = all
     s.batch_size = 8  # prompts (or clips) generated at once
     s.seed = 0  # sampling seed (temperature > 0)
-    # Speech-recognition transcripts: beam search of this width, 1 = greedy. transformers'
+    # Speech transcripts and translations: beam search of this width, 1 = greedy. transformers'
     # algorithm and length penalty (generation_config.json's `length_penalty`, default 1.0:
-    # a hypothesis scores sum log p / generated tokens); K rows of decoder cache per clip.
+    # a hypothesis scores sum log p / generated tokens); K rows of decoder cache per input.
     s.num_beams = 1
     return s
 

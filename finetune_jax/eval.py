@@ -6,7 +6,8 @@ pretrained model (`--checkpoint=pretrained`), evaluates on the requested split a
 `<records>_<split>_step<step>.jsonl`: causal LMs report perplexity and write sample
 generations (`generations_...`, with GSM8K exact match); speech tasks WER / CER and every
 transcript next to its reference (`transcripts_...`); NER the entities of each sentence
-(`entities_...`).
+(`entities_...`); translation chrF / BLEU (with sacrebleu's signatures) and every translation
+beside its source and reference (`translations_...`).
 """
 
 from __future__ import annotations

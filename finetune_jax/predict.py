@@ -5,12 +5,14 @@ Reads the run's own config from the workdir (`--config` and overrides stay possi
 checked against it), restores a checkpoint and streams `--input` through the model in batches
 of `--batch_size` rows (default train.batch_size). Input: .csv / .tsv / .jsonl / .parquet rows
 with the run's text columns; for image runs a folder of images or a .txt / .csv / .jsonl list
-of image paths; for causal LMs a .jsonl of `prompt` strings or chat `messages`. Output (.csv
-or .jsonl): every input column, then `label` and `prob_<label>` per class (multi-label: the
-labels over --threshold), `score` (regression) or `completion` (causal LM); segmentation
-writes a PNG of class ids per image (and with --pictures the mask over the image) into
---files_dir (default `<output stem>_files/`) and names them in `mask` / `picture`; an output
-column whose name an input column already has is written as `predicted_<name>`. The output is
+of image paths; for causal LMs a .jsonl of `prompt` strings or chat `messages`; for translation
+rows with the source column (`data.source_column`). Output (.csv or .jsonl): every input
+column, then `label` and `prob_<label>` per class (multi-label: the labels over --threshold),
+`score` (regression), `completion` (causal LM) or `translation`; segmentation writes a PNG of
+class ids per image (and with --pictures the mask over the image) into --files_dir (default
+`<output stem>_files/`) and names them in `mask` / `picture`; detection writes COCO-format
+detections; an output column whose name an input column already has is written as
+`predicted_<name>`. The output is
 written to a temporary file and renamed at the end, and never replaces an existing file
 unless --overwrite. A .csv / .tsv input is read by train's own reader: a row train would
 reject (an unquoted comma, a byte that is not UTF-8, an empty text) stops predict with the

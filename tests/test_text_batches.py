@@ -249,3 +249,28 @@ def test_tokenize_all_of_sst2_train_and_batch_it(tokenizer):
     batch = next(batches)
     assert batch["input_ids"].shape[0] == 32 and batch["input_ids"].shape[1] in (16, 32, 64)
     assert batches.steps_per_epoch == 67349 // 32
+
+
+def test_length_grouped_epochs_batch_like_lengths_and_resume():
+    lengths = np.random.default_rng(3).integers(1, 100, size=103)
+    order = text_batches.LengthGroupedOrder(lengths, batch_size=4, seed=0, group=5)
+    epoch = [order.next_rows() for _ in range(order.steps_per_epoch)]  # 25 batches
+    rows = np.concatenate(epoch)
+    assert len(set(rows.tolist())) == len(rows) == 100  # the 3 left over dropped, as ever
+    # The same rows as the plain order's epoch, regrouped: 5 groups of 5 batches, each
+    # group's 20 rows sorted by length and cut in 4s, so within a group no two batches'
+    # length ranges overlap.
+    plain = text_batches.EpochOrder(103, 4, 0).permutation(0)[:100]
+    assert sorted(rows.tolist()) == sorted(plain.tolist())
+    for start in range(0, 100, 20):
+        group = set(plain[start : start + 20].tolist())
+        batches = sorted(
+            (b for b in epoch if set(b.tolist()) <= group), key=lambda b: lengths[b].min()
+        )
+        assert len(batches) == 5
+        for a, b in zip(batches, batches[1:]):
+            assert lengths[a].max() <= lengths[b].min()
+    assert not np.array_equal(order.next_rows(), epoch[0])  # epoch 2 is another order
+    resumed = text_batches.LengthGroupedOrder(lengths, batch_size=4, seed=0, group=5)
+    resumed.restore({"epoch": 0, "batch_in_epoch": 7})
+    np.testing.assert_array_equal(resumed.next_rows(), epoch[7])

@@ -242,14 +242,17 @@ def test_a_data_key_of_another_kind_is_an_error(tiny_bert_dir, sst2_slice):
 
 
 def test_beam_search_is_refused_where_it_would_be_ignored(tiny_bert_dir, sst2_slice):
-    """Only speech transcription implements beam search: a causal-LM or classification run
-    asking for it is told so before anything loads, rather than silently decoding greedily."""
+    """Only the encoder-decoder kinds (speech, translation) implement beam search: a causal-LM
+    or classification run asking for it is told so before anything loads, rather than
+    silently decoding greedily."""
     config = tiny_config(tiny_bert_dir, sst2_slice)
     config.data.buckets = base_config().data.buckets  # a text key chat tasks do not read
     config.generate.num_beams = 4
     for task in ("sst2", "gsm8k"):
         config.data.task = task
-        with pytest.raises(ValueError, match=r"generate.num_beams=4: beam search is for speech"):
+        with pytest.raises(
+            ValueError, match=r"num_beams=4: beam search is for the encoder-decoder kinds"
+        ):
             builder.build(config)
 
 

@@ -238,13 +238,27 @@ class NerData:
 
 class BucketedRowBatches(chat_batches.SFTBatches):
     """`SFTBatches` over fixed-width rows, each global batch cut to the smallest bucket that
-    holds its longest row (`attention_mask`): one compiled step shape per bucket, and no
-    compute on padding beyond it. Order, resume and per-process slices are SFTBatches'."""
+    holds its longest row (`lengths`, default the `attention_mask` counts; an encoder-decoder
+    row's longer side): one compiled step shape per bucket, and no compute on padding beyond
+    it. Order, resume and per-process slices are SFTBatches'; with `group` > 0 the order
+    puts rows of like length together (`text_batches.LengthGroupedOrder`, groups of `group`
+    batches)."""
 
-    def __init__(self, rows: dict[str, np.ndarray], buckets: Sequence[int], **kwargs):
+    def __init__(
+        self,
+        rows: dict[str, np.ndarray],
+        buckets: Sequence[int],
+        lengths: np.ndarray | None = None,
+        group: int = 0,
+        **kwargs,
+    ):
         super().__init__(rows, **kwargs)
-        self._lengths = rows["attention_mask"].sum(axis=1)
+        self._lengths = rows["attention_mask"].sum(axis=1) if lengths is None else lengths
         self._buckets = tuple(buckets)
+        if group:
+            self.order = text_batches.LengthGroupedOrder(
+                self._lengths, kwargs["batch_size"], kwargs["seed"], group
+            )
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows = self.order.next_rows()

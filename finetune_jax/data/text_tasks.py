@@ -305,10 +305,14 @@ def configured_task(data: Any) -> Task:
         changes |= {"quote_none": False, "has_header": True, "column_names": None}
         changes["raw_labels"] = None
     task = dataclasses.replace(task, **changes) if changes else task
-    if not task.format and task.files:  # from the train file's (else the first file's) extension
-        path = task.files.get("train") or next(iter(task.files.values()))
-        task = dataclasses.replace(task, format=format_of(path))
+    if not task.format and task.files:
+        task = dataclasses.replace(task, format=files_format(task.files))
     return task
+
+
+def files_format(files: Mapping[str, str]) -> str:
+    """The format the train file's (else the first file's) extension implies."""
+    return format_of(files.get("train") or next(iter(files.values())))
 
 
 def _label_range(value: Any) -> tuple[float, float]:

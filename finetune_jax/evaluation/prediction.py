@@ -6,7 +6,9 @@ per row: `LabelPredictor` for classification (`label` and `prob_<name>` per clas
 multi-label the labels with probability >= threshold, a list, and the probabilities;
 regression `score`), `EntityPredictor` for token classification (`entities` with character
 offsets), `CompletionPredictor` for causal LMs (`completion`, greedy or sampled as
-`generate.*` says, via `evaluation/lm_generation.py`). Padding rows never come back.
+`generate.*` says, via `evaluation/lm_generation.py`), `TranslationPredictor` for translation
+(`translation`, greedy or beam search as `generate.num_beams` says). Padding rows never come
+back.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax
 import numpy as np
 
 from finetune_jax.data import prediction_io
+from finetune_jax.data.translation_sources import Pairs
 from finetune_jax.evaluation import entities, lm_samples
 
 # Prompt buckets of causal-LM prediction: prompts are streamed, so the longest is unknown.
@@ -183,6 +186,34 @@ class EntityPredictor:
             }
             for i, text in enumerate(texts)
         ]
+
+
+class TranslationPredictor:
+    """Translation: the `translation` of each row's source text (column
+    `data.source_column`), by the eval's generator (`setup.scorer.generator`: greedy, or
+    beam search of `generate.num_beams`), batched as eval batches rows."""
+
+    def __init__(self, setup, params, source: str):
+        self.setup, self.params, self.source = setup, params, source
+        self.column = setup.task.source_column
+        self.generator = setup.scorer.generator
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        data = self.setup.data
+        texts = prediction_io.text_examples(rows, [self.column], self.source).text_a
+        where = [
+            rows.where(i) if isinstance(rows, prediction_io.Rows) else "" for i in range(len(rows))
+        ]
+        split = data.encode(Pairs(texts, [""] * len(texts), where), "predict")
+        order, batch_size = data.eval_order(split), self.setup.config.train.batch_size
+        out = [""] * len(texts)
+        for start, batch in zip(range(0, len(texts), batch_size), data.eval_batches(split)):
+            device = self.setup.put_batch({k: batch[k] for k in ("input_ids", "attention_mask")})
+            tokens = self.generator.generate(self.params, device)
+            chosen = order[start : start + batch_size]  # the global batch's real rows
+            for row, text in zip(chosen, self.generator.texts(tokens[: len(chosen)])):
+                out[row] = text
+        return [{"translation": text} for text in out]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

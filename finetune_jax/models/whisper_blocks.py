@@ -34,7 +34,8 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
     return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
 
 
-def _dense(config: WhisperConfig, features: int, names: tuple[str, str]) -> layers.DenseND:
+def dense(config: Any, features: int, names: tuple[str, str]) -> layers.DenseND:
+    """A projection to `features` with `config`'s init, dtypes and LoRA (bias named names[1:])."""
     return layers.DenseND(
         features=(features,),
         dtype=config.dtype,
@@ -46,12 +47,15 @@ def _dense(config: WhisperConfig, features: int, names: tuple[str, str]) -> laye
 
 
 class WhisperAttention(nn.Module):
-    """Multi-head attention with HF WhisperAttention's projections (no k bias): encoder
-    self-attention, causal decoder self-attention (optionally over a KV cache), or
-    cross-attention over K/V computed from the memory (`key_values`)."""
+    """Multi-head attention with HF WhisperAttention's projections (no k bias unless
+    `key_bias`, as BART-style models such as Marian have): encoder self-attention, causal
+    decoder self-attention (optionally over a KV cache), or cross-attention over K/V computed
+    from the memory (`key_values`). `config` needs d_model, init_std, dtype, param_dtype,
+    lora, attention_dropout and attention_impl."""
 
-    config: WhisperConfig
+    config: Any
     num_heads: int
+    key_bias: bool = False
 
     def setup(self) -> None:
         cfg = self.config
@@ -67,7 +71,11 @@ class WhisperAttention(nn.Module):
                 lora=cfg.lora,
             )
 
-        self.q_proj, self.k_proj, self.v_proj = project(True), project(False), project(True)
+        self.q_proj, self.k_proj, self.v_proj = (
+            project(True),
+            project(self.key_bias),
+            project(True),
+        )
         self.out_proj = layers.DenseND(
             features=(cfg.d_model,),
             in_axes=2,
@@ -125,11 +133,25 @@ class WhisperAttention(nn.Module):
         return self.out_proj(out_BTNH, deterministic)
 
 
-def _feed_forward(module: nn.Module, x_BTD, deterministic: bool):
+def feed_forward(module: nn.Module, x_BTD, deterministic: bool):
     """fc2(dropout(act(fc1(x)))) with the layer's `fc1`, `fc2` and `activation_dropout`."""
     h_BTF = layers.get_activation(module.config.activation_function)(module.fc1(x_BTD))
     h_BTF = module.activation_dropout(h_BTF, deterministic=deterministic)
     return module.fc2(h_BTF)
+
+
+def decoder_outputs(head: nn.Module, decoder_args: tuple, last_logits_only, return_hidden):
+    """What an encoder-decoder head's `decode` returns (the contract in `models/whisper.py`):
+    `head.model.decoder(*decoder_args)` (input ids, memory, memory mask, decoder mask,
+    positions, deterministic, cache, cache index), its last position only if asked, through
+    `head.logits_from_hidden` unless `return_hidden`; with a cache, (result, new cache)."""
+    deterministic, cache = decoder_args[5], decoder_args[6]
+    out = head.model.decoder(*decoder_args)
+    x_BTD, new_cache = (out, None) if cache is None else out
+    if last_logits_only:
+        x_BTD = x_BTD[:, -1:]
+    result = x_BTD if return_hidden else head.logits_from_hidden(x_BTD, deterministic)
+    return result if cache is None else (result, new_cache)
 
 
 class WhisperEncoderLayer(nn.Module):
@@ -141,8 +163,8 @@ class WhisperEncoderLayer(nn.Module):
         cfg = self.config
         self.self_attn = WhisperAttention(cfg, cfg.encoder_attention_heads)
         self.self_attn_layer_norm = layers.layer_norm(cfg)
-        self.fc1 = _dense(cfg, cfg.encoder_ffn_dim, ("embed", "mlp"))
-        self.fc2 = _dense(cfg, cfg.d_model, ("mlp", "embed"))
+        self.fc1 = dense(cfg, cfg.encoder_ffn_dim, ("embed", "mlp"))
+        self.fc2 = dense(cfg, cfg.d_model, ("mlp", "embed"))
         self.final_layer_norm = layers.layer_norm(cfg)
         self.dropout = layers.Dropout(cfg.dropout)
         self.activation_dropout = layers.Dropout(cfg.activation_dropout)
@@ -150,7 +172,7 @@ class WhisperEncoderLayer(nn.Module):
     def __call__(self, x_BSD, deterministic=True):
         h_BSD = self.self_attn.self_attention(self.self_attn_layer_norm(x_BSD), None, deterministic)
         x_BSD = x_BSD + self.dropout(h_BSD, deterministic=deterministic)
-        h_BSD = _feed_forward(self, self.final_layer_norm(x_BSD), deterministic)
+        h_BSD = feed_forward(self, self.final_layer_norm(x_BSD), deterministic)
         x_BSD = x_BSD + self.dropout(h_BSD, deterministic=deterministic)
         return nn.with_logical_constraint(x_BSD, ACTIVATION_AXES)
 
@@ -214,8 +236,8 @@ class WhisperDecoderLayer(nn.Module):
         self.self_attn_layer_norm = layers.layer_norm(cfg)
         self.encoder_attn = WhisperAttention(cfg, cfg.decoder_attention_heads)
         self.encoder_attn_layer_norm = layers.layer_norm(cfg)
-        self.fc1 = _dense(cfg, cfg.decoder_ffn_dim, ("embed", "mlp"))
-        self.fc2 = _dense(cfg, cfg.d_model, ("mlp", "embed"))
+        self.fc1 = dense(cfg, cfg.decoder_ffn_dim, ("embed", "mlp"))
+        self.fc2 = dense(cfg, cfg.d_model, ("mlp", "embed"))
         self.final_layer_norm = layers.layer_norm(cfg)
         self.dropout = layers.Dropout(cfg.dropout)
         self.activation_dropout = layers.Dropout(cfg.activation_dropout)
@@ -245,7 +267,7 @@ class WhisperDecoderLayer(nn.Module):
             self.encoder_attn_layer_norm(x_BTD), cross_kv, cross_mask, deterministic
         )
         x_BTD = x_BTD + self.dropout(h_BTD, deterministic=deterministic)
-        h_BTD = _feed_forward(self, self.final_layer_norm(x_BTD), deterministic)
+        h_BTD = feed_forward(self, self.final_layer_norm(x_BTD), deterministic)
         x_BTD = x_BTD + self.dropout(h_BTD, deterministic=deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
         return x_BTD if cache is None else (x_BTD, cache)

@@ -11,47 +11,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from finetune_jax.models.hf_mapping import HFMapping
+from finetune_jax.models.hf_mapping import HFMapping, attention_rows, block_rows, layer_norm_rows
 
 if TYPE_CHECKING:
     from finetune_jax.models.whisper_config import WhisperConfig
 
 # HF's frozen encoder sinusoid table: computed by our encoder, written on export.
 POSITIONS_KEY = "model.encoder.embed_positions.weight"
-
-
-def _linear(hf: str, ours: str, out: int, inp: int, shape: tuple, bias: tuple | None) -> list:
-    """A torch Linear [out, in] -> our kernel (transposed, reshaped) and bias."""
-    rows = [HFMapping(f"{hf}.weight", f"{ours}/kernel", (out, inp), shape, True)]
-    if bias is not None:
-        rows.append(HFMapping(f"{hf}.bias", f"{ours}/bias", (out,), bias))
-    return rows
-
-
-def _layer_norm(hf: str, ours: str, d: int) -> list[HFMapping]:
-    return [
-        HFMapping(f"{hf}.weight", f"{ours}/scale", (d,), (d,)),
-        HFMapping(f"{hf}.bias", f"{ours}/bias", (d,), (d,)),
-    ]
-
-
-def _attention(hf: str, ours: str, d: int, heads: int) -> list[HFMapping]:
-    """q/k/v/out projections of one attention block; k_proj has no bias in Whisper."""
-    h = d // heads
-    rows = []
-    for name in ("q_proj", "k_proj", "v_proj"):
-        bias = None if name == "k_proj" else (heads, h)
-        rows += _linear(f"{hf}.{name}", f"{ours}/{name}", d, d, (d, heads, h), bias)
-    return rows + _linear(f"{hf}.out_proj", f"{ours}/out_proj", d, d, (heads, h, d), (d,))
-
-
-def _block(hf: str, ours: str, d: int, ffn: int, norms: tuple[str, ...]) -> list[HFMapping]:
-    """The MLP and the LayerNorms of one layer."""
-    rows = _linear(f"{hf}.fc1", f"{ours}/fc1", ffn, d, (d, ffn), (ffn,))
-    rows += _linear(f"{hf}.fc2", f"{ours}/fc2", d, ffn, (ffn, d), (d,))
-    for norm in norms:
-        rows += _layer_norm(f"{hf}.{norm}", f"{ours}/{norm}", d)
-    return rows
 
 
 def encoder_mappings(config: WhisperConfig) -> list[HFMapping]:
@@ -65,12 +31,12 @@ def encoder_mappings(config: WhisperConfig) -> list[HFMapping]:
     ]
     for i in range(config.encoder_layers):
         hf, ours = f"layers.{i}", f"layers_{i}"
-        rows += _attention(
+        rows += attention_rows(
             f"{hf}.self_attn", f"{ours}/self_attn", d, config.encoder_attention_heads
         )
         norms = ("self_attn_layer_norm", "final_layer_norm")
-        rows += _block(hf, ours, d, config.encoder_ffn_dim, norms)
-    return rows + _layer_norm("layer_norm", "layer_norm", d)
+        rows += block_rows(hf, ours, d, config.encoder_ffn_dim, norms)
+    return rows + layer_norm_rows("layer_norm", "layer_norm", d)
 
 
 def decoder_mappings(config: WhisperConfig) -> list[HFMapping]:
@@ -83,11 +49,11 @@ def decoder_mappings(config: WhisperConfig) -> list[HFMapping]:
     heads = config.decoder_attention_heads
     for i in range(config.decoder_layers):
         hf, ours = f"layers.{i}", f"layers_{i}"
-        rows += _attention(f"{hf}.self_attn", f"{ours}/self_attn", d, heads)
-        rows += _attention(f"{hf}.encoder_attn", f"{ours}/encoder_attn", d, heads)
+        rows += attention_rows(f"{hf}.self_attn", f"{ours}/self_attn", d, heads)
+        rows += attention_rows(f"{hf}.encoder_attn", f"{ours}/encoder_attn", d, heads)
         norms = ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm")
-        rows += _block(hf, ours, d, config.decoder_ffn_dim, norms)
-    return rows + _layer_norm("layer_norm", "layer_norm", d)
+        rows += block_rows(hf, ours, d, config.decoder_ffn_dim, norms)
+    return rows + layer_norm_rows("layer_norm", "layer_norm", d)
 
 
 def backbone_mappings(config: WhisperConfig) -> list[HFMapping]:

@@ -19,6 +19,7 @@ from finetune_jax.tasks import (
     speech_recognition,
     text_classification,
     token_classification,
+    translation,
 )
 from finetune_jax.tasks.kind import TaskKind
 
@@ -30,6 +31,7 @@ KINDS: dict[str, TaskKind] = {
         causal_lm.KIND,
         image_classification.KIND,
         speech_recognition.KIND,
+        translation.KIND,
         segmentation.KIND,
         detection.KIND,
     )

@@ -1,5 +1,5 @@
 """The task-kind interface: what one kind of task (text classification, causal-LM SFT, image
-classification, speech recognition, token classification) says about its tasks, so the
+classification, speech recognition, token classification, translation) says about its tasks, so the
 builder, loop, eval, predict, export and monitor ask the kind instead of branching on its
 name. A kind is one module of this package plus one line in `tasks/__init__.py`'s registry;
 each model family maps the kinds it supports to heads (`models/family.py`'s `HeadSpec`).
@@ -82,9 +82,9 @@ class TaskKind:
             )
         if config.generate.num_beams != 1 and not self.beam_search:
             raise ValueError(
-                f"generate.num_beams={config.generate.num_beams!r}: beam search is for "
-                f"speech recognition; data.task={config.data.task!r} ({self.name}) does not "
-                "use it: leave num_beams at 1"
+                f"generate.num_beams={config.generate.num_beams!r}: beam search is for the "
+                f"encoder-decoder kinds (speech recognition, translation); data.task="
+                f"{config.data.task!r} ({self.name}) does not use it: leave num_beams at 1"
             )
 
     def model_overrides(self, config: ml_collections.ConfigDict, task: Any) -> dict[str, Any]:

@@ -64,6 +64,7 @@ def build(
     """
     config_ranges.check_ranges(config)  # every numeric key in its range, before anything loads
     lora_config(config)  # fail before any loading
+    rounding = optim.rounding_mode(config)  # likewise: a misspelt optim.bf16_rounding
     task = tasks.task_for(config.data)
     kind = tasks.kind_of(task)
     _check_task_options(config, kind, task)
@@ -88,7 +89,9 @@ def build(
     params_sharding = sharding.param_shardings(boxed, mesh, rules)
     abstract_params = checkpoints.abstract_with_shardings(nn.meta.unbox(boxed), params_sharding)
     groups = optim.param_groups(config.optim, abstract_params, family.layer_stacks(model_config))
-    tx, lr_fn = optim.make_optimizer(config.optim, groups, config.train.max_steps)
+    tx, lr_fn = optim.make_optimizer(
+        config.optim, groups, config.train.max_steps, rounding, config.seed
+    )
     placement = _placement(config, mesh, rules, params_sharding, abstract_params, tx)
     objective = objective_for(config, kind, task, module)
     train_step, eval_step = _jit_steps(config, objective, groups, tx, lr_fn, placement)

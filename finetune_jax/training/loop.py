@@ -271,8 +271,10 @@ def _resume_or_init(setup, manager, batches, workdir) -> tuple[Any, EarlyStoppin
             {**progress["early_stopping"], "patience": setup.config.train.patience}
         )
         say(f"resumed from step {int(state.step)} in {workdir}")
+    rounding = optim.rounding_mode(setup.config)
     say(
         f"optimizer state: {optim.tree_bytes(state.opt_state):,} bytes; mesh {dict(setup.mesh.shape)}"
+        + ("" if rounding == "nearest" else f"; bf16 updates: {rounding} rounding")
     )
     return state, stopper, window
 

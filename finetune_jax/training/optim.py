@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from finetune_jax import tree_paths
-from finetune_jax.training import layer_groups
+from finetune_jax.training import layer_groups, low_precision
 from finetune_jax.training import rules as rules_lib
 
 FROZEN = "frozen"
@@ -197,33 +197,49 @@ def with_state_dtype(
     step; a fixed dtype keeps the state tree (checkpoints, shardings, donation) stable.
     """
 
-    def cast(tree: Any) -> Any:
-        return jax.tree.map(
-            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-        )
-
     def init(params: Any) -> Any:
-        return cast(inner.init(params))
+        return low_precision.cast_floating(inner.init(params), dtype)
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         updates, state = inner.update(updates, state, params)
-        return updates, cast(state)
+        return updates, low_precision.cast_floating(state, dtype)
 
     return optax.GradientTransformation(init, update)
 
 
+def rounding_mode(config: ml_collections.ConfigDict) -> str:
+    """The run's `optim.bf16_rounding`, with "auto" resolved against its storage dtypes."""
+    return low_precision.resolve_mode(
+        config.optim.bf16_rounding, config.model.param_dtype, config.optim.state_dtype
+    )
+
+
 def make_optimizer(
-    optim: ml_collections.ConfigDict, groups: ParamGroups, total_steps: int
+    optim: ml_collections.ConfigDict,
+    groups: ParamGroups,
+    total_steps: int,
+    rounding: str = "nearest",
+    seed: int = 0,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """One optax transform: masked clipping, then an AdamW per group, set_to_zero if frozen
-    (a per-layer AdamW for per-layer groups, whose frozen layers' gradients are zeroed first)."""
+    (a per-layer AdamW for per-layer groups, whose frozen layers' gradients are zeroed first).
+
+    Each AdamW stores its moments in `optim.state_dtype` and lands its updates in bf16
+    params by `rounding` (the run's resolved `optim.bf16_rounding`: `rounding_mode`), its
+    random bits drawn from `seed`.
+    """
     lr = schedule(optim, total_steps)
+
+    def stored(adamw: optax.GradientTransformation) -> optax.GradientTransformation:
+        if rounding == "nearest":
+            return with_state_dtype(adamw, jnp.dtype(optim.state_dtype))
+        return low_precision.rounded(adamw, rounding, optim.state_dtype, seed)
+
     transforms = {}
     for name, mult in groups.multipliers.items():
         if name in groups.per_layer:
-            transforms[name] = with_state_dtype(
-                layer_groups.per_layer_adamw(optim, lr, groups.per_layer[name]),
-                jnp.dtype(optim.state_dtype),
+            transforms[name] = stored(
+                layer_groups.per_layer_adamw(optim, lr, groups.per_layer[name])
             )
         elif mult is None:
             transforms[name] = optax.set_to_zero()
@@ -235,7 +251,7 @@ def make_optimizer(
                 eps=optim.eps,
                 weight_decay=optim.weight_decay if groups.decay[name] else 0.0,
             )
-            transforms[name] = with_state_dtype(adamw, jnp.dtype(optim.state_dtype))
+            transforms[name] = stored(adamw)
     chain = []
     if any(not all(layers.trained) for layers in groups.per_layer.values()):
         chain.append(layer_groups.zero_frozen_layers(groups.labels, groups.per_layer))

@@ -33,6 +33,7 @@ STATE_KEYS = (
     "optim.head",
     "optim.layer",
     "optim.state_dtype",
+    "optim.bf16_rounding",
     "peft.rank",
     "peft.targets",
     "model.scan_layers",

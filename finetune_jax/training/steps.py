@@ -35,8 +35,9 @@ MODEL_INPUTS = (
     "decoder_attention_mask",
 )
 # Batch keys a task's eval scorer reads beside the predictions (token classification: which
-# pieces start a word), returned by the eval step as they are.
-SCORED_INPUTS = ("word_starts",)
+# pieces start a word; translation: each row's index in its split, whose texts it scores
+# against), returned by the eval step as they are.
+SCORED_INPUTS = ("word_starts", "row_ids")
 # (params, batch, rng or None) -> (summed loss, predictions)
 Objective = Callable[[Any, Batch, Any], tuple[jax.Array, jax.Array]]
 

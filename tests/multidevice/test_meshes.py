@@ -85,6 +85,23 @@ def test_fsdp_holds_an_eighth_of_params_and_optimizer_state(tiny_bert_dir, sst2_
         assert all(s.data.size * 8 == moment.size for s in moment.addressable_shards)
 
 
+def test_kahan_buffers_shard_like_their_param(tiny_bert_dir, sst2_slice):
+    config = mesh_config(tiny_bert_dir, sst2_slice, {"fsdp": 8})
+    config.model.param_dtype = config.optim.state_dtype = "bfloat16"
+    config.optim.bf16_rounding = "kahan"
+    _, state, losses = run_steps(config, 1, jax.devices())
+    assert np.isfinite(losses[0])
+    embedding = state.params["bert"]["embeddings"]["word_embeddings"]["embedding"]
+    same_shape = [
+        x
+        for x in jax.tree.leaves(state.opt_state)
+        if hasattr(x, "shape") and x.shape == embedding.shape
+    ]
+    assert len(same_shape) == 3  # mu, nu and the compensation
+    for array in same_shape:
+        assert all(s.data.size * 8 == array.size for s in array.addressable_shards)
+
+
 def test_checkpoint_moves_between_meshes(tiny_bert_dir, sst2_slice, tmp_path):
     exp8, state, _ = run_steps(
         mesh_config(tiny_bert_dir, sst2_slice, {"data": 8}), 2, jax.devices()
