@@ -14,7 +14,7 @@ import dataclasses
 from typing import Any
 
 from finetune_jax.data import coco_loader, coco_sources
-from finetune_jax.evaluation import detection_prediction, detection_scores
+from finetune_jax.evaluation import detection_prediction, detection_scores, prediction
 from finetune_jax.tasks import detection_losses
 from finetune_jax.tasks.image_inputs import ImageInputKind
 
@@ -135,9 +135,7 @@ class Detection(ImageInputKind):
         names = task.label_names
         ids = task.category_ids or tuple(range(1, len(names) + 1))
         return {
-            "num_labels": len(names),
-            "id2label": dict(enumerate(names)),
-            "label2id": {name: i for i, name in enumerate(names)},
+            **prediction.class_names_config(names),
             "category_ids": list(ids),  # class id -> the source's COCO category id
         }
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from finetune_jax.data import segmentation_loader
 from finetune_jax.data.segmentation_sources import SegmentationTask
-from finetune_jax.evaluation import segmentation_metrics, segmentation_prediction
+from finetune_jax.evaluation import prediction, segmentation_metrics, segmentation_prediction
 from finetune_jax.models.segmentation_heads import HEAD, HEADS
 from finetune_jax.tasks import losses
 from finetune_jax.tasks.image_inputs import ImageInputKind
@@ -95,9 +95,7 @@ class Segmentation(ImageInputKind):
     def export_config(self, task) -> dict[str, Any]:
         names = task.label_names
         return {
-            "num_labels": len(names),
-            "id2label": dict(enumerate(names)),
-            "label2id": {name: i for i, name in enumerate(names)},
+            **prediction.class_names_config(names),
             # How to rebuild the head from segmentation_head.safetensors (README).
             HEAD: {**dict(task.head), "ignore_index": task.ignore_index},
         }

@@ -167,12 +167,7 @@ class TokenClassification(TaskKind):
         return prediction.EntityPredictor(setup, params, source)
 
     def export_config(self, task) -> dict[str, Any]:
-        names = task.label_names
-        return {
-            "num_labels": len(names),
-            "id2label": dict(enumerate(names)),
-            "label2id": {name: i for i, name in enumerate(names)},
-        }
+        return prediction.class_names_config(task.label_names)
 
 
 KIND = TokenClassification()
