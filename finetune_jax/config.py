@@ -56,6 +56,17 @@ def _model() -> ml_collections.ConfigDict:
     # for regression, log class frequencies for classification — so the first steps learn
     # the task instead of the label offset (STS-B's scores average 2.7, not 0).
     s.head_bias_init = "zeros"
+    # Where the params start: "pretrained" (the checkpoint's weights; a new head from the
+    # seed) | "random" (every param, backbone included, from the family's init with the run's
+    # seed; no weights are read): the baseline that shows what pretraining buys.
+    s.init = "pretrained"
+    # Semantic segmentation heads (models/segmentation_heads.py): "linear" (DINOv2's linear
+    # protocol: a per-patch classifier upsampled bilinearly) | "decoder" (two conv +
+    # upsampling stages and a full-resolution pixel branch).
+    s.segmentation_head = "linear"
+    s.segmentation_layers = 1  # the last k blocks' patch tokens the head reads, concatenated
+    s.segmentation_cls_token = False  # also the CLS token beside each patch token (per layer)
+    s.decoder_channels = 128  # the decoder's first-stage width (halved twice; a multiple of 4)
     return s
 
 
@@ -137,6 +148,28 @@ def _data() -> ml_collections.ConfigDict:
     # Image files that do not open (checked as a split loads, before step 1): "error" stops
     # naming them all; "skip" leaves them out of the split and prints how many.
     s.bad_images = "error"
+    # -- object detection (image keys above apply too: image_size, augment*, image_column) -----
+    # Boxes per image the targets are padded to (fixed batch shapes); an image with more is an
+    # error naming it.
+    s.max_boxes = 100
+    s.max_detections = 100  # detections kept per image (top scores), as COCO's mAP scores
+    # IoU over which a lower-scored box of the same class is suppressed (on device, after the
+    # heatmap's 3x3 peak picking); 1 = no NMS.
+    s.nms_iou = 0.6
+    s.objects_column = "objects"  # hub datasets: {"bbox": [...], "category": [...]} per image
+    s.box_format = "xywh"  # hub datasets' boxes: xywh (COCO: corner, width, height) | xyxy
+    # predict: draw each image's detections scoring at least this on its picture
+    # (--pictures); every detection goes to the output file whatever its score.
+    s.draw_score = 0.3
+    # -- semantic segmentation (image keys above apply too: image_size, augment*, image_column) --
+    s.mask_dir = "masks"  # folders: the sub-folder of each split holding one mask per image
+    s.mask_column = "mask"  # hub datasets: the column of masks (images of class ids)
+    s.ignore_index = 255  # mask value of pixels no loss or metric counts
+    # Training batches are crop_size x crop_size crops (placed by the augmentation: with
+    # augment_scale near (crop_size / image side)^2 the items keep their size), while eval
+    # and predict see whole images at image_size; 0 = image_size. Crops cost the backbone
+    # (crop_size / image_size)^2 of a whole image per training example.
+    s.crop_size = 0
     # -- speech recognition ---------------------------------------------------------------------
     # Audio window in seconds: 30 is Whisper's own; a shorter one uses the first encoder
     # positions only (much cheaper; see README "Fine-tune Whisper" for its effect on WER).

@@ -71,6 +71,8 @@ RANGES: Mapping[str, Range] = {
     # -- model -----------------------------------------------------------------------------
     "model.dropout": Range(high=1, high_open=True),  # < 0 keeps the pretrained config's
     "model.lm_loss_chunk": AT_LEAST_0,  # 0 = full logits
+    "model.segmentation_layers": AT_LEAST_1,  # at most the model's depth (checked at build)
+    "model.decoder_channels": Range(4),  # a multiple of 4 (checked by the segmentation kind)
     # -- data ------------------------------------------------------------------------------
     "data.holdout_rows": AT_LEAST_0,
     "data.max_train_rows": AT_LEAST_0,  # 0 = all
@@ -82,6 +84,12 @@ RANGES: Mapping[str, Range] = {
     "data.prefetch": AT_LEAST_0,  # 0 = prepare batches in the step
     "data.image_size": AT_LEAST_0,  # 0 = as the model saved it
     "data.augment_scale": Range(0, 1, low_open=True),  # area fractions of the random crop
+    "data.max_boxes": AT_LEAST_1,
+    "data.max_detections": AT_LEAST_1,
+    "data.nms_iou": Range(0, 1, low_open=True),  # 1 = no NMS
+    "data.draw_score": Range(0, 1),
+    "data.ignore_index": ANY,  # a mask value; class ids are 0..C-1
+    "data.crop_size": AT_LEAST_0,  # 0 = data.image_size
     "data.audio_seconds": POSITIVE,
     # -- optim -----------------------------------------------------------------------------
     "optim.lr": AT_LEAST_0,  # negative climbs the loss; 0 = the pretrained model, measured

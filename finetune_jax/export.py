@@ -6,10 +6,13 @@ LoRA is merged into the base weights, so DIR loads with plain transformers
 `AutoModelForImageClassification.from_pretrained(DIR)`, `WhisperForConditionalGeneration`):
 config, `model.safetensors` (float32) and the tokenizer files (for image models the image
 processor, at the fine-tuned size; a speech model also its generation and feature-extractor
-configs). A PEFT run (LoRA, DoRA, IA3) also gets its adapter in HF PEFT format in
-`DIR/adapter` for use on top of the original base model; `--adapter_only` writes that
-adapter alone as DIR, the only export of prompt tuning (its virtual tokens are an input,
-not a change to the weights, so they cannot be merged). DIR is written
+configs). A head transformers has no class for (segmentation, detection) goes to its own
+safetensors file beside a `<prefix>Model` backbone (`HeadSpec.hf_file`), so
+`Dinov2Model.from_pretrained(DIR)` loads the backbone with no unexpected weight. A PEFT run
+(LoRA, DoRA, IA3) also gets its adapter in HF PEFT format in `DIR/adapter` for use on top of
+the original base model; `--adapter_only` writes that adapter alone as DIR, the only export
+of prompt tuning (its virtual tokens are an input, not a change to the weights, so they
+cannot be merged). DIR is written
 through a temporary sibling and renamed, and an existing DIR is never overwritten unless
 asked: an export never destroys an earlier one halfway. DIR may be a `gs://` URL: the model is
 written locally, then copied up (not atomically: object stores cannot rename a directory).
@@ -29,7 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from finetune_jax.cli import define_run_config_flag, quiet_libraries, resolve_run_config, run_main
-from finetune_jax.hf import adapters, saving
+from finetune_jax.hf import adapters, model_files, saving
 from finetune_jax.models import hf_mapping
 from finetune_jax.models import lora as lora_lib
 from finetune_jax.training import builder, run_status, workdir_files
@@ -93,22 +96,35 @@ def _write_local(
             "PEFT adapter that peft.PeftModel.from_pretrained loads onto the base model"
         )
     merged = params if lora is None else jax.tree.map(np.asarray, lora_lib.merge(params, lora))
+    tensors = hf_mapping.params_to_hf(merged, family, setup.model_config)
+    head_tensors = _own_file_head(tensors, family, setup.model_config)
 
     def write_extra(model_dir: str) -> None:
         for path in setup.kind.export_files(setup):  # e.g. a speech model's feature extractor
             shutil.copy(path, model_dir)
+        if head_tensors:
+            model_files.save_tensor_file(head_tensors, os.path.join(model_dir, family.head.hf_file))
         if lora is not None:
             write_adapter(os.path.join(model_dir, "adapter"))
 
     return saving.write_model_dir(
         out_dir,
-        hf_mapping.params_to_hf(merged, family, setup.model_config),
+        tensors,
         saving.exported_config(setup.hf_config, family, setup.kind.export_config(task)),
         setup.tokenizer,
         generation=setup.kind.export_generation(setup),
         write_extra=write_extra,
         overwrite=overwrite,
     )
+
+
+def _own_file_head(tensors: dict[str, np.ndarray], family, model_config) -> dict[str, np.ndarray]:
+    """The head's tensors, taken out of `tensors`, for a head written to its own file
+    (`HeadSpec.hf_file`: transformers has no class with this head); {} otherwise."""
+    if not family.head.hf_file:
+        return {}
+    keys = [m.hf_key for m in family.head.hf_rows(model_config)]
+    return {key: tensors.pop(key) for key in keys if key in tensors}
 
 
 def export(

@@ -8,8 +8,11 @@ with the run's text columns; for image runs a folder of images or a .txt / .csv 
 of image paths; for causal LMs a .jsonl of `prompt` strings or chat `messages`; for translation
 rows with the source column (`data.source_column`). Output (.csv or .jsonl): every input
 column, then `label` and `prob_<label>` per class (multi-label: the labels over --threshold),
-`score` (regression), `completion` (causal LM) or `translation`; an output column
-whose name an input column already has is written as `predicted_<name>`. The output is
+`score` (regression), `completion` (causal LM) or `translation`; segmentation writes a PNG of
+class ids per image (and with --pictures the mask over the image) into --files_dir (default
+`<output stem>_files/`) and names them in `mask` / `picture`; detection writes COCO-format
+detections; an output column whose name an input column already has is written as
+`predicted_<name>`. The output is
 written to a temporary file and renamed at the end, and never replaces an existing file
 unless --overwrite. A .csv / .tsv input is read by train's own reader: a row train would
 reject (an unquoted comma, a byte that is not UTF-8, an empty text) stops predict with the
@@ -38,15 +41,22 @@ def predict(
     which: str = "best",
     overwrite: bool = False,
     threshold: float = 0.5,
+    files_dir: str = "",
+    pictures: bool = False,
 ) -> dict:
-    """Predicts every row of `input_path` into `output_path`; returns a summary."""
+    """Predicts every row of `input_path` into `output_path`; returns a summary. Kinds that
+    write files per input (segmentation masks, pictures with `pictures`) put them in
+    `files_dir` (default: beside the output, `<output stem>_files`)."""
     run_status.warn_if_unfinished(workdir)  # first: predictions of a half-trained run
     prediction_io.check_input(input_path)
     # Fails before the model loads; every process predicts (the batches are global), one writes.
     writer = prediction_io.RowWriter(output_path, overwrite, jax.process_index() == 0)
     setup = builder.build(config, workdir=workdir)  # the class names the run trained with
     step, params = setup.restore_params(workdir, which)
-    predictor = setup.kind.predictor(setup, params, input_path, threshold)
+    files = prediction_io.FileOutputs(
+        files_dir or prediction_io.default_files_dir(output_path), pictures, overwrite
+    )
+    predictor = setup.kind.predictor(setup, params, input_path, threshold, files)
     rows = config.train.batch_size
     return {"step": step, **write_predictions(predictor, input_path, writer, rows, setup.task)}
 
@@ -79,6 +89,18 @@ def main() -> None:
     which = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
     batch_size = flags.DEFINE_integer("batch_size", 0, "Rows per batch; 0 = train.batch_size.")
     threshold = flags.DEFINE_float("threshold", 0.5, "Multi-label: probability for a label.")
+    files_dir = flags.DEFINE_string(
+        "files_dir",
+        "",
+        "Segmentation / detection: folder of the files written per input "
+        "(masks, pictures); '' = <output stem>_files.",
+    )
+    pictures = flags.DEFINE_bool(
+        "pictures",
+        False,
+        "Segmentation / detection: also draw a picture per input (the "
+        "mask over the image, the boxes on it) for a person to look at.",
+    )
     overwrite = flags.DEFINE_bool("overwrite", False, "Replace an existing --output file.")
     flags.mark_flags_as_required(["workdir", "input", "output"])
 
@@ -90,7 +112,15 @@ def main() -> None:
         if batch_size.value:
             resolved.train.batch_size = batch_size.value
         paths = (workdir.value, input_path.value, output.value)
-        summary = predict(resolved, *paths, which.value, overwrite.value, threshold.value)
+        summary = predict(
+            resolved,
+            *paths,
+            which.value,
+            overwrite.value,
+            threshold.value,
+            files_dir.value,
+            pictures.value,
+        )
         print(json.dumps(summary, indent=2))
 
     run_main(run)

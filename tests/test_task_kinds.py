@@ -4,6 +4,7 @@ name, and the README's table of data keys per kind is the one `check_data_keys` 
 
 from __future__ import annotations
 
+import inspect
 import pathlib
 import re
 
@@ -12,7 +13,7 @@ import pytest
 from finetune_jax import config as config_lib
 from finetune_jax import tasks
 from finetune_jax.models import FAMILIES
-from finetune_jax.tasks.kind import COMMON_DATA_KEYS
+from finetune_jax.tasks.kind import COMMON_DATA_KEYS, TaskKind
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "finetune_jax"
 README = PACKAGE.parent / "README.md"
@@ -83,3 +84,15 @@ def test_eval_count_is_named_for_what_the_loss_weights_count(kind):
     resolved = kind.resolve(config, task, saved if task.label_names is None else None)
     shape, _ = kind.batch_spec(config, resolved)["weights"]
     assert kind.eval_count == {1: "examples", 2: "tokens"}[len(shape)]
+
+
+@pytest.mark.parametrize("kind", tasks.KINDS.values(), ids=list(tasks.KINDS))
+def test_every_kind_takes_what_the_interface_passes(kind):
+    """A kind's methods accept the base class's parameters: generic code (predict, eval, the
+    builder) calls them with the interface's arguments, whichever kind the run has."""
+    for name, base in vars(TaskKind).items():
+        own = getattr(type(kind), name)
+        if not inspect.isfunction(base) or own is base:
+            continue
+        expected = list(inspect.signature(base).parameters)
+        assert list(inspect.signature(own).parameters) == expected, f"{kind.name}.{name}"

@@ -12,7 +12,7 @@ the one being decoded ahead), so checkpoints resume exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -65,10 +65,12 @@ class ImageTrainBatches(text_batches.OrderedBatches):
         process_index: int = 0,
         process_count: int = 1,
         prefetch: bool = True,
+        collate: Callable[..., dict[str, np.ndarray]] = collate,
     ):
         text_batches.check_process_split(batch_size, process_index, process_count)
         self.order = text_batches.EpochOrder(len(split), batch_size, seed)
         self._split, self._processor, self._seed, self._augment = split, processor, seed, augment
+        self._collate = collate  # another kind's (split, indices, processor, augment, seed, epoch)
         self._process = (process_index, process_count)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="images") if prefetch else None
         # (position of the batch, its future), for the batch decoded ahead.
@@ -80,9 +82,9 @@ class ImageTrainBatches(text_batches.OrderedBatches):
         args = (self._split, rows, self._processor, self._augment, self._seed, position["epoch"])
         if self._pool is None:
             future: Future = Future()
-            future.set_result(collate(*args))
+            future.set_result(self._collate(*args))
         else:
-            future = self._pool.submit(collate, *args)
+            future = self._pool.submit(self._collate, *args)
         return position, future
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -106,9 +108,11 @@ def eval_batches(
     batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
+    collate: Callable[..., dict[str, np.ndarray]] = collate,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every example once, in order, un-augmented; the last global batch filled with
-    weight-0 padding rows so every process yields the same number of equal batches."""
+    weight-0 padding rows so every process yields the same number of equal batches.
+    `collate`: another kind's batch maker (as `ImageTrainBatches` takes it)."""
     text_batches.check_process_split(batch_size, process_index, process_count)
     for start in range(0, len(split), batch_size):
         rows = np.full(batch_size, PADDING_ROW, np.int64)

@@ -4,13 +4,14 @@ Splits come from `image_sources` (labels in memory, images decoded per batch), r
 by `selection` exactly as for text (holdout carved from train by `data.split_seed`, caps),
 and batches from `image_batches` through the model's image processor. Class names the task
 does not fix come from `data.label_names` or from the train split, before the model is built, so
-the head's width is known.
+the head's width is known. `BatchedImages` is the batching every image kind's loader shares.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -59,8 +60,51 @@ def augmentation(config: ml_collections.ConfigDict) -> image_preprocess.Augment 
     return image_preprocess.Augment(scale=tuple(data.augment_scale), flip=data.augment_flip)
 
 
-class ImageData:
+class BatchedImages:
+    """The loop's batches of the splits `self.load(name)` returns, for any image kind: a
+    subclass sets `config`, `processor`, `augment` and `collate` (its batch maker, with
+    `image_batches.collate`'s signature)."""
+
+    config: ml_collections.ConfigDict
+    processor: Any
+    augment: image_preprocess.Augment | None
+    collate: Callable[..., dict[str, np.ndarray]]
+    # Training batches' maker when it differs from eval's (segmentation's crops); None = collate.
+    train_collate: Callable[..., dict[str, np.ndarray]] | None = None
+
+    def train_batches(self) -> image_batches.ImageTrainBatches:
+        """The resumable, seeded (augmented) training iterator for this process."""
+        return image_batches.ImageTrainBatches(
+            self.load("train"),
+            self.processor,
+            batch_size=self.config.train.batch_size,
+            seed=self.config.seed,
+            augment=self.augment,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            collate=self.train_collate or self.collate,
+        )
+
+    def eval_batches(self, split) -> Iterator[dict[str, np.ndarray]]:
+        """Fixed-order, un-augmented eval batches (last one padded with weight-0 rows)."""
+        return image_batches.eval_batches(
+            split,
+            self.processor,
+            self.config.train.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            collate=self.collate,
+        )
+
+    def eval_batch_count(self, split) -> int:
+        """How many batches `eval_batches(split)` yields (for progress)."""
+        return -(-len(split) // self.config.train.batch_size)
+
+
+class ImageData(BatchedImages):
     """Images decoded and preprocessed per batch; augmentation on training batches only."""
+
+    collate = staticmethod(image_batches.collate)
 
     def __init__(
         self,
@@ -110,29 +154,3 @@ class ImageData:
         labels = self.load("train").labels
         counts = np.bincount(labels, minlength=self.task.num_labels) + 1.0
         return np.log(counts / counts.sum()).astype(np.float32)
-
-    def train_batches(self) -> image_batches.ImageTrainBatches:
-        """The resumable, seeded (augmented) training iterator for this process."""
-        return image_batches.ImageTrainBatches(
-            self.load("train"),
-            self.processor,
-            batch_size=self.config.train.batch_size,
-            seed=self.config.seed,
-            augment=self.augment,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-
-    def eval_batches(self, split: image_sources.ImageSplit) -> Iterator[dict[str, np.ndarray]]:
-        """Fixed-order, un-augmented eval batches (last one padded with weight-0 rows)."""
-        return image_batches.eval_batches(
-            split,
-            self.processor,
-            self.config.train.batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-
-    def eval_batch_count(self, split: image_sources.ImageSplit) -> int:
-        """How many batches `eval_batches(split)` yields (for progress)."""
-        return -(-len(split) // self.config.train.batch_size)

@@ -125,11 +125,20 @@ def pixel_values(
     (one generator per image), else the processor's own resize and centre crop."""
     if augment is None:
         out = processor(images=list(images), return_tensors="np")["pixel_values"]
-    else:
-        size = output_size(processor)
-        images = [augment_image(im, size, augment, rng) for im, rng in zip(images, rngs)]
-        out = processor(images=images, do_resize=False, do_center_crop=False, return_tensors="np")[
-            "pixel_values"
-        ]
+        return _channels_last(out)
+    size = output_size(processor)
+    return normalised(
+        processor, [augment_image(im, size, augment, rng) for im, rng in zip(images, rngs)]
+    )
+
+
+def normalised(processor, images: Sequence[Image.Image]) -> np.ndarray:
+    """float32 [B, H, W, 3] (channels last) of images already at the output size: the
+    processor's rescale and normalisation only (no resize, no crop)."""
+    out = processor(images=list(images), do_resize=False, do_center_crop=False, return_tensors="np")
+    return _channels_last(out["pixel_values"])
+
+
+def _channels_last(pixels_BCHW) -> np.ndarray:
     # HF processors emit [B, C, H, W]; the models here take channels last.
-    return np.ascontiguousarray(np.asarray(out, np.float32).transpose(0, 2, 3, 1))
+    return np.ascontiguousarray(np.asarray(pixels_BCHW, np.float32).transpose(0, 2, 3, 1))

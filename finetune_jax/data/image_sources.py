@@ -313,7 +313,15 @@ def _table(data: Any, split: str) -> _Raw:
 
 
 def _hub(data: Any, split: str) -> _Raw:
-    import datasets  # heavy; only this format needs it here
+    loaded, source = hub_dataset(data, split, "image_hub")
+    return hub_split(loaded, data.image_column, data.label_column or "label", source)
+
+
+def hub_dataset(data: Any, split: str, task_name: str) -> tuple[Any, str]:
+    """(split `split` of the HF dataset `config.data` names, its name in messages): `data.dir`
+    written by `save_to_disk` (a DatasetDict, or one Dataset = the train split), else
+    `data.hub_name` by hub name."""
+    import datasets  # noqa: PLC0415 (heavy; only hub formats need it)
 
     if data.dir:
         loaded = datasets.load_from_disk(data.dir)
@@ -328,8 +336,8 @@ def _hub(data: Any, split: str) -> _Raw:
         source = f"hub:{data.hub_name}[{split}]"
         loaded = datasets.load_dataset(data.hub_name, split=split)
     else:
-        raise DataError("task image_hub needs data.hub_name (or data.dir saved by save_to_disk)")
-    return hub_split(loaded, data.image_column, data.label_column or "label", source)
+        raise DataError(f"task {task_name} needs data.hub_name (or data.dir saved by save_to_disk)")
+    return loaded, source
 
 
 def hub_split(dataset, image_column: str, label_column: str, source: str) -> _Raw:

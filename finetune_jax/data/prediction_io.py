@@ -11,6 +11,7 @@ or `.jsonl`. No input is ever read whole: `read_chunks` yields lists of at most 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,39 @@ def check_input(path: str) -> None:
             f"--input={path!r}: unknown file kind {_extension(path)!r}; expected one of "
             f"{', '.join(INPUT_FORMATS)} or a directory of images"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class FileOutputs:
+    """Where predict's per-input files go (segmentation masks, pictures) and what is drawn.
+
+    Attributes:
+      directory: the folder the files are written to (made when the first one is).
+      pictures: also draw a picture per input for a person to look at (the mask over the
+        image, the boxes on it).
+      overwrite: replace files already there (else an existing file is an error).
+    """
+
+    directory: str
+    pictures: bool = False
+    overwrite: bool = False
+
+    def path(self, name: str) -> str:
+        """Where file `name` goes; the folder is made, an existing file refused unless
+        `overwrite`."""
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, name)
+        if os.path.exists(path) and not self.overwrite:
+            raise FileExistsError(
+                f"{path!r} exists (--files_dir={self.directory!r}); choose another "
+                "--files_dir or pass --overwrite"
+            )
+        return path
+
+
+def default_files_dir(output_path: str) -> str:
+    """The per-input files' folder beside `--output`: `preds.jsonl` -> `preds_files`."""
+    return os.path.splitext(output_path)[0] + "_files"
 
 
 class Rows(list):

@@ -135,9 +135,13 @@ def label_config(task) -> dict[str, Any]:
         problem_type = "regression"
     else:  # single_label_ or multi_label_classification (transformers then uses sigmoid)
         names, problem_type = task.label_names, task.problem_type
+    return {"problem_type": problem_type, **class_names_config(names)}
+
+
+def class_names_config(names: Sequence[str]) -> dict[str, Any]:
+    """The exported config.json's `num_labels`, `id2label` and `label2id` for class `names`."""
     return {
         "num_labels": len(names),
-        "problem_type": problem_type,
         "id2label": dict(enumerate(names)),
         "label2id": {name: i for i, name in enumerate(names)},
     }

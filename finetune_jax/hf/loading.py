@@ -113,18 +113,44 @@ def load_params(
     shardings: Mapping[str, Any] | None = None,
     seed: int = 0,
     replace: Mapping[str, np.ndarray] | None = None,
+    random_init: bool = False,
 ) -> dict[str, Any]:
     """Params of `family` with `config` from the checkpoint at `model_ref`, as jax Arrays.
 
     `shardings` maps '/'-joined param paths to their shardings (default: the first device);
     `replace` gives host values for some paths instead (e.g. a head bias set from the data).
-    Every param's dtype is the config's `param_dtype`.
+    `random_init`: every param from the family's init with `seed`, no checkpoint read
+    (`model.init=random`). Every param's dtype is the config's `param_dtype`.
     """
     abstract = lora_lib.flat_paths(abstract_params(family, config))
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = dict.fromkeys(abstract, device)
     replace = dict(replace or {})
+    if random_init:
+        values = init_values(family, config, seed, list(abstract), shardings)
+    else:
+        values = _checkpoint_values(family, config, model_ref, abstract, shardings, seed, replace)
+    for path, value in replace.items():
+        values[path] = _place(np.asarray(value, abstract[path].dtype), shardings[path])
+    values.update(adapter_values(family, config, seed, values, abstract, shardings))
+    absent = sorted(set(abstract) - set(values))
+    if absent:
+        raise ValueError(f"{model_ref}: no checkpoint tensor or init for params {absent[:4]}")
+    return lora_lib.nested(values)
+
+
+def _checkpoint_values(
+    family: ModelFamily,
+    config: Any,
+    model_ref: str,
+    abstract: Mapping[str, Any],
+    shardings: Mapping[str, Any],
+    seed: int,
+    replace: Mapping[str, np.ndarray],
+) -> dict[str, jax.Array]:
+    """Every param the checkpoint holds (bar `replace`'s), streamed one tensor at a time, and
+    the fresh ones (new head, absent optional parts, LoRA) from the init."""
     _, tensors = model_files.open_tensors(model_ref)
     try:
         rows, missing = hf_mapping.checkpoint_rows(tensors.keys(), family, config)
@@ -156,13 +182,7 @@ def load_params(
             )
     finally:
         tensors.close()
-    for path, value in replace.items():
-        values[path] = _place(np.asarray(value, abstract[path].dtype), shardings[path])
-    values.update(adapter_values(family, config, seed, values, abstract, shardings))
-    absent = sorted(set(abstract) - set(values))
-    if absent:
-        raise ValueError(f"{model_ref}: no checkpoint tensor or init for params {absent[:4]}")
-    return lora_lib.nested(values)
+    return values
 
 
 def adapter_values(

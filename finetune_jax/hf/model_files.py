@@ -172,11 +172,16 @@ def write_safetensors(
     """Writes `model.safetensors` and `config.json` into `out_dir`; returns the directory."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    arrays = {key: np.ascontiguousarray(np.asarray(value)) for key, value in tensors.items()}
-    # transformers refuses safetensors files without a known "format" in their metadata.
-    safetensors.numpy.save_file(arrays, out_dir / SINGLE_FILE, metadata={"format": "pt"})
+    save_tensor_file(tensors, out_dir / SINGLE_FILE)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+def save_tensor_file(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+    """One safetensors file of `tensors`, as torch's `safetensors.torch.load_file` reads it."""
+    arrays = {key: np.ascontiguousarray(np.asarray(value)) for key, value in tensors.items()}
+    # transformers refuses safetensors files without a known "format" in their metadata.
+    safetensors.numpy.save_file(arrays, path, metadata={"format": "pt"})
 
 
 # ----------------------------------------------------------------------------- GGUF files

@@ -43,6 +43,10 @@ class HeadSpec:
       trained: regex of the params `optim.head='auto'` means: the head that the
         linear_probe / bitfit / top_k_layers / lora presets train ("" = none: an LM head
         tied to the embedding).
+      hf_file: "" = an export writes the head's tensors into model.safetensors with the
+        backbone's; a file name = into that safetensors file beside it, for heads
+        transformers has no class for (the backbone then loads as `<prefix>Model` with no
+        unexpected keys, and the head is read from its own file).
     """
 
     module: type
@@ -53,6 +57,7 @@ class HeadSpec:
     peft_task_type: str | None = None
     modules_to_save: tuple[str, ...] = ()
     trained: str = ""
+    hf_file: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

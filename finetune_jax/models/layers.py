@@ -125,6 +125,7 @@ def encoder_stack(
     x: Any,
     *args,
     last_layer: dict[str, Any] | None = None,
+    collect: int = 0,
 ):
     """`x` through `config.num_hidden_layers` blocks `layer_cls(config)(x, *args)`, built
     inside the calling encoder's compact `__call__` (`scope_path`: its `self.scope.path`).
@@ -133,6 +134,8 @@ def encoder_stack(
     the blocks are `layer_{i}`; with `config.scan_layers`, one `layer` block under `nn.scan`
     with its params stacked along a leading layer axis; `config.remat` applies to both.
     `last_layer`: extra fields of the last block (unrolled only: scanned blocks are alike).
+    `collect` > 0 returns `(x, outputs)` instead: the last `collect` blocks' outputs stacked
+    along a new leading axis, oldest first (heads that read several layers).
     """
     # static_argnums counts `self` as 0 and `x` as 1: `deterministic` is 1 + len(args).
     block = remat(
@@ -140,13 +143,20 @@ def encoder_stack(
     )
     if config.scan_layers:
         layer = block(for_layer_stack(config, "/".join((*scope_path, "layer"))), name="layer")
-        body = lambda layer, x, _: (layer(x, *args), None)
-        return scan_layers(body, config.num_hidden_layers)(layer, x, None)[0]
+
+        def body(layer, x, _):
+            y = layer(x, *args)
+            return y, (y if collect else None)
+
+        x, outputs = scan_layers(body, config.num_hidden_layers)(layer, x, None)
+        return (x, outputs[-collect:]) if collect else x
     last = config.num_hidden_layers - 1
+    outputs = []
     for i in range(config.num_hidden_layers):
         fields = last_layer if last_layer and i == last else {}
         x = block(config, name=f"layer_{i}", **fields)(x, *args)
-    return x
+        outputs.append(x)
+    return (x, jnp.stack(outputs[-collect:])) if collect else x
 
 
 # ----------------------------------------------------------------------------- Dropout

@@ -26,7 +26,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from finetune_jax.models import bicubic, layers, vit_hf
+from finetune_jax.models import (
+    bicubic,
+    detection_heads,
+    layers,
+    segmentation_heads,
+    vit_hf,
+)
 from finetune_jax.models.family import HeadSpec, ModelFamily
 from finetune_jax.models.vit_config import ACTIVATION_AXES, ViTConfig
 
@@ -203,23 +209,36 @@ class ViTEncoder(nn.Module):
     config: ViTConfig
 
     @nn.compact
-    def __call__(self, x_BLD, deterministic: bool = True):
-        return layers.encoder_stack(self.scope.path, ViTLayer, self.config, x_BLD, deterministic)
+    def __call__(self, x_BLD, deterministic: bool = True, collect: int = 0):
+        return layers.encoder_stack(
+            self.scope.path, ViTLayer, self.config, x_BLD, deterministic, collect=collect
+        )
 
 
 class ViTModel(nn.Module):
     """Embeddings + encoder + final LayerNorm; returns the last hidden state [B, 1 + N, D]
-    (CLS first, then the patches row by row), as HF's `last_hidden_state`."""
+    (CLS first, then the patches row by row), as HF's `last_hidden_state`.
+
+    With `hidden_layers=k` > 0 it returns `(last hidden state, hidden_KBLD)`: the last k
+    blocks' outputs, oldest first, each through the final LayerNorm (DINOv2's
+    `get_intermediate_layers(norm=True)`, what its dense heads read)."""
 
     config: ViTConfig
 
     @nn.compact
-    def __call__(self, pixel_values, deterministic: bool = True):
+    def __call__(self, pixel_values, deterministic: bool = True, hidden_layers: int = 0):
         cfg = self.config
         x_BLD = ViTEmbeddings(cfg, name="embeddings")(pixel_values, deterministic)
         x_BLD = nn.with_logical_constraint(x_BLD, ACTIVATION_AXES)
-        x_BLD = ViTEncoder(cfg, name="encoder")(x_BLD, deterministic)
-        return layers.layer_norm(cfg, "layernorm")(x_BLD)
+        norm = layers.layer_norm(cfg, "layernorm")
+        if not hidden_layers:
+            return norm(ViTEncoder(cfg, name="encoder")(x_BLD, deterministic))
+        if not 0 < hidden_layers <= cfg.num_hidden_layers:
+            raise ValueError(
+                f"{hidden_layers} hidden layers asked of a {cfg.num_hidden_layers}-layer ViT"
+            )
+        x_BLD, hidden_KBLD = ViTEncoder(cfg, name="encoder")(x_BLD, deterministic, hidden_layers)
+        return norm(x_BLD), norm(hidden_KBLD)
 
 
 class ViTForImageClassification(nn.Module):
@@ -244,6 +263,36 @@ class ViTForImageClassification(nn.Module):
         return layers.classifier(cfg.num_labels, cfg.param_dtype, cfg.initializer_range)(
             features_BF
         )
+
+
+class ViTForDetection(nn.Module):
+    """The backbone + `detection_head` (models/detection_heads.py) on the last layer's patch
+    tokens as a grid: {"heatmap", "boxes", "centers"} (see there) for the detection loss."""
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, pixel_values, deterministic: bool = True):
+        cfg = self.config
+        x_BLD = ViTModel(cfg, name=cfg.model_type)(pixel_values, deterministic)
+        batch, height, width, _ = pixel_values.shape
+        rows, cols = height // cfg.patch_size, width // cfg.patch_size
+        x_BhwD = x_BLD[:, 1:].reshape(batch, rows, cols, cfg.hidden_size)
+        head = detection_heads.DetectionHead(
+            cfg.num_labels,
+            cfg.detection_width,
+            cfg.detection_upsample,
+            cfg.patch_size,
+            cfg.initializer_range,
+            name=detection_heads.HEAD,
+        )
+        return head(x_BhwD)
+
+
+def _detection_rows(config: ViTConfig) -> list:
+    return detection_heads.head_rows(
+        config.hidden_size, config.detection_width, config.num_labels, config.detection_upsample
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("head",))
@@ -277,7 +326,31 @@ def _family(model_type: str, class_prefix: str) -> ModelFamily:
                 peft_task_type=None,
                 modules_to_save=("classifier",),
                 trained=r"classifier/.*",
-            )
+            ),
+            # transformers has no DINOv2 / ViT detector: export writes the backbone as
+            # <prefix>Model and the head's params to their own file.
+            "detection": HeadSpec(
+                module=ViTForDetection,
+                hf_rows=_detection_rows,
+                new_params=(detection_heads.HEAD,),
+                hf_class_suffix="Model",
+                peft_task_type=None,
+                modules_to_save=(detection_heads.HEAD,),
+                trained=detection_heads.HEAD + "/.*",
+                hf_file=detection_heads.HEAD + ".safetensors",
+            ),
+            # A linear or light-decoder head on the patch tokens; no transformers class
+            # either: the backbone exports as <prefix>Model, the head to its own file.
+            "segmentation": HeadSpec(
+                module=functools.partial(segmentation_heads.PatchSegmenter, backbone=ViTModel),
+                hf_rows=segmentation_heads.hf_rows,
+                new_params=(segmentation_heads.HEAD,),
+                hf_class_suffix="Model",
+                peft_task_type=None,
+                modules_to_save=(segmentation_heads.HEAD,),
+                trained=segmentation_heads.HEAD + "/.*",
+                hf_file=segmentation_heads.HEAD + ".safetensors",
+            ),
         },
         init=lambda head, config, rng: init_params(config, rng, head=head),
         backbone_mappings=vit_hf.backbone_mappings,

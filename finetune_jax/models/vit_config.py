@@ -46,6 +46,17 @@ class ViTConfig:
     remat: str = "none"  # none | full | dots_saveable (see layers.remat)
     lora: lora_lib.LoraConfig | None = None  # LoRA on the DenseND kernels its targets match
     scan_layers: bool = False  # one nn.scan over params stacked along a `layers` axis
+    # Semantic segmentation (models/segmentation_heads.py): the head, the last k blocks'
+    # patch tokens it reads (concatenated), whether the CLS token joins each patch's, and the
+    # decoder's width.
+    segmentation_head: str = "linear"  # linear | decoder
+    segmentation_layers: int = 1
+    segmentation_cls_token: bool = False
+    decoder_channels: int = 128
+    # Object detection (models/detection_heads.py): the head's channels, and how many times
+    # its transposed 2x2 convolutions upsample the patch grid (stride = patch / upsample).
+    detection_width: int = 128
+    detection_upsample: int = 2
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:

@@ -13,7 +13,9 @@ import ml_collections
 
 from finetune_jax.tasks import (
     causal_lm,
+    detection,
     image_classification,
+    segmentation,
     speech_recognition,
     text_classification,
     token_classification,
@@ -30,6 +32,8 @@ KINDS: dict[str, TaskKind] = {
         image_classification.KIND,
         speech_recognition.KIND,
         translation.KIND,
+        segmentation.KIND,
+        detection.KIND,
     )
 }
 

@@ -78,7 +78,7 @@ class CausalLM(TaskKind):
         )
         return samples, lm_samples.summarize(samples)
 
-    def predictor(self, setup, params, source, threshold):
+    def predictor(self, setup, params, source, threshold, files=None):
         return prediction.CompletionPredictor(setup, params, source)
 
     def export_generation(self, setup) -> dict[str, Any]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune_jax.data import image_checks, image_loader, image_preprocess, prediction_io
+from finetune_jax.data import image_loader, prediction_io
 from finetune_jax.data.image_sources import ImageTask
 from finetune_jax.evaluation import prediction
 from finetune_jax.tasks import losses
-from finetune_jax.tasks.kind import TaskKind
+from finetune_jax.tasks.image_inputs import ImageInputKind
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -44,7 +44,7 @@ IMAGE_TASKS: dict[str, ImageTask] = {
 }
 
 
-class ImageClassification(TaskKind):
+class ImageClassification(ImageInputKind):
     """Images decoded per batch through the model's image processor; accuracy."""
 
     name = "image_classification"
@@ -52,32 +52,10 @@ class ImageClassification(TaskKind):
     predicts_with_head = True
     monitors = True
     label_prior = True
-    data_keys = frozenset(
-        {
-            "hub_name",
-            "label_column",
-            "label_names",
-            "image_size",
-            "augment",
-            "augment_scale",
-            "augment_flip",
-            "image_column",
-            "bad_images",
-        }
-    )
+    data_keys = ImageInputKind.data_keys | {"label_column"}
 
     def resolve(self, config, task, saved_names=None):
         return image_loader.resolve_task(config, task, saved_names)
-
-    def check_options(self, config, task) -> None:
-        super().check_options(config, task)
-        image_checks.check_policy(config.data.bad_images)
-
-    def model_overrides(self, config, task) -> dict[str, Any]:
-        return {"num_labels": task.num_labels}
-
-    def preprocessor(self, config, model_ref):
-        return image_preprocess.load_processor(model_ref, config.data.image_size)
 
     def loader(self, config, task, preprocessor, model_ref, saved_names=None):
         return image_loader.ImageData(config, task, preprocessor, saved_names)
@@ -92,7 +70,7 @@ class ImageClassification(TaskKind):
         split = prediction_io.image_split(rows, setup.config.data.image_column, source)
         return split, None, None
 
-    def predictor(self, setup, params, source, threshold):
+    def predictor(self, setup, params, source, threshold, files=None):
         return prediction.LabelPredictor(setup, params, source, threshold)
 
     def export_config(self, task) -> dict[str, Any]:

@@ -125,8 +125,10 @@ class TaskKind:
         return [], {}
 
     # -- after training -------------------------------------------------------------------
-    def predictor(self, setup, params, source: str, threshold: float) -> Callable:
-        """rows -> one dict of output columns per row, for the predict script."""
+    def predictor(self, setup, params, source: str, threshold: float, files=None) -> Callable:
+        """rows -> one dict of output columns per row, for the predict script; `files`
+        (`prediction_io.FileOutputs`) says where a kind that writes files per input (masks,
+        pictures) puts them, and whether it draws pictures for a person."""
         raise ValueError(f"predict does not support {self.name} tasks")
 
     def export_config(self, task: Any) -> dict[str, Any]:

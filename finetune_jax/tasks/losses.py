@@ -119,3 +119,33 @@ def chunked_next_token_loss(
     total, predictions_NBC = lax.scan(body, jnp.zeros((), jnp.float32), xs)
     predictions = jnp.moveaxis(predictions_NBC, 0, 1).reshape(batch, num_chunks * chunk)
     return total, predictions[:, :length]
+
+
+def pixel_classification_loss(
+    logits_BHWC: jax.Array,
+    labels_BHW: jax.Array,
+    weights_B: jax.Array,
+    *,
+    ignore_index: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Semantic segmentation: (sum over rows of weight x the row's mean cross-entropy over
+    its counted pixels, per-row confusion matrices [B, C, C] float32 of the counted pixels,
+    true class x predicted class).
+
+    A pixel labelled `ignore_index` (or outside 0..C-1) counts for nothing; a row without a
+    counted pixel adds 0. Per-row means keep the sum additive over rows, microbatches and
+    hosts, as the steps need; the confusion matrices let an eval accumulate IoU over the
+    whole split on a few numbers per image (counts are exact up to 2^24 pixels per image).
+    """
+    classes = logits_BHWC.shape[-1]
+    counted = (labels_BHW != ignore_index) & (labels_BHW >= 0) & (labels_BHW < classes)
+    logits = logits_BHWC.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits, jnp.where(counted, labels_BHW, 0)
+    )
+    pixels_B = jnp.sum(counted, axis=(1, 2)).astype(jnp.float32)
+    per_row = jnp.sum(jnp.where(counted, losses, 0.0), axis=(1, 2)) / jnp.maximum(pixels_B, 1.0)
+    true_BHWC = jax.nn.one_hot(jnp.where(counted, labels_BHW, -1), classes, dtype=jnp.float32)
+    predicted_BHWC = jax.nn.one_hot(jnp.argmax(logits, axis=-1), classes, dtype=jnp.float32)
+    confusion_BCC = jnp.einsum("bhwt,bhwp->btp", true_BHWC, predicted_BHWC)
+    return jnp.sum(per_row * weights_B), confusion_BCC

@@ -70,7 +70,7 @@ class TextClassification(TaskKind):
         unknown = [int((ids == unk).sum()) for ids in split.input_ids]
         return split, split.lengths, unknown
 
-    def predictor(self, setup, params, source, threshold):
+    def predictor(self, setup, params, source, threshold, files=None):
         return prediction.LabelPredictor(setup, params, source, threshold)
 
     def export_config(self, task) -> dict[str, Any]:

@@ -163,16 +163,11 @@ class TokenClassification(TaskKind):
     def evaluator(self, config, module, data, tokenizer):
         return None if data is None else entities.EntityScorer(data.task.label_names)
 
-    def predictor(self, setup, params, source, threshold):
+    def predictor(self, setup, params, source, threshold, files=None):
         return prediction.EntityPredictor(setup, params, source)
 
     def export_config(self, task) -> dict[str, Any]:
-        names = task.label_names
-        return {
-            "num_labels": len(names),
-            "id2label": dict(enumerate(names)),
-            "label2id": {name: i for i, name in enumerate(names)},
-        }
+        return prediction.class_names_config(task.label_names)
 
 
 KIND = TokenClassification()

@@ -137,7 +137,7 @@ class Translation(TaskKind):
         """No samples beyond the scorer's records; the eval states sacrebleu's signatures."""
         return [], translation_scores.signatures()
 
-    def predictor(self, setup, params, source, threshold):
+    def predictor(self, setup, params, source, threshold, files=None):
         return prediction.TranslationPredictor(setup, params, source)
 
     def export_generation(self, setup) -> dict[str, Any]:

@@ -299,6 +299,7 @@ def objective_for(config: ml_collections.ConfigDict, kind, task, module) -> step
 
 
 HEAD_BIAS_INITS = ("zeros", "prior")
+MODEL_INITS = ("pretrained", "random")
 
 
 def _check_task_options(config: ml_collections.ConfigDict, kind, task) -> None:
@@ -316,6 +317,11 @@ def _check_task_options(config: ml_collections.ConfigDict, kind, task) -> None:
     choice = config.model.head_bias_init
     if choice not in HEAD_BIAS_INITS:
         raise ValueError(f"model.head_bias_init={choice!r}: expected one of {HEAD_BIAS_INITS}")
+    if config.model.init not in MODEL_INITS:
+        raise ValueError(
+            f"model.init={config.model.init!r}: expected 'pretrained' (the checkpoint's "
+            "weights) or 'random' (every param from the init, with the run's seed)"
+        )
     kind.check_options(config, task)
 
 

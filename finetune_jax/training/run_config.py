@@ -29,6 +29,8 @@ RUN_TIME_KEYS = (
     r"model\.(dtype|remat|lm_loss_chunk)",
     r"data\.(dir|files|eval_split|max_eval_rows|max_train_rows|cache_dir)",
     r"data\.(augment|augment_scale|augment_flip|packing)",
+    # Detection: target padding and how detections are decoded and drawn.
+    r"data\.(max_boxes|max_detections|nms_iou|draw_score)",
 )
 
 

@@ -100,7 +100,8 @@ class Setup:
         return init(self.pretrained_params())
 
     def pretrained_params(self) -> Any:
-        """The pretrained params streamed from the checkpoint into their shardings."""
+        """The pretrained params streamed from the checkpoint into their shardings (with
+        `model.init=random`, every param from the family's init instead)."""
         shardings = {
             path: leaf.sharding for path, leaf in lora_lib.flat_paths(self.abstract_params).items()
         }
@@ -111,6 +112,7 @@ class Setup:
             shardings,
             self.config.seed,
             replace=self.param_overrides,
+            random_init=self.config.model.init == "random",
         )
 
     def restore_params(self, workdir: str, which: str = "best") -> tuple[int, Any]:
