@@ -199,7 +199,9 @@ def _optim() -> ml_collections.ConfigDict:
     # model.param_dtype or state_dtype is bfloat16, nothing extra in float32.
     s.bf16_rounding = "auto"
     # Which params train, and at what lr multiplier: a preset, or explicit rules.
-    s.preset = "full"  # full | linear_probe | bitfit | top_k_layers | llrd | lora | rules
+    # full | linear_probe | bitfit | top_k_layers | llrd | lora | rules; lora (alias peft)
+    # trains the adapter params of any peft.method + the head.
+    s.preset = "full"
     s.top_k = 2  # for top_k_layers
     s.llrd_decay = 0.8  # for llrd: layer i of N gets decay**(N - i)
     # The task head the presets train (linear_probe, bitfit, top_k_layers, lora): a regex;
@@ -223,16 +225,31 @@ def _optim() -> ml_collections.ConfigDict:
 
 
 def _peft() -> ml_collections.ConfigDict:
-    """LoRA: rank, scale, dropout and which kernels it adapts."""
+    """Parameter-efficient fine-tuning: the method, and what it adapts."""
     s = ml_collections.ConfigDict()
-    # LoRA on the kernels whose '/'-joined param path full-matches `targets`; rank 0 = off.
-    # Train it with optim.preset=lora (LoRA params + head) or explicit optim.rules.
+    # lora | dora | ia3 | prompt (README "PEFT methods"). lora adds (x A) B to the targeted
+    # kernels; dora also a trained magnitude per output feature; ia3 a trained scale of their
+    # output (keys, values) or input (peft.feedforward); prompt peft.num_virtual_tokens
+    # trained input embeddings. Train it with optim.preset=lora (alias peft: the adapter
+    # params + head) or explicit optim.rules.
+    s.method = "lora"
+    # lora / dora: the rank of A and B; 0 with method lora = no PEFT at all. ia3 and prompt
+    # have no rank and ignore it (and peft.alpha).
     s.rank = 0
-    s.alpha = 16.0  # the update is scaled by alpha / rank
-    s.dropout = 0.0  # on the LoRA branch's input only
-    # "auto" = the family's attention query/value kernels (BERT, ViT: attention/(query|
-    # value); Llama: self_attn/(q_proj|v_proj); Whisper: also encoder_attn).
+    s.alpha = 16.0  # lora / dora: the update is scaled by alpha / rank
+    s.dropout = 0.0  # lora / dora: on the adapter branch's input only
+    # lora / dora / ia3: a regex full-matching the '/'-joined paths of the kernels adapted.
+    # "auto" = the family's: lora / dora its attention query/value kernels (BERT, ViT:
+    # attention/(query|value); Llama: self_attn/(q_proj|v_proj); Whisper: also
+    # encoder_attn); ia3 HF PEFT's (BERT: key, value and both output projections; Llama:
+    # k_proj, v_proj, down_proj). prompt adapts no kernel: leave it "auto".
     s.targets = "auto"
+    # ia3: which of the targets are scaled on their input (HF PEFT's feedforward_modules);
+    # "auto" = the family's (BERT: .*/output/kernel; Llama: .*/mlp/down_proj/kernel).
+    s.feedforward = "auto"
+    # prompt: trained virtual tokens prepended to every input (decoders and encoders);
+    # they start as the embeddings of random vocabulary tokens.
+    s.num_virtual_tokens = 20
     return s
 
 
@@ -324,6 +341,7 @@ def _sharding() -> ml_collections.ConfigDict:
         ("token_type", None),
         ("classes", None),
         ("lora_rank", None),  # LoRA's rank dim; its other dims follow the base weight's
+        ("virtual_tokens", None),  # prompt tuning's virtual tokens (peft.method=prompt)
         ("layers", None),  # leading layer axis of stacked params (model.scan_layers)
     )
     return s

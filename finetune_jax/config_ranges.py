@@ -105,6 +105,7 @@ RANGES: Mapping[str, Range] = {
     "peft.rank": AT_LEAST_0,  # 0 = no LoRA
     "peft.alpha": POSITIVE,
     "peft.dropout": BELOW_1,
+    "peft.num_virtual_tokens": AT_LEAST_1,
     # -- train -----------------------------------------------------------------------------
     "train.batch_size": AT_LEAST_1,
     "train.microbatches": AT_LEAST_1,

@@ -49,7 +49,7 @@ def test_param_dtype_bfloat16_stores_every_param_in_bfloat16(sharded_bf16_llama)
     params = jax.device_get(loading.load_params(llama.FAMILY, config, str(sharded_bf16_llama)))
     flat = lora_lib.flat_paths(params)
     assert {x.dtype for x in flat.values()} == {np.dtype(ml_dtypes.bfloat16)}
-    assert any(lora_lib.is_lora_path(p) for p in flat)  # fresh params are bf16 too
+    assert any(lora_lib.is_adapter_path(p) for p in flat)  # fresh params are bf16 too
     # The checkpoint is bf16, so its values arrive unchanged.
     reference = lora_lib.flat_paths(
         jax.device_get(

@@ -86,7 +86,7 @@ def test_fresh_adapter_leaves_params_and_outputs_unchanged(name):
     flat_base, flat_adapted = _flat(base), _flat(adapted)
     # LoRA params are created after kernel and bias: every other init draw is unchanged.
     assert set(flat_adapted) - set(flat_base) == {
-        p for p in flat_adapted if lora_lib.is_lora_path(p)
+        p for p in flat_adapted if lora_lib.is_adapter_path(p)
     }
     for path, value in flat_base.items():
         np.testing.assert_array_equal(flat_adapted[path], value, err_msg=path)
@@ -246,7 +246,7 @@ def test_training_moves_only_lora_and_head(tiny_bert_dir, sst2_slice):
     before = _flat(jax.device_get(exp.pretrained_params()))
     trainable = set(exp.trainable_paths)
     assert trainable == {
-        p for p in before if lora_lib.is_lora_path(p) or "pooler" in p or "classifier" in p
+        p for p in before if lora_lib.is_adapter_path(p) or "pooler" in p or "classifier" in p
     }
     assert "bert/encoder/layer_1/attention/value/lora_b" in trainable
     assert not any(p.endswith(("key/lora_a", "intermediate/lora_a")) for p in before)
@@ -298,7 +298,7 @@ def test_adapter_file_round_trip(tmp_path, tiny_llama_dir):
     adapters.save_adapter(trained, path, lora)
     with safetensors.safe_open(path, "np") as f:
         assert json.loads(f.metadata()["lora"])["targets"] == lora.targets
-        assert set(f.keys()) == set(_flat(lora_lib.lora_params(trained)))
+        assert set(f.keys()) == set(_flat(lora_lib.adapter_params(trained)))
     loaded = adapters.load_adapter(params, path)
     for (p, x), y in zip(_flat(loaded).items(), _flat(trained).values()):
         np.testing.assert_array_equal(x, y, err_msg=p)

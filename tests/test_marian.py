@@ -274,7 +274,7 @@ def test_lora_targets_every_projection_of_both_decoder_cells():
     targets = r".*/(q_proj|k_proj|v_proj|out_proj|fc1|fc2|x_proj|forget_proj)/kernel"
     for config, cell_projections in ((TINY, 4), (TINY_SSRU, 2)):
         config = dataclasses.replace(config, lora=lora.LoraConfig(rank=2, targets=targets))
-        adapted = lora.lora_paths(list(_flat_boxed(config)))
+        adapted = lora.adapter_paths(list(_flat_boxed(config)))
         # Encoder layer: 4 attention projections + fc1 + fc2; decoder: its cell's
         # projections + 4 of cross-attention + fc1 + fc2; an A and a B per projection.
         per_decoder_layer = cell_projections + 4 + 2
@@ -282,7 +282,7 @@ def test_lora_targets_every_projection_of_both_decoder_cells():
     default = dataclasses.replace(
         TINY_SSRU, lora=lora.LoraConfig(rank=2, targets=marian.FAMILY.lora_targets)
     )
-    adapted = lora.lora_paths(list(_flat_boxed(default)))
+    adapted = lora.adapter_paths(list(_flat_boxed(default)))
     assert adapted and all("/q_proj/" in p or "/v_proj/" in p for p in adapted)
 
 

@@ -195,8 +195,10 @@ def test_hf_load_export_and_adapter_in_scanned_layout(name, request):
     assert_trees_close(scanned_exported, exported, atol=0)
     merged = lora_lib.merge(scanned, scanned_config.lora)
     assert_trees_close(merged, restack(lora_lib.merge(params, lora), stack), atol=1e-6)
-    peft = adapters.hf_lora_tensors(scanned, rows)
-    assert_trees_close(peft, adapters.hf_lora_tensors(params, family.hf_param_mappings(config)), 0)
+    peft = adapters.hf_adapter_tensors(scanned, rows)
+    assert_trees_close(
+        peft, adapters.hf_adapter_tensors(params, family.hf_param_mappings(config)), 0
+    )
 
 
 def test_generation_with_scanned_layers():

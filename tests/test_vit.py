@@ -222,7 +222,7 @@ LORA_ALL = r".*/(attention/(query|key|value|output)|mlp/fc[12])/kernel"
 def test_lora_attaches_to_projections_and_merges(targets):
     config = dataclasses.replace(TINY["dinov2"], lora=lora_lib.LoraConfig(rank=2, targets=targets))
     params = nn.meta.unbox(vit.init_params(config, jax.random.PRNGKey(0)))
-    paths = lora_lib.lora_paths(lora_lib.flat_paths(params))
+    paths = lora_lib.adapter_paths(lora_lib.flat_paths(params))
     per_layer = 4 if targets != LORA_ALL else 12  # a, b on query + value, or on all six
     assert len(paths) == per_layer * config.num_hidden_layers
     flat = lora_lib.flat_paths(params)

@@ -242,7 +242,7 @@ def test_lora_on_every_projection_starts_as_the_base_model():
     targets = r".*/(q_proj|k_proj|v_proj|out_proj|fc1|fc2)/kernel"
     config = dataclasses.replace(ONE_LAYER, lora=lora.LoraConfig(rank=2, targets=targets))
     base, params = _init(ONE_LAYER), _init(config)
-    adapted = lora.lora_paths(lora.flat_paths(params))
+    adapted = lora.adapter_paths(lora.flat_paths(params))
     # Per layer: 4 projections per attention block (1 encoder, 2 decoder) + fc1 + fc2.
     per_layer = 2 * (4 + 2) * config.encoder_layers + 2 * (8 + 2) * config.decoder_layers
     assert len(adapted) == per_layer

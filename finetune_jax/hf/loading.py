@@ -4,8 +4,10 @@ One mechanism for every model family: the family's `HFMapping` rows say which ch
 tensor fills which param. Tensors are read one at a time in their stored dtype, converted to
 our layout and dtype, and placed with `jax.make_array_from_callback`, so each process keeps
 only the shards its devices hold plus one checkpoint tensor in flight. Params the checkpoint
-does not have (a new task head, an absent optional pooler, LoRA adapters) come from the
-family's init with the run's seed, computed under jit straight into their shardings.
+does not have (a new task head, an absent optional pooler, adapters) come from the
+family's init with the run's seed, computed under jit straight into their shardings; the
+adapters that start from the pretrained weights (DoRA's magnitudes, prompt tuning's virtual
+tokens) are then computed from them (`adapter_values`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from finetune_jax import tree_paths
 from finetune_jax.hf import model_files
-from finetune_jax.models import hf_mapping
+from finetune_jax.models import hf_mapping, prompt_tuning
 from finetune_jax.models import lora as lora_lib
 from finetune_jax.models.family import ModelFamily
 
@@ -34,11 +36,17 @@ def abstract_params(family: ModelFamily, config: Any) -> Any:
 def fresh_paths(
     family: ModelFamily, config: Any, missing: list[str], param_paths: list[str]
 ) -> list[str]:
-    """Params initialised rather than loaded: new head, absent optional parts, LoRA leaves
-    (found among `param_paths`, every param's path)."""
+    """Params initialised rather than loaded: new head, absent optional parts, adapter
+    leaves (found among `param_paths`, every param's path) but those `adapter_values`
+    computes from the loaded weights (a random draw of every kernel just to take norms of
+    would cost its init's compile)."""
     paths = [*family.new_params, *missing]
     if config.lora is not None:
-        paths += lora_lib.lora_paths(param_paths)
+        paths += [
+            p
+            for p in lora_lib.adapter_paths(param_paths)
+            if p.rsplit("/", 1)[-1] not in lora_lib.DERIVED_LEAVES
+        ]
     return paths
 
 
@@ -125,6 +133,7 @@ def load_params(
         values = _checkpoint_values(family, config, model_ref, abstract, shardings, seed, replace)
     for path, value in replace.items():
         values[path] = _place(np.asarray(value, abstract[path].dtype), shardings[path])
+    values.update(adapter_values(family, config, seed, values, abstract, shardings))
     absent = sorted(set(abstract) - set(values))
     if absent:
         raise ValueError(f"{model_ref}: no checkpoint tensor or init for params {absent[:4]}")
@@ -174,6 +183,32 @@ def _checkpoint_values(
     finally:
         tensors.close()
     return values
+
+
+def adapter_values(
+    family: ModelFamily,
+    config: Any,
+    seed: int,
+    values: Mapping[str, jax.Array],
+    abstract: Mapping[str, Any],
+    shardings: Mapping[str, Any],
+) -> dict[str, jax.Array]:
+    """The adapter params that start from the pretrained weights (`abstract`: every param's
+    shape and dtype), computed from the loaded `values` under jit, born in their shardings:
+    DoRA's magnitudes ||W + s A B|| (= ||W||, B being zero) and prompt tuning's virtual
+    tokens (rows of the word embeddings for random token ids drawn from `seed`)."""
+    lora = config.lora
+    derived = {p: a for p, a in abstract.items() if p.rsplit("/", 1)[-1] in lora_lib.DERIVED_LEAVES}
+    if lora is None or not derived:
+        return {}
+
+    def compute(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        if lora.method == "prompt":
+            return prompt_tuning.initial_values(flat, family.word_embeddings, seed, derived)
+        return lora_lib.dora_magnitudes(flat, lora.scale, derived)
+
+    out_shardings = {path: shardings[path] for path in derived}
+    return jax.jit(compute, out_shardings=out_shardings)(dict(values))
 
 
 def load_pretrained(

@@ -53,6 +53,23 @@ def write_model_dir(
 ) -> str:
     """Writes an HF model directory; `tokenizer` is a tokenizer or an image processor (both
     `save_pretrained` their files); `write_extra(tmp_dir)` adds more files (an adapter)."""
+
+    def fill(tmp: str) -> None:
+        model_files.write_safetensors(tensors, tmp, config)
+        tokenizer.save_pretrained(tmp)
+        if generation is not None:
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump(generation, f, indent=2)
+        if write_extra is not None:
+            write_extra(tmp)
+
+    return write_dir(out_dir, fill, overwrite)
+
+
+def write_dir(out_dir: str, fill: Callable[[str], None], overwrite: bool = False) -> str:
+    """`fill(tmp_dir)` writes a directory's files into a temporary sibling of `out_dir`,
+    which is then renamed into place; an existing non-empty `out_dir` is an error unless
+    `overwrite`. Returns the absolute `out_dir`."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(
@@ -63,13 +80,7 @@ def write_model_dir(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        model_files.write_safetensors(tensors, tmp, config)
-        tokenizer.save_pretrained(tmp)
-        if generation is not None:
-            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-                json.dump(generation, f, indent=2)
-        if write_extra is not None:
-            write_extra(tmp)
+        fill(tmp)
         _readable(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)

@@ -21,18 +21,22 @@ def attention_mask(
     segment_ids_BL: jax.Array | None,
     length: int,
     window: int | None = None,
+    shared_keys: int = 0,
 ) -> jax.Array | None:
     """Boolean mask [B|1, 1, L, L] (True = may attend) to apply on top of causality.
 
     Padding (0 in `attention_mask_BL`) hides keys; packing lets a token see only keys of its
-    own segment; a sliding window keeps keys with query index - key index < `window` (HF's
-    rule). Returns None when nothing limits attention beyond causality.
+    own segment, and the first `shared_keys` keys (prompt tuning's virtual tokens) whatever
+    their segment; a sliding window keeps keys with query index - key index < `window`
+    (HF's rule). Returns None when nothing limits attention beyond causality.
     """
     mask = None
     if attention_mask_BL is not None:
         mask = attention_mask_BL.astype(bool)[:, None, None, :]
     if segment_ids_BL is not None:
         same_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+        if shared_keys:
+            same_B1LL = same_B1LL | (jnp.arange(length) < shared_keys)[None, None, None, :]
         mask = same_B1LL if mask is None else mask & same_B1LL
     if window is not None:
         index_L = jnp.arange(length)
@@ -127,11 +131,16 @@ def window_masks(
     length: int,
     slots: int | None = None,
     cache_index: jax.Array | int | None = None,
+    shared_keys: int = 0,
 ) -> dict[int | None, jax.Array | None]:
     """One mask per distinct sliding window (None: full attention): `attention_mask`'s
-    without a KV cache, `cache_attention_mask`'s over `slots` cache slots with one."""
+    without a KV cache (`shared_keys`: see there), `cache_attention_mask`'s over `slots`
+    cache slots with one."""
     if slots is None:
-        return {w: attention_mask(attention_mask_BL, segment_ids_BL, length, w) for w in windows}
+        return {
+            w: attention_mask(attention_mask_BL, segment_ids_BL, length, w, shared_keys)
+            for w in windows
+        }
     if segment_ids_BL is not None:
         raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
     return {

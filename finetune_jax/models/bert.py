@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from finetune_jax.models import attention, bert_hf, layers
+from finetune_jax.models import attention, bert_hf, layers, prompt_tuning
 from finetune_jax.models import lora as lora_lib
 from finetune_jax.models.family import HeadSpec, ModelFamily
 
@@ -79,13 +79,18 @@ class BertConfig:
 
 
 class BertEmbeddings(nn.Module):
-    """Word + absolute position + token type embeddings, then LayerNorm and dropout."""
+    """Word + absolute position + token type embeddings, then LayerNorm and dropout.
+
+    Under prompt tuning the virtual tokens (`prompt_embeddings`, here) come before the word
+    embeddings, at positions 0..n-1 with token type 0, as HF PEFT feeds them to BertModel.
+    """
 
     config: BertConfig
 
     @nn.compact
     def __call__(self, input_ids_BL, token_type_ids_BL, deterministic: bool = True):
         cfg = self.config
+        virtual = prompt_tuning.virtual_tokens(cfg.lora)
 
         def embed(num: int, axis: str, name: str) -> nn.Embed:
             return nn.Embed(
@@ -97,9 +102,14 @@ class BertEmbeddings(nn.Module):
                 name=name,
             )
 
-        positions_1L = jnp.arange(input_ids_BL.shape[1])[None, :]
+        words_BLD = embed(cfg.vocab_size, "vocab", "word_embeddings")(input_ids_BL)
+        if virtual:
+            words_BLD, token_type_ids_BL = prompt_tuning.encoder_inputs(
+                self, cfg, words_BLD, token_type_ids_BL
+            )
+        positions_1L = jnp.arange(words_BLD.shape[1])[None, :]
         x_BLD = (
-            embed(cfg.vocab_size, "vocab", "word_embeddings")(input_ids_BL)
+            words_BLD
             + embed(cfg.max_position_embeddings, "position", "position_embeddings")(positions_1L)
             + embed(cfg.type_vocab_size, "token_type", "token_type_embeddings")(token_type_ids_BL)
         )
@@ -265,7 +275,9 @@ class BertModel(nn.Module):
 
     `pooled_only`: only `pooled` is used; last_hidden_state is then the [CLS] row [B,1,D]
     (see BertEncoder.first_token_only). `with_pooler=False`: no pooler (pooled is None),
-    as transformers' `add_pooling_layer=False`.
+    as transformers' `add_pooling_layer=False`. Under prompt tuning the pooler reads
+    position 0, the first virtual token (as under HF PEFT), and last_hidden_state holds the
+    real tokens only.
     """
 
     config: BertConfig
@@ -278,6 +290,8 @@ class BertModel(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        virtual = prompt_tuning.virtual_tokens(self.config.lora)
+        attention_mask = prompt_tuning.extend(attention_mask, virtual, 1)
         x_BLD = BertEmbeddings(self.config, name="embeddings")(
             input_ids, token_type_ids, deterministic
         )
@@ -285,9 +299,10 @@ class BertModel(nn.Module):
         x_BLD = BertEncoder(self.config, self.pooled_only, name="encoder")(
             x_BLD, attention_mask, deterministic
         )
+        hidden_BLD = x_BLD if self.pooled_only else prompt_tuning.drop_virtual(x_BLD, virtual)
         if not self.with_pooler:
-            return x_BLD, None
-        return x_BLD, BertPooler(self.config, name="pooler")(x_BLD)
+            return hidden_BLD, None
+        return hidden_BLD, BertPooler(self.config, name="pooler")(x_BLD)
 
 
 def _classify(module: nn.Module, cfg: BertConfig, features, deterministic: bool):
@@ -380,6 +395,10 @@ FAMILY = ModelFamily(
     layer_stacks=bert_hf.layer_stacks,
     layer_pattern=r".*/layer_(\d+)/.*",
     lora_targets=r".*/attention/(query|value)/kernel",
+    # HF PEFT's "output.dense" names both the attention output and the FFN output.
+    ia3_targets=r".*/attention/(key|value)/kernel|.*/output/kernel",
+    ia3_feedforward=r".*/output/kernel",
+    word_embeddings="bert/embeddings/word_embeddings/embedding",
     dropout_keys=("hidden_dropout_prob", "attention_probs_dropout_prob"),
     optional_params=("bert/pooler",),  # some checkpoints drop the pooler
     bare_prefix="bert.",  # a bare BertModel checkpoint names its tensors without it

@@ -77,7 +77,12 @@ class ModelFamily:
         scanned layout (`scan_layers`), {} unrolled; rules see a stacked leaf's layers as
         `<stack>_<i>/...`, the unrolled layout's paths.
       layer_pattern: regex whose group 1 is a param's layer index (`optim.layer='auto'`).
-      lora_targets: the kernels LoRA adapts by default (`peft.targets='auto'`).
+      lora_targets: the kernels LoRA and DoRA adapt by default (`peft.targets='auto'`).
+      ia3_targets / ia3_feedforward: the kernels IA3 scales by default, and those of them
+        scaled on their input (HF PEFT's IA3 `target_modules` / `feedforward_modules` for
+        the model type; "" = none named: set `peft.targets` / `peft.feedforward`).
+      word_embeddings: path of the vocabulary embedding table, for families whose models
+        take prompt tuning's virtual tokens (its rows initialise them); "" = they take none.
       dropout_keys: config fields `model.dropout` sets (empty: the family has no dropout).
       optional_params: path prefixes read when the checkpoint has them and initialised
         otherwise (e.g. BERT's pooler, absent from some checkpoints).
@@ -103,6 +108,9 @@ class ModelFamily:
     layer_stacks: Callable[[Any], Mapping[str, int]] = lambda config: {}
     layer_pattern: str = r".*/layer_(\d+)/.*"
     lora_targets: str = ""
+    ia3_targets: str = ""
+    ia3_feedforward: str = ""
+    word_embeddings: str = ""
     dropout_keys: tuple[str, ...] = ()
     optional_params: tuple[str, ...] = ()
     bare_prefix: str = ""

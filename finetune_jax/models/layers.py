@@ -11,13 +11,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from finetune_jax.models import dora, ia3
 from finetune_jax.models.lora import (
     LORA_A,
     LORA_B,
+    LORA_MAGNITUDE,
     LoraConfig,
     for_layer_stack,
     lora_delta,
     lora_initializers,
+    named_like_kernel,
 )
 
 # HF `hidden_act` names -> functions. HF's "gelu" is the exact erf form; the tanh
@@ -245,9 +248,13 @@ class DenseND(nn.Module):
     `bias_init=None` means no bias. `out_dtype` sets the matmul's result (accumulation)
     dtype, e.g. float32 logits from bf16 inputs; None means the compute dtype.
 
-    With `lora` set and its `targets` full-matching this layer's kernel path, the layer adds
-    `scale * ((dropout(x) @ lora_a) @ lora_b)` (see `lora.py`); the frozen kernel's matmul is
-    kept separate so no gradient with respect to it is ever formed.
+    With `lora` set and its `targets` full-matching this layer's kernel path, the layer is
+    adapted by `lora.method`: LoRA adds `scale * ((dropout(x) @ lora_a) @ lora_b)` (see
+    `lora.py`), DoRA rescales that sum per output feature (`dora.py`), IA3 scales the
+    output or, for `feedforward` kernels, the input (`ia3.py`). The frozen kernel's matmul
+    is always kept separate, so no gradient with respect to it is ever formed. Adapter
+    params are created after kernel and bias, so adding one leaves every other param's init
+    draw unchanged.
     """
 
     features: tuple[int, ...]
@@ -256,7 +263,7 @@ class DenseND(nn.Module):
     in_axes: int = 1  # how many trailing dims of x are contracted
     dtype: Any = jnp.float32
     out_dtype: Any = None
-    param_dtype: Any = jnp.float32  # storage dtype of kernel, bias and LoRA params
+    param_dtype: Any = jnp.float32  # storage dtype of kernel, bias and adapter params
     lora: LoraConfig | None = None
 
     @nn.compact
@@ -264,36 +271,99 @@ class DenseND(nn.Module):
         in_shape = x.shape[x.ndim - self.in_axes :]
         kernel_shape = (*in_shape, *self.features)
         kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        bias = None
+        if self.bias_init is not None:
+            bias = self.param("bias", self.bias_init, self.features, self.param_dtype)
         x = x.astype(self.dtype)
+        # The path the optimizer and sharding rules see for this kernel (a shared scope,
+        # as in BertOutput, makes it the parent's path).
+        path = "/".join(self.scope.path) + "/kernel"
+        adapter = self.lora if self.lora is not None and self.lora.matches(path) else None
+        if adapter is not None and adapter.method == "ia3":
+            return self._ia3(x, kernel, bias, adapter.scales_input(path))
+        y = self._project(x, kernel)
+        if adapter is not None and adapter.method == "dora":
+            return self._dora(x, y, kernel, bias, deterministic)
+        if bias is not None:
+            y = y + bias.astype(self.dtype)
+        if adapter is not None:
+            a, b = self._low_rank_params(kernel_shape)
+            y = y + self._lora_update(self._lora_dropout(x, deterministic), a, b)
+        return y
+
+    def _project(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """x @ kernel over the last `in_axes` dims of x, no bias."""
         contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
-        y = jax.lax.dot_general(
+        return jax.lax.dot_general(
             x,
             kernel.astype(self.dtype),
             (contract, ((), ())),
             preferred_element_type=self.out_dtype,
         )
-        if self.bias_init is not None:
-            bias = self.param("bias", self.bias_init, self.features, self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        # The path the optimizer and sharding rules see for this kernel (a shared scope,
-        # as in BertOutput, makes it the parent's path).
-        if self.lora is not None and self.lora.matches("/".join(self.scope.path) + "/kernel"):
-            y = y + self._lora_update(x, kernel_shape, deterministic)
-        return y
 
-    def _lora_update(self, x: jax.Array, kernel_shape: tuple, deterministic: bool) -> jax.Array:
-        """The low-rank term; its params are created after kernel and bias, so adding LoRA
-        leaves every other param's init draw unchanged."""
+    def _low_rank_params(self, kernel_shape: tuple) -> tuple[jax.Array, jax.Array]:
+        """LoRA's (and DoRA's) A [*in, r] and B [r, *out]."""
         rank = self.lora.rank
         init_a, init_b = lora_initializers(self.kernel_init, kernel_shape, self.in_axes)
         a = self.param(LORA_A, init_a, (*kernel_shape[: self.in_axes], rank), self.param_dtype)
         b = self.param(LORA_B, init_b, (rank, *kernel_shape[self.in_axes :]), self.param_dtype)
-        if self.lora.dropout > 0:
-            # Named: in a scope shared with the parent an auto-named Dropout_0 could clash.
-            x = Dropout(self.lora.dropout, name="lora_dropout")(x, deterministic=deterministic)
-        return lora_delta(
-            x, a.astype(self.dtype), b.astype(self.dtype), self.lora.scale, self.in_axes
+        return a, b
+
+    def _lora_dropout(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if self.lora.dropout == 0:
+            return x
+        # Named: in a scope shared with the parent an auto-named Dropout_0 could clash.
+        return Dropout(self.lora.dropout, name="lora_dropout")(x, deterministic=deterministic)
+
+    def _lora_update(self, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+        """The low-rank term scale * (x @ A) @ B."""
+        a, b = a.astype(self.dtype), b.astype(self.dtype)
+        return lora_delta(x, a, b, self.lora.scale, self.in_axes)
+
+    def _dora(self, x, y, kernel, bias, deterministic: bool) -> jax.Array:
+        """DoRA: g * (x W + s (x A) B) + b with g = m / ||W + s A B|| (a constant to autodiff).
+
+        Under dropout the base term is PEFT's too: x W + (g - 1) * drop(x) W + g * update.
+        """
+        a, b = self._low_rank_params(kernel.shape)
+        init = named_like_kernel(
+            self.kernel_init,
+            kernel.shape,
+            lambda rng, shape, dtype: dora.weight_norm(kernel, None, self.in_axes).astype(dtype),
+            lambda base: base[self.in_axes :],
         )
+        magnitude = self.param(LORA_MAGNITUDE, init, self.features, self.param_dtype)
+        g = dora.magnitude_scale(magnitude, kernel, a, b, self.lora.scale, self.in_axes)
+        g = g.astype(y.dtype)
+        dropped = self._lora_dropout(x, deterministic)
+        if dropped is x:
+            y = g * (y + self._lora_update(x, a, b).astype(y.dtype))
+        else:
+            y = y + (g - 1) * self._project(dropped, kernel) + g * self._lora_update(dropped, a, b)
+        return y if bias is None else y + bias.astype(self.dtype)
+
+    def _ia3(self, x, kernel, bias, scales_input: bool) -> jax.Array:
+        """IA3: (x * l) W + b on feed-forward kernels, (x W + b) * l on the others."""
+        shape = ia3.scale_shape(kernel.shape, self.in_axes, scales_input)
+        out_dims = kernel.ndim - self.in_axes
+        init = named_like_kernel(
+            self.kernel_init,
+            kernel.shape,
+            lambda rng, shape, dtype: jnp.ones(shape, dtype),
+            lambda base: (
+                (*base[: self.in_axes], *(None,) * out_dims)
+                if scales_input
+                else (*(None,) * self.in_axes, *base[self.in_axes :])
+            ),
+        )
+        name = ia3.INPUT_SCALE if scales_input else ia3.SCALE
+        scale = self.param(name, init, shape, self.param_dtype).astype(self.dtype)
+        if scales_input:
+            x = x * scale.reshape(kernel.shape[: self.in_axes])
+        y = self._project(x, kernel)
+        if bias is not None:
+            y = y + bias.astype(self.dtype)
+        return y if scales_input else y * scale.reshape(self.features).astype(y.dtype)
 
 
 def classifier(num_labels: int, param_dtype: Any, initializer_range: float) -> nn.Dense:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from finetune_jax.models import attention, layers, llama_hf, rope
+from finetune_jax.models import attention, layers, llama_hf, prompt_tuning, rope
 from finetune_jax.models import lora as lora_lib
 from finetune_jax.models.family import HeadSpec, ModelFamily
 from finetune_jax.models.llama_config import ACTIVATION_AXES, MODEL_TYPES, LlamaConfig
@@ -189,6 +189,11 @@ class LlamaModel(nn.Module):
         self.norm = layers.RMSNorm(
             epsilon=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype
         )
+        self.virtual = prompt_tuning.virtual_tokens(cfg.lora)
+        if self.virtual:  # prompt tuning: `model/prompt_embeddings`
+            self.prompt = prompt_tuning.embeddings(
+                self, self.virtual, cfg.hidden_size, cfg.initializer_range, cfg.param_dtype
+            )
 
     def __call__(
         self,
@@ -211,6 +216,15 @@ class LlamaModel(nn.Module):
         if positions is None:
             start = 0 if cache is None else cache_index
             positions = jnp.broadcast_to(start + jnp.arange(length), input_ids.shape)
+        x_BTD = self.embed_tokens(input_ids)
+        virtual = 0
+        if self.virtual:
+            x_BTD, attention_mask, segment_ids, positions, cache_index, virtual = (
+                prompt_tuning.decoder_inputs(
+                    self.prompt, x_BTD, attention_mask, segment_ids, positions, cache, cache_index
+                )
+            )
+        length = x_BTD.shape[1]
         inv_freq_K = rope.rope_inverse_frequencies(
             cfg.head_dim,
             cfg.rope_theta,
@@ -223,12 +237,12 @@ class LlamaModel(nn.Module):
         # Cache slots: axis -3 of k, stacked over the layers ([L, B, S, K, H]) or not.
         slots = None if cache is None else jax.tree.leaves(cache)[0].shape[-3]
         masks = attention.window_masks(
-            windows, attention_mask, segment_ids, length, slots, cache_index
+            windows, attention_mask, segment_ids, length, slots, cache_index, virtual
         )
-        x_BTD = nn.with_logical_constraint(self.embed_tokens(input_ids), ACTIVATION_AXES)
+        x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
         run = self._scanned if cfg.scan_layers else self._unrolled
         x_BTD, new_cache = run(x_BTD, cos_BTH, sin_BTH, masks, deterministic, cache, cache_index)
-        x_BTD = self.norm(x_BTD)
+        x_BTD = prompt_tuning.drop_virtual(self.norm(x_BTD), virtual)
         return x_BTD if cache is None else (x_BTD, new_cache)
 
     def _unrolled(self, x_BTD, cos_BTH, sin_BTH, masks, deterministic, cache, cache_index):
@@ -273,7 +287,9 @@ Cache = tuple[dict[str, jax.Array], ...] | dict[str, jax.Array]
 
 def init_cache(config: LlamaConfig, batch: int, length: int) -> Cache:
     """An empty KV cache in the compute dtype: per layer {"k", "v"} zeros [batch, length, K,
-    H]; with `scan_layers` one {"k", "v"} stacked over the layers [L, batch, length, K, H]."""
+    H]; with `scan_layers` one {"k", "v"} stacked over the layers [L, batch, length, K, H].
+    Prompt tuning's virtual tokens take n more slots before the `length` the caller indexes."""
+    length += prompt_tuning.virtual_tokens(config.lora)
     shape = (batch, length, config.num_key_value_heads, config.head_dim)
     if config.scan_layers:
         stacked = (config.num_hidden_layers, *shape)
@@ -335,6 +351,10 @@ class LlamaForCausalLM(nn.Module):
     (left-padded prompts pass cumsum(mask) - 1). Returns (logits, new cache); packing is not
     supported. `last_logits_only` returns the last position's logits [B, 1, V]: a prefill
     needs no more, and [B, T, V] float32 is large for big vocabularies.
+
+    Prompt tuning (`config.lora.method == "prompt"`) prepends its virtual tokens inside
+    (`prompt_tuning.decoder_inputs`): outputs, positions and cache slots stay the caller's
+    (`init_cache` adds the virtual tokens' slots; a prefill passes `cache_index=0`).
 
     `return_hidden` returns the final (normed) hidden state [B, T, D] instead of logits, and
     `logits_from_hidden` maps any slice of it to logits with the same head: a loss can then
@@ -410,6 +430,9 @@ FAMILY = ModelFamily(
     layer_stacks=llama_hf.layer_stacks,
     layer_pattern=r".*/layers_(\d+)/.*",
     lora_targets=r".*/self_attn/(q_proj|v_proj)/kernel",
+    ia3_targets=r".*/(self_attn/(k_proj|v_proj)|mlp/down_proj)/kernel",
+    ia3_feedforward=r".*/mlp/down_proj/kernel",
+    word_embeddings="model/embed_tokens/embedding",
     strict=True,  # every tensor of a decoder checkpoint has a place; others mean a mismatch
     # RoPE buffers some checkpoints carry; a tied model's file may still hold its lm_head copy.
     ignored_tensors=("inv_freq", "lm_head.weight"),

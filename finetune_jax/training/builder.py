@@ -27,23 +27,50 @@ from finetune_jax.training import checkpoints, optim, steps, workdir_files
 from finetune_jax.training.setup import Setup
 from finetune_jax.training.state import create_train_state
 
+AUTO = "auto"
+PRESETS_FOR_ADAPTERS = ("lora", "peft", "rules")  # presets that leave the base frozen
+
 
 def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
-    """`config.peft` as a LoraConfig (None when off), checked against `config.optim`.
+    """`config.peft` as the adapter config of its method (None when off), checked against
+    `config.optim`; every mistake is a ValueError naming the key, before anything loads.
 
-    LoRA under a preset that trains the base weights (`full`, `llrd`, ...) would silently be
-    full fine-tuning plus an adapter, so only `lora` or explicit `rules` are accepted.
+    An adapter under a preset that trains the base weights (`full`, `llrd`, ...) would
+    silently be full fine-tuning plus an adapter, so only `lora` (alias `peft`) or explicit
+    `rules` are accepted. Keys the method would silently ignore are refused.
     """
-    lora = lora_lib.LoraConfig.from_config(config.peft)
-    preset = config.optim.preset
-    if lora is not None and preset not in ("lora", "rules"):
+    peft, preset = config.peft, config.optim.preset
+    if peft.method not in lora_lib.METHOD_LEAVES:
+        hint = config_lib.did_you_mean(peft.method, lora_lib.METHOD_LEAVES)
         raise ValueError(
-            f"peft.rank={lora.rank} (LoRA) with optim.preset={preset!r} would train the base "
-            "weights too; set optim.preset=lora (LoRA params + head trainable, rest frozen) "
-            "or write explicit optim.rules with optim.preset=rules"
+            f"peft.method={peft.method!r} is not one of {', '.join(lora_lib.METHOD_LEAVES)}"
+            + (f"; {hint}" if hint else "")
         )
-    if lora is None and preset == "lora":
-        raise ValueError("optim.preset=lora needs LoRA params: set peft.rank > 0")
+    ignored = {
+        "peft.dropout": peft.dropout != 0 and peft.method not in lora_lib.LOW_RANK,
+        "peft.targets": peft.targets not in (AUTO, "") and peft.method == "prompt",
+        "peft.feedforward": peft.feedforward not in (AUTO, "") and peft.method != "ia3",
+    }
+    for key, set_in_vain in ignored.items():
+        if set_in_vain:
+            raise ValueError(
+                f"{key} is set, but peft.method={peft.method!r} does not read it: leave it at "
+                "its default (README 'PEFT methods' lists which method reads which key)"
+            )
+    if peft.method == "dora" and peft.rank == 0:
+        raise ValueError(f"peft.method={peft.method!r} needs peft.rank > 0 (its rank)")
+    lora = lora_lib.LoraConfig.from_config(peft)
+    if lora is not None and preset not in PRESETS_FOR_ADAPTERS:
+        raise ValueError(
+            f"peft.method={lora.method!r} with optim.preset={preset!r} would train the base "
+            "weights too; set optim.preset=lora (adapter params + head "
+            "trainable, rest frozen) or write explicit optim.rules with optim.preset=rules"
+        )
+    if lora is None and preset in PRESETS_FOR_ADAPTERS[:2]:
+        raise ValueError(
+            f"optim.preset={preset} needs adapter params: set peft.rank > 0 (LoRA) or "
+            "another peft.method"
+        )
     return lora
 
 
@@ -121,30 +148,42 @@ def build(
     )
 
 
-AUTO = "auto"
-
-
 def with_family_defaults(
     config: ml_collections.ConfigDict, family: ModelFamily
 ) -> ml_collections.ConfigDict:
     """A copy of `config` with the family's own values where it says 'auto': the trained
-    head (`optim.head`, of the bound head), the layer regex (`optim.layer`) and the LoRA
-    targets (`peft.targets`)."""
+    head (`optim.head`, of the bound head), the layer regex (`optim.layer`) and the PEFT
+    method's targets (`peft.targets`, `peft.feedforward`)."""
     config = copy.deepcopy(config)
+    method = config.peft.method
+    targets = {"ia3": family.ia3_targets, "prompt": ""}.get(method, family.lora_targets)
     defaults = {
         ("optim", "head"): family.head.trained,
         ("optim", "layer"): family.layer_pattern,
-        ("peft", "targets"): family.lora_targets,
+        ("peft", "targets"): targets,
+        ("peft", "feedforward"): family.ia3_feedforward if method == "ia3" else "",
     }
+    adapter_on = method != "lora" or config.peft.rank > 0
     for (section, key), value in defaults.items():
         if config[section][key] != AUTO:
             continue
-        if not value and (section, key) == ("peft", "targets") and config.peft.rank > 0:
+        if (
+            not value
+            and (section, key) == ("peft", "targets")
+            and adapter_on
+            and method != "prompt"
+        ):
             raise ValueError(
-                f"peft.targets='auto': model family {family.name!r} names no default LoRA "
-                "targets; set peft.targets to a regex over kernel paths"
+                f"peft.targets='auto': model family {family.name!r} names no default "
+                f"{method} targets; set peft.targets to a regex over kernel paths"
+                + (" (and peft.feedforward)" if method == "ia3" else "")
             )
         config[section][key] = value
+    if method == "prompt" and not family.word_embeddings:
+        raise ValueError(
+            f"peft.method=prompt: model family {family.name!r} takes no virtual tokens; "
+            "prompt tuning serves the bert and llama families (use lora, dora or ia3 here)"
+        )
     return config
 
 

@@ -23,11 +23,12 @@ import numpy as np
 import optax
 
 from finetune_jax import tree_paths
+from finetune_jax.models.lora import ADAPTER_LEAVES
 from finetune_jax.training import layer_groups, low_precision
 from finetune_jax.training import rules as rules_lib
 
 FROZEN = "frozen"
-PRESETS = ("full", "linear_probe", "bitfit", "top_k_layers", "llrd", "lora", "rules")
+PRESETS = ("full", "linear_probe", "bitfit", "top_k_layers", "llrd", "lora", "peft", "rules")
 
 
 def _layer_paths(paths: list[str], layer_regex: str) -> dict[int, list[str]]:
@@ -59,8 +60,9 @@ def preset_rules(optim: ml_collections.ConfigDict, paths: list[str]) -> list[tup
         return [(head, "trainable"), (".*", FROZEN)]
     if preset == "bitfit":
         return [(head, "trainable"), (r".*/bias", "trainable"), (".*", FROZEN)]
-    if preset == "lora":  # the LoRA params (models/lora.py) and the task head; base frozen
-        return [(r".*/lora_[ab]", "trainable"), (head, "trainable"), (".*", FROZEN)]
+    if preset in ("lora", "peft"):  # any PEFT method's adapter params + the head; base frozen
+        adapters = "|".join(ADAPTER_LEAVES)
+        return [(rf".*/({adapters})", "trainable"), (head, "trainable"), (".*", FROZEN)]
     if preset == "top_k_layers":
         layers = _layer_paths(paths, optim.layer)
         n = max(layers) + 1

@@ -34,8 +34,11 @@ STATE_KEYS = (
     "optim.layer",
     "optim.state_dtype",
     "optim.bf16_rounding",
+    "peft.method",
     "peft.rank",
     "peft.targets",
+    "peft.feedforward",
+    "peft.num_virtual_tokens",
     "model.scan_layers",
     "model.param_dtype",
 )
