@@ -308,6 +308,21 @@ def init_params(config: ViTConfig, rng: jax.Array, head: type | None = None) -> 
     return (head or ViTForImageClassification)(config).init({"params": rng}, pixels)["params"]
 
 
+def _own_file_head(module, hf_rows, head: str) -> HeadSpec:
+    """A dense-vision head transformers has no class for: export writes the backbone as
+    <prefix>Model and the head's params (all under `head/`) to `<head>.safetensors` beside it."""
+    return HeadSpec(
+        module=module,
+        hf_rows=hf_rows,
+        new_params=(head,),
+        hf_class_suffix="Model",
+        peft_task_type=None,
+        modules_to_save=(head,),
+        trained=head + "/.*",
+        hf_file=head + ".safetensors",
+    )
+
+
 def _family(model_type: str, class_prefix: str) -> ModelFamily:
     """One family per HF model type: the types differ in the prefix a task model puts on
     the backbone's tensors (`vit.` / `dinov2.`), which a bare checkpoint leaves out."""
@@ -327,29 +342,13 @@ def _family(model_type: str, class_prefix: str) -> ModelFamily:
                 modules_to_save=("classifier",),
                 trained=r"classifier/.*",
             ),
-            # transformers has no DINOv2 / ViT detector: export writes the backbone as
-            # <prefix>Model and the head's params to their own file.
-            "detection": HeadSpec(
-                module=ViTForDetection,
-                hf_rows=_detection_rows,
-                new_params=(detection_heads.HEAD,),
-                hf_class_suffix="Model",
-                peft_task_type=None,
-                modules_to_save=(detection_heads.HEAD,),
-                trained=detection_heads.HEAD + "/.*",
-                hf_file=detection_heads.HEAD + ".safetensors",
-            ),
-            # A linear or light-decoder head on the patch tokens; no transformers class
-            # either: the backbone exports as <prefix>Model, the head to its own file.
-            "segmentation": HeadSpec(
-                module=functools.partial(segmentation_heads.PatchSegmenter, backbone=ViTModel),
-                hf_rows=segmentation_heads.hf_rows,
-                new_params=(segmentation_heads.HEAD,),
-                hf_class_suffix="Model",
-                peft_task_type=None,
-                modules_to_save=(segmentation_heads.HEAD,),
-                trained=segmentation_heads.HEAD + "/.*",
-                hf_file=segmentation_heads.HEAD + ".safetensors",
+            # A CenterNet-style detector on a simple feature pyramid.
+            "detection": _own_file_head(ViTForDetection, _detection_rows, detection_heads.HEAD),
+            # A linear or light-decoder head on the patch tokens.
+            "segmentation": _own_file_head(
+                functools.partial(segmentation_heads.PatchSegmenter, backbone=ViTModel),
+                segmentation_heads.hf_rows,
+                segmentation_heads.HEAD,
             ),
         },
         init=lambda head, config, rng: init_params(config, rng, head=head),
