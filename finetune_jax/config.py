@@ -280,6 +280,11 @@ def _train() -> ml_collections.ConfigDict:
     s.metric = ""  # "" = the task's main metric
     s.patience = 0  # evals without improvement before stopping; 0 = never stop early
     s.async_checkpoint = True  # write checkpoints in the background (Orbax)
+    # False: a run with frozen params (LoRA, linear probe, ...) checkpoints only what trains
+    # and streams the frozen ones from model.name again on resume / eval / export / predict,
+    # refusing if they changed; True: checkpoints hold the frozen params too (for a source
+    # that will not stay readable).
+    s.checkpoint_frozen = False
     s.nonfinite = "halt"  # halt: stop with an error naming step and param | skip: drop the update
     s.progress = True  # tqdm bar; False: one plain line of train metrics per log step
     # After the last step, evaluate the best checkpoint (by train.metric on data.eval_split)

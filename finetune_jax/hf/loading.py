@@ -15,7 +15,7 @@ tuning's virtual tokens) are then computed from them (`adapter_values`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -62,6 +62,8 @@ def init_values(
     nothing like initialising the 30k x 384 embedding just to overwrite it.
     """
     leaves = [p for p in shardings if any(p == q or p.startswith(q + "/") for q in paths)]
+    if not leaves:  # e.g. a resume streaming only frozen base weights: nothing to trace
+        return {}
 
     def init(rng: jax.Array) -> dict[str, jax.Array]:
         params = nn.meta.unbox(family.init_params(config, rng))
@@ -128,6 +130,7 @@ def load_params(
     seed: int = 0,
     replace: Mapping[str, np.ndarray] | None = None,
     random_init: bool = False,
+    only: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Params of `family` with `config` from the checkpoint at `model_ref`, as jax Arrays.
 
@@ -135,12 +138,18 @@ def load_params(
     `replace` gives host values for some paths instead (e.g. a head bias set from the data).
     `random_init`: every param from the family's init with `seed`, no checkpoint read
     (`model.init=random`). Every param's dtype is the config's `param_dtype`.
+    `only`: the paths to load and return (default: every param), e.g. the frozen params a
+    slim run checkpoint lacks; no other checkpoint tensor is read. Adapter leaves computed
+    from other params (`adapter_values`) need those, so asking for one loads them all.
     """
     abstract = lora_lib.flat_paths(abstract_params(family, config))
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = dict.fromkeys(abstract, device)
-    replace = dict(replace or {})
+    wanted = set(abstract if only is None else only)
+    if not any(p.rsplit("/", 1)[-1] in lora_lib.DERIVED_LEAVES for p in wanted):
+        shardings = {path: s for path, s in shardings.items() if path in wanted}
+    replace = {path: v for path, v in (replace or {}).items() if path in shardings}
     if random_init:
         values = init_values(family, config, seed, list(abstract), shardings)
     else:
@@ -148,10 +157,10 @@ def load_params(
     for path, value in replace.items():
         values[path] = _place(np.asarray(value, abstract[path].dtype), shardings[path])
     values.update(adapter_values(family, config, seed, values, abstract, shardings))
-    absent = sorted(set(abstract) - set(values))
+    absent = sorted(set(shardings) - set(values))
     if absent:
         raise ValueError(f"{model_ref}: no checkpoint tensor or init for params {absent[:4]}")
-    return lora_lib.nested(values)
+    return lora_lib.nested({path: v for path, v in values.items() if path in wanted})
 
 
 def _checkpoint_values(
@@ -181,7 +190,7 @@ def _checkpoint_values(
 
         stacked: dict[str, dict[int, hf_mapping.HFMapping]] = {}  # path -> layer -> row
         for m in rows:
-            if m.path in replace:
+            if m.path in replace or m.path not in shardings:  # replaced, or not asked for
                 continue
             if m.layer is None:  # one checkpoint tensor in flight at a time
                 for path, value in host_values(m).items():
@@ -261,7 +270,11 @@ def adapter_values(
     DoRA's magnitudes ||W + s A B|| (= ||W||, B being zero) and prompt tuning's virtual
     tokens (rows of the word embeddings for random token ids drawn from `seed`)."""
     lora = config.lora
-    derived = {p: a for p, a in abstract.items() if p.rsplit("/", 1)[-1] in lora_lib.DERIVED_LEAVES}
+    derived = {
+        p: a
+        for p, a in abstract.items()
+        if p in shardings and p.rsplit("/", 1)[-1] in lora_lib.DERIVED_LEAVES
+    }
     if lora is None or not derived:
         return {}
 

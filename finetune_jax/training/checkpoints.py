@@ -4,22 +4,30 @@ A checkpoint holds two items: `state` (the TrainState: step, params, optimizer s
 and `progress` (JSON: the data iterator's position, early-stopping bookkeeping, the open
 log window's sums). Orbax writes each step to a temporary directory and renames it when
 complete, so a crash during a save leaves the earlier checkpoints as they were.
+
+A slim checkpoint leaves the frozen params out of `state` and records them in `progress`
+(`FROZEN`: source, digest, each one's shape, dtype and checksum: `frozen_base.py`); the
+caller streams them from the source again and hands them to `restore`. A checkpoint
+without that record holds every param (a full one, as every checkpoint did before).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
 from finetune_jax import tree_paths
 from finetune_jax.training import workdir_files
 
 STATE, PROGRESS = "state", "progress"
+FROZEN = "frozen_base"  # the progress key of a slim checkpoint's record of its frozen params
 
 
 def make_manager(
@@ -95,9 +103,12 @@ def save(
     progress: dict[str, Any],
     metrics: dict[str, float] | None = None,
     force: bool = False,
+    frozen: dict[str, Any] | None = None,
 ) -> bool:
     """Start saving `state` at its step (async unless the manager is synchronous).
 
+    `frozen`: the record of the frozen params (`frozen_base.record`) for a slim checkpoint:
+    those params are left out and the record is saved with the progress.
     A failure here (or of an earlier async save, which Orbax reports at the next save) is a
     CheckpointError: finished checkpoints are complete directories that a failed write
     never touches, so the message says they are intact.
@@ -105,6 +116,9 @@ def save(
     step = int(jax.device_get(state.step))
     if metrics is not None:
         metrics = {**metrics, _STEP_KEY: step}
+    if frozen is not None:
+        state = state.replace(params=_without(state.params, frozen["leaves"]))
+        progress = {**progress, FROZEN: frozen}
     args = ocp.args.Composite(
         **{STATE: ocp.args.PyTreeSave(state), PROGRESS: ocp.args.JsonSave(progress)}
     )
@@ -167,7 +181,8 @@ def restore_latest(
     """(state, progress) from the latest finished checkpoint, or None if there is none.
 
     `abstract_state` is a tree of `jax.ShapeDtypeStruct` carrying the target shardings, so
-    arrays land directly where the current mesh wants them.
+    arrays land directly where the current mesh wants them. A slim checkpoint's state holds
+    the trained params only: `Setup.restore_latest` puts the frozen ones back.
     """
     step = manager.latest_step()
     if step is None:
@@ -179,8 +194,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written, or does not fit the run's config."""
 
 
-def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> None:
-    """Compare saved param paths and shapes with the config's model; name the first mismatch."""
+def frozen_record(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+    """The record of the frozen params a slim checkpoint at `step` lacks; None for a full
+    checkpoint (every param saved, as before slim checkpoints existed)."""
+    restored = manager.restore(step, args=ocp.args.Composite(**{PROGRESS: ocp.args.JsonRestore()}))
+    return dict(restored[PROGRESS]).get(FROZEN)
+
+
+def check_compatible(
+    manager: ocp.CheckpointManager,
+    step: int,
+    abstract_params: Any,
+    frozen: dict[str, Any] | None = None,
+) -> None:
+    """Compare saved param paths and shapes with the config's model; name the first mismatch.
+    `frozen`: the checkpoint's `frozen_record`, whose params count as saved."""
     saved = manager.item_metadata(step)[STATE]
     saved = getattr(saved, "tree", saved)
     saved_params = saved.get("params") if isinstance(saved, dict) else None
@@ -194,6 +222,8 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params:
         tree_paths.path_str(p): tuple(x.shape)
         for p, x in jax.tree_util.tree_flatten_with_path(saved_params)[0]
     }
+    for path, leaf in (frozen or {}).get("leaves", {}).items():
+        have[path] = tuple(leaf["shape"])
     where = f"checkpoint step {step} in {manager.directory}"
     for path, shape in want.items():
         if path not in have:
@@ -215,15 +245,25 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params:
 
 
 def restore(
-    manager: ocp.CheckpointManager, step: int, abstract_state: Any
+    manager: ocp.CheckpointManager,
+    step: int,
+    abstract_state: Any,
+    frozen: Mapping[str, jax.Array] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """(state, progress) saved at `step`, after checking it fits the config's model."""
-    check_compatible(manager, step, abstract_state.params)
+    """(state, progress) saved at `step`, after checking it fits the config's model.
+
+    A slim checkpoint's params get its frozen ones from `frozen` ({path: array}, streamed
+    by the caller); without it they are the params the checkpoint holds (the trained ones).
+    """
+    record = frozen_record(manager, step)
+    check_compatible(manager, step, abstract_state.params, record)
+    target = abstract_state
+    if record is not None:
+        target = abstract_state.replace(params=_without(abstract_state.params, record["leaves"]))
     args = ocp.args.Composite(
         **{
             STATE: ocp.args.PyTreeRestore(
-                item=abstract_state,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
             ),
             PROGRESS: ocp.args.JsonRestore(),
         }
@@ -238,18 +278,28 @@ def restore(
             f"optimizer state (did optim.preset, optim.rules or the optimizer change since it "
             f"was saved? Use a new workdir for a new setting): {first}"
         ) from e
-    return restored[STATE], dict(restored[PROGRESS])
+    state = restored[STATE]
+    return state.replace(params=_with(state.params, record, frozen)), dict(restored[PROGRESS])
 
 
-def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
+def restore_params(
+    manager: ocp.CheckpointManager,
+    step: int,
+    abstract_params: Any,
+    frozen: Mapping[str, jax.Array] | None = None,
+) -> Any:
     """Only the params saved at `step` (no optimizer state is read or allocated), restored
-    into the shardings `abstract_params` carries; for eval, export and the final eval."""
-    check_compatible(manager, step, abstract_params)
+    into the shardings `abstract_params` carries; for eval, export and the final eval.
+    A slim checkpoint's frozen params come from `frozen`, as in `restore`."""
+    record = frozen_record(manager, step)
+    check_compatible(manager, step, abstract_params, record)
     reader = ocp.CheckpointManager(
         manager.directory,
         item_handlers={STATE: ocp.PyTreeCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
     )
+    if record is not None:
+        abstract_params = _without(abstract_params, record["leaves"])
     item = {"params": abstract_params}
     args = ocp.args.PyTreeRestore(
         item=item,
@@ -257,9 +307,30 @@ def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: A
         partial_restore=True,
     )
     try:
-        return reader.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]["params"]
+        params = reader.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]["params"]
     finally:
         close(reader)
+    return _with(params, record, frozen)
+
+
+def _without(params: Any, paths: Collection[str]) -> dict[str, Any]:
+    """`params` less the leaves at `paths` (and the subtrees left empty)."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return traverse_util.unflatten_dict(
+        {path: leaf for path, leaf in flat.items() if path not in paths}, sep="/"
+    )
+
+
+def _with(params: Any, record: dict[str, Any] | None, frozen: Mapping[str, Any] | None) -> Any:
+    """A slim checkpoint's restored `params` with its frozen ones put back (all of them)."""
+    if record is None or frozen is None:
+        return params
+    absent = sorted(set(record["leaves"]) - set(frozen))
+    if absent:
+        raise CheckpointError(f"no value for the frozen params {absent[:4]} the checkpoint lacks")
+    flat = traverse_util.flatten_dict(params, sep="/")
+    flat.update({path: frozen[path] for path in record["leaves"]})
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -94,11 +94,15 @@ def _scale_by_layer_schedule(lr_fn: optax.Schedule, mults_L: jax.Array):
 
 
 def per_layer_adamw(
-    optim: ml_collections.ConfigDict, lr_fn: optax.Schedule, labels: LayerLabels
+    optim: ml_collections.ConfigDict,
+    lr_fn: optax.Schedule,
+    labels: LayerLabels,
+    adam: optax.GradientTransformation,
 ) -> optax.GradientTransformation:
-    """AdamW (as `optax.adamw`) whose lr multiplier and weight decay vary along the layers."""
+    """AdamW (as `optax.adamw`, its moments from `adam`) whose lr multiplier and weight
+    decay vary along the layers."""
     mults_L = jnp.asarray([0.0 if m is None else m for m in labels.multipliers], jnp.float32)
-    parts = [optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps)]
+    parts = [adam]
     if optim.weight_decay and any(labels.decay):
         rates_L = jnp.asarray([optim.weight_decay if d else 0.0 for d in labels.decay])
         parts.append(_add_layer_decay(rates_L.astype(jnp.float32)))

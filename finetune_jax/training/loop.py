@@ -81,10 +81,6 @@ def _train(config, workdir: str, until_step: int | None, lock) -> dict[str, Any]
     # Every split the run evaluates is read now, before weights load and steps compile.
     eval_data = setup.data.load(config.data.eval_split)
     final_data = setup.data.load(config.train.final_split) if config.train.final_split else None
-    # Written only now that the config and data have passed: a failed start changes nothing.
-    workdir_files.write_config(config, workdir)
-    _save_label_names(setup.task, workdir)
-    manifest.write_manifest(config, workdir, setup.mesh)
     host_memory.release_freed()  # what tokenizing left behind, before weights and state arrive
     manager = checkpoints.make_manager(
         workdir,
@@ -94,9 +90,15 @@ def _train(config, workdir: str, until_step: int | None, lock) -> dict[str, Any]
         config.train.async_checkpoint,
     )
     state, stopper, window = _resume_or_init(setup, manager, batches, workdir)
+    frozen = setup.frozen_record(state.params)  # what slim checkpoints record of the base
+    # Written only now that the config, data and weights have passed: a failed start
+    # (a frozen base that changed since the checkpoint, too) changes nothing.
+    workdir_files.write_config(config, workdir)
+    _save_label_names(setup.task, workdir)
+    manifest.write_manifest(config, workdir, setup.mesh, frozen_base=frozen)
     start = int(state.step)
     check = faults.nonfinite_check(setup.trainable_paths, config.train.nonfinite)
-    run = _Run(setup, manager, batches, eval_data, stopper)
+    run = _Run(setup, manager, batches, eval_data, stopper, frozen)
     run.log = TrainLog(
         workdir, start, end, config.train.log_every, config.train.progress, check, window
     )
@@ -169,6 +171,8 @@ class _Run:
     batches: Any
     eval_data: Any
     stopper: EarlyStopping
+    # The record of the frozen params that slim checkpoints leave out; None: full ones.
+    frozen: dict[str, Any] | None
     log: TrainLog | None = None
     first_step_s: float | None = None
 
@@ -235,7 +239,7 @@ def _save(run: _Run, state, results: dict[str, Any] | None) -> None:
         "early_stopping": run.stopper.to_dict(),
         "log_window": run.log.window_state(),  # a resume logs what an unbroken run logs
     }
-    checkpoints.save(run.manager, state, progress, metrics=results)
+    checkpoints.save(run.manager, state, progress, metrics=results, frozen=run.frozen)
     run.log.restart_timer()
 
 
@@ -253,7 +257,7 @@ def _resume_or_init(setup, manager, batches, workdir) -> tuple[Any, EarlyStoppin
     """The latest checkpoint's state (moving the data iterator to its position) and its open
     log window, or a new state (and None)."""
     stopper, window = EarlyStopping(setup.metric, setup.config.train.patience), None
-    restored = checkpoints.restore_latest(manager, setup.abstract_state())
+    restored = setup.restore_latest(manager)  # a slim one's frozen params streamed again
     if restored is None:
         state = setup.initial_state()
     else:
@@ -290,7 +294,7 @@ def _final_eval(run: _Run, state, split: str, data) -> dict[str, Any]:
         step = checkpoints.pick_step(manager, "best")
     params = state.params
     if step != int(state.step):
-        params = checkpoints.restore_params(manager, step, setup.abstract_params)
+        params = setup.checkpoint_params(manager, step, state.params, run.frozen)
     results = setup.evaluate(params, data)
     say(f"final eval of step {step} on {split}: " + format_metrics(results))
     return {"split": split, "step": step, **results}

@@ -9,9 +9,9 @@ moment's `0.001 * g**2` increment. Three ways to store the result, chosen per ru
 - `nearest`: plain round-to-nearest (what `p + u` in bf16 does).
 - `stochastic`: round up with probability equal to the fraction of the ulp the exact value
   passed (Zamirai et al. 2020): unbiased, so small updates survive in expectation; no extra
-  memory. Applied to bf16 params and to bf16 AdamW moments (computed in float32, then
-  rounded once). The random bits come from a counter in the optimizer state, so a resumed
-  run draws the same bits as an unbroken one.
+  memory. Applied to bf16 params and to bf16 AdamW moments (`scale_by_adam`: computed in
+  float32, rounded once). The random bits come from counters in the optimizer state, so a
+  resumed run draws the same bits as an unbroken one.
 - `kahan`: a bf16 compensation buffer per bf16 param keeps what rounding dropped and adds it
   back next step (Kahan summation, as the `optimi` library does): deterministic, +2 bytes per
   trained param. bf16 moments are rounded stochastically.
@@ -116,34 +116,70 @@ class RoundingState(NamedTuple):
     compensation: Any
 
 
-def _stochastic_cast(tree: Any, dtype: Any, seed: jax.Array) -> Any:
-    keys = _leaf_seeds(seed, tree)
-    return jax.tree.map(
-        lambda x, k: stochastic_round(x, dtype, k) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-        tree,
-        keys,
-    )
+def scale_by_adam(
+    b1: float, b2: float, eps: float, state_dtype: Any, seed: int
+) -> optax.GradientTransformation:
+    """`optax.scale_by_adam` whose moments are stored in `state_dtype`, rounded
+    stochastically into bf16, and whose update is computed from the moments as stored.
+
+    Each moment is computed in float32 from its stored value and the gradient, rounded once
+    (its random bits drawn from `seed` and the step count, so a resumed run draws the same
+    bits), and the update reads the rounded moments. Reading what was stored, rather than
+    the exact float32 moments, is what keeps the step free of float32 copies: each moment's
+    new value is written over its old one, and the param's update reads only the new
+    values (measured in README "bf16 storage that trains like float32"). The state is
+    `optax.ScaleByAdamState`, so checkpoints have the tree `optax.adamw`'s have.
+    """
+    state_dtype = jnp.dtype(state_dtype)
+    base_seed = _mix(jnp.uint32(seed & 0xFFFFFFFF) ^ jnp.uint32(0x5BD1E995))
+
+    def init(params: Any) -> optax.ScaleByAdamState:
+        zeros = lambda p: jnp.zeros(p.shape, state_dtype)  # noqa: E731
+        return optax.ScaleByAdamState(
+            jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params)
+        )
+
+    def update(updates: Any, state: optax.ScaleByAdamState, params: Any = None):
+        del params
+        count = optax.safe_increment(state.count)
+        key = _mix(base_seed ^ _mix(count.astype(jnp.uint32)))
+
+        def moment(decay: float, power: int):
+            def step(g: jax.Array, m: jax.Array, k: jax.Array) -> jax.Array:
+                exact = decay * m.astype(jnp.float32) + (1 - decay) * g.astype(jnp.float32) ** power
+                return stochastic_round(exact, state_dtype, k)
+
+            return step
+
+        mu = jax.tree.map(moment(b1, 1), updates, state.mu, _leaf_seeds(key, updates))
+        nu = jax.tree.map(moment(b2, 2), updates, state.nu, _leaf_seeds(_mix(key + 1), updates))
+        steps = count.astype(jnp.float32)
+        mu_unbias, nu_unbias = 1 - b1**steps, 1 - b2**steps
+        updates = jax.tree.map(
+            lambda m, v: (
+                (m.astype(jnp.float32) / mu_unbias)
+                / (jnp.sqrt(v.astype(jnp.float32) / nu_unbias) + eps)
+            ),
+            mu,
+            nu,
+        )
+        return updates, optax.ScaleByAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
 
 
 def rounded(
-    inner: optax.GradientTransformation, mode: str, state_dtype: Any, seed: int
+    inner: optax.GradientTransformation, mode: str, seed: int
 ) -> optax.GradientTransformation:
     """`inner` (an AdamW) whose updates land in bf16 params by `mode` ("stochastic" or
-    "kahan"; "nearest" needs no wrapper), with its floating state stored in `state_dtype`.
+    "kahan"; "nearest" needs no wrapper). `inner` stores its own state (`scale_by_adam`).
 
     The returned updates are float32 `new_p - p`, exact differences of two bf16 values, so
     `optax.apply_updates` (which adds in float32 and casts back) lands on `new_p` exactly.
     """
     if mode not in ("stochastic", "kahan"):
         raise ValueError(f"rounded() takes 'stochastic' or 'kahan', got {mode!r}")
-    state_dtype = jnp.dtype(state_dtype)
-    low_state = state_dtype.itemsize < 4
     base_seed = jnp.uint32(seed & 0xFFFFFFFF)
-
-    def store_state(tree: Any, key: jax.Array) -> Any:
-        if low_state:
-            return _stochastic_cast(tree, state_dtype, key)
-        return cast_floating(tree, state_dtype)
 
     def init(params: Any) -> RoundingState:
         compensation = ()
@@ -154,21 +190,11 @@ def rounded(
                 lambda p: jnp.zeros_like(p) if _is_low(p) else optax.transforms.MaskedNode(),
                 params,
             )
-        inner_state = cast_floating(inner.init(params), state_dtype)
-        return RoundingState(inner_state, jnp.zeros([], jnp.int32), compensation)
+        return RoundingState(inner.init(params), jnp.zeros([], jnp.int32), compensation)
 
     def update(updates: Any, state: RoundingState, params: Any = None):
-        # Per step: one seed for the params, another for the moments.
-        step_seed = _mix(base_seed ^ _mix(state.count.astype(jnp.uint32)))
-        param_key, state_key = step_seed, _mix(step_seed + jnp.uint32(1))
-        inner_state = state.inner
-        if low_state:
-            # Moments computed in float32 and rounded once, stochastically.
-            inner_state = jax.tree.map(
-                lambda x: x.astype(jnp.float32) if _is_low(x) else x, inner_state
-            )
-        updates, inner_state = inner.update(updates, inner_state, params)
-        inner_state = store_state(inner_state, state_key)
+        param_key = _mix(base_seed ^ _mix(state.count.astype(jnp.uint32)))
+        updates, inner_state = inner.update(updates, state.inner, params)
         compensation = state.compensation
         if mode == "stochastic":
             updates = jax.tree.map(

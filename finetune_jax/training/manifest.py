@@ -118,9 +118,18 @@ def collect(
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh | None,
     argv: Sequence[str] | None = None,
+    frozen_base: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One manifest record for a start of the run now, on this machine."""
+    """One manifest record for a start of the run now, on this machine. `frozen_base`: the
+    record of the frozen params its slim checkpoints leave out (source, digest)."""
     env = {k: os.environ[k] for k in ("XLA_FLAGS", "CUDA_VISIBLE_DEVICES") if k in os.environ}
+    frozen = None
+    if frozen_base is not None:
+        frozen = {
+            "source": frozen_base["source"],
+            "digest": frozen_base["digest"],
+            "params": len(frozen_base["leaves"]),
+        }
     return {
         "start_time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"
@@ -133,6 +142,7 @@ def collect(
         "devices": device_info(mesh),
         "environment": env,
         "config": json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str)),
+        "frozen_base": frozen,
     }
 
 
@@ -147,14 +157,15 @@ def write_manifest(
     workdir: str | os.PathLike,
     mesh: jax.sharding.Mesh | None,
     argv: Sequence[str] | None = None,
+    frozen_base: dict[str, Any] | None = None,
 ) -> str:
     """Append this start's record to `<workdir>/manifest.json` (process 0 only, atomically).
 
-    `argv` defaults to `sys.argv`. Returns the manifest's path.
+    `argv` defaults to `sys.argv`; `frozen_base` as in `collect`. Returns the manifest's path.
     """
     path = workdir_files.workdir_path(workdir) / MANIFEST
     if jax.process_index() == 0:
-        starts = [*read_manifest(workdir), collect(config, mesh, argv)]
+        starts = [*read_manifest(workdir), collect(config, mesh, argv, frozen_base)]
         path.parent.mkdir(parents=True, exist_ok=True)
         workdir_files.write_text_atomic(path, workdir_files.json_text({"starts": starts}, indent=2))
     return os.fspath(path)

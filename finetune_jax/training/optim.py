@@ -249,28 +249,34 @@ def make_optimizer(
     """
     lr = schedule(optim, total_steps)
 
+    def adam() -> optax.GradientTransformation:
+        if rounding == "nearest":
+            return optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps)
+        return low_precision.scale_by_adam(optim.b1, optim.b2, optim.eps, optim.state_dtype, seed)
+
     def stored(adamw: optax.GradientTransformation) -> optax.GradientTransformation:
         if rounding == "nearest":
             return with_state_dtype(adamw, jnp.dtype(optim.state_dtype))
-        return low_precision.rounded(adamw, rounding, optim.state_dtype, seed)
+        return low_precision.rounded(adamw, rounding, seed)
 
     transforms = {}
     for name, mult in groups.multipliers.items():
         if name in groups.per_layer:
             transforms[name] = stored(
-                layer_groups.per_layer_adamw(optim, lr, groups.per_layer[name])
+                layer_groups.per_layer_adamw(optim, lr, groups.per_layer[name], adam())
             )
         elif mult is None:
             transforms[name] = optax.set_to_zero()
         else:
-            adamw = optax.adamw(
-                learning_rate=lambda step, m=mult: lr(step) * m,
-                b1=optim.b1,
-                b2=optim.b2,
-                eps=optim.eps,
-                weight_decay=optim.weight_decay if groups.decay[name] else 0.0,
+            # optax.adamw's chain (and so its state tree) with our Adam moments.
+            decay = optim.weight_decay if groups.decay[name] else 0.0
+            transforms[name] = stored(
+                optax.chain(
+                    adam(),
+                    optax.add_decayed_weights(decay),
+                    optax.scale_by_learning_rate(lambda step, m=mult: lr(step) * m),
+                )
             )
-            transforms[name] = stored(adamw)
     chain = []
     if any(not all(layers.trained) for layers in groups.per_layer.values()):
         chain.append(layer_groups.zero_frozen_layers(groups.labels, groups.per_layer))

@@ -1,6 +1,11 @@
 """`Setup`: everything a train, eval or export run needs, built once from the config
 (see builder.py), and the ways to get params and state into the mesh: streamed from the
-pretrained checkpoint, born sharded, or restored from a run's checkpoints."""
+pretrained checkpoint, born sharded, or restored from a run's checkpoints.
+
+A run with frozen params saves slim checkpoints (`train.checkpoint_frozen=False`): only
+what trains, its optimizer state and the progress. Restoring one streams the frozen params
+from `model.name` again, checks them against the checkpoint's record (`frozen_base.py`)
+before anything is restored, and puts the checkpointed params over them."""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from finetune_jax.hf import loading
 from finetune_jax.models import lora as lora_lib
 from finetune_jax.models.family import ModelFamily
 from finetune_jax.tasks.kind import TaskKind
-from finetune_jax.training import checkpoints, optim
+from finetune_jax.training import checkpoints, frozen_base, optim
 from finetune_jax.training.state import TrainState, create_train_state
 
 
@@ -65,6 +70,22 @@ class Setup:
         return [p for p, t in zip(paths, jax.tree.leaves(self.groups.trainable)) if t]
 
     @property
+    def frozen_paths(self) -> list[str]:
+        """'/'-joined paths of the frozen leaves (a stacked leaf frozen in some of its
+        layers only trains, so it is not among them)."""
+        paths = tree_paths.param_paths(self.abstract_params)
+        return [p for p, t in zip(paths, jax.tree.leaves(self.groups.trainable)) if not t]
+
+    def frozen_record(self, params: Any) -> dict[str, Any] | None:
+        """The record a slim checkpoint saves of the frozen leaves of `params` (this run's,
+        as loaded or restored); None when checkpoints hold every param: nothing is frozen,
+        or `train.checkpoint_frozen` keeps the frozen ones in them."""
+        if self.config.train.checkpoint_frozen or not self.frozen_paths:
+            return None
+        flat = lora_lib.flat_paths(params)
+        return frozen_base.record(self.model_ref, {p: flat[p] for p in self.frozen_paths})
+
+    @property
     def metric(self) -> str:
         return self.config.train.metric or self.task.main_metric
 
@@ -99,9 +120,10 @@ class Setup:
         init = jax.jit(create, out_shardings=self.state_sharding, donate_argnums=0)
         return init(self.pretrained_params())
 
-    def pretrained_params(self) -> Any:
+    def pretrained_params(self, only: list[str] | None = None) -> Any:
         """The pretrained params streamed from the checkpoint into their shardings (with
-        `model.init=random`, every param from the family's init instead)."""
+        `model.init=random`, every param from the family's init instead); `only` those
+        at these paths when given."""
         shardings = {
             path: leaf.sharding for path, leaf in lora_lib.flat_paths(self.abstract_params).items()
         }
@@ -113,7 +135,50 @@ class Setup:
             self.config.seed,
             replace=self.param_overrides,
             random_init=self.config.model.init == "random",
+            only=only,
         )
+
+    def restore_latest(self, manager: Any) -> tuple[TrainState, dict[str, Any]] | None:
+        """(state, progress) of the latest finished checkpoint, or None if there is none."""
+        step = manager.latest_step()
+        if step is None:
+            return None
+        frozen = self.frozen_params(manager, step)
+        return checkpoints.restore(manager, step, self.abstract_state(), frozen)
+
+    def checkpoint_params(
+        self, manager: Any, step: int, live_params: Any = None, live_record: dict | None = None
+    ) -> Any:
+        """The params saved at `step`, without the optimizer state. A slim checkpoint whose
+        record has the digest of `live_record` (this run's, of `live_params`) takes those
+        params' frozen leaves instead of streaming them again."""
+        record = checkpoints.frozen_record(manager, step)
+        if record is not None and live_record and live_record["digest"] == record["digest"]:
+            flat = lora_lib.flat_paths(live_params)
+            frozen = {path: flat[path] for path in record["leaves"]}
+        else:
+            frozen = self.frozen_params(manager, step)
+        return checkpoints.restore_params(manager, step, self.abstract_params, frozen)
+
+    def frozen_params(self, manager: Any, step: int) -> dict[str, jax.Array] | None:
+        """The frozen params a slim checkpoint at `step` lacks, streamed from `model.name`
+        and checked against its record (a SourceChangedError naming both digests if they
+        changed) before anything is restored; None for a full checkpoint."""
+        record = checkpoints.frozen_record(manager, step)
+        if record is None:
+            return None
+        checkpoints.check_compatible(manager, step, self.abstract_params, record)
+        where = f"checkpoint step {step} in {manager.directory}"
+        try:
+            values = lora_lib.flat_paths(self.pretrained_params(only=list(record["leaves"])))
+        except FileNotFoundError as e:
+            raise checkpoints.CheckpointError(
+                f"{where} holds only the trained params; its frozen ones come from "
+                f"{record['source']}, and {self.model_ref} cannot be read: {e}. Restore the "
+                "weights there, or point model.name at a copy of them"
+            ) from e
+        frozen_base.check_source(record, values, self.model_ref, where)
+        return values
 
     def restore_params(self, workdir: str, which: str = "best") -> tuple[int, Any]:
         """(step, params) of a finished checkpoint of `workdir`: 'best' (by the run's
@@ -128,7 +193,7 @@ class Setup:
         )
         try:
             step = checkpoints.pick_step(manager, which)
-            return step, checkpoints.restore_params(manager, step, self.abstract_params)
+            return step, self.checkpoint_params(manager, step)
         finally:
             checkpoints.close(manager)
 

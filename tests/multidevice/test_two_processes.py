@@ -26,11 +26,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_train_and_checkpoint_like_one(tiny_bert_dir, sst2_slice, tmp_path):
-    config = tiny_config(tiny_bert_dir, sst2_slice)
-    train(config, str(tmp_path / "one"))  # this process: 8 devices
-
-    port, workdir = free_port(), tmp_path / "two"
+def run_workers(workdir, model_dir, data_dir, *options):
+    """Runs `two_process_worker.py` as two processes of 4 CPU devices each on `workdir`
+    (3 steps, then a resume to 6); fails with a worker's output unless both succeed."""
+    port = free_port()
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -38,15 +37,8 @@ def test_two_processes_train_and_checkpoint_like_one(tiny_bert_dir, sst2_slice, 
     }
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                str(WORKER),
-                str(port),
-                str(i),
-                str(workdir),
-                str(tiny_bert_dir),
-                str(sst2_slice),
-            ],
+            [sys.executable, str(WORKER), str(port), str(i), str(workdir), str(model_dir)]
+            + [str(data_dir), *options],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -58,6 +50,14 @@ def test_two_processes_train_and_checkpoint_like_one(tiny_bert_dir, sst2_slice, 
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
+
+
+def test_two_processes_train_and_checkpoint_like_one(tiny_bert_dir, sst2_slice, tmp_path):
+    config = tiny_config(tiny_bert_dir, sst2_slice)
+    train(config, str(tmp_path / "one"))  # this process: 8 devices
+
+    workdir = tmp_path / "two"
+    run_workers(workdir, tiny_bert_dir, sst2_slice)
 
     one, two = dict(train_losses(tmp_path / "one")), dict(train_losses(workdir))
     assert sorted(two) == sorted(one) == list(range(1, 7))
