@@ -361,3 +361,31 @@ def test_config_mistakes_are_errors_naming_the_key(peft, message, tiny_chat_llam
         config.peft[key] = value
     with pytest.raises(ValueError, match=message):
         builder.lora_config(config)
+
+
+def test_a_qlora_run_checkpoints_its_adapters_only_and_resumes_bitwise(
+    tiny_chat_llama_dir, tmp_path
+):
+    """The quantized leaves are frozen, so slim checkpoints leave them out; a resume streams
+    and quantizes the base again, to the same leaves, and goes on bitwise."""
+    from finetune_jax.train import train
+    from tests.helpers import final_state, train_losses
+    from tests.test_slim_checkpoints import _saved_params
+
+    config = tiny_sft_config(tiny_chat_llama_dir)
+    config.peft.quantize = "nf4"
+    config.train.max_steps, config.train.checkpoint_every = 4, 2
+    train(config, str(tmp_path / "straight"))
+    train(config, str(tmp_path / "resumed"), until_step=2)
+    saved, _ = _saved_params(tmp_path / "resumed", 2)
+    assert saved and all(lora_lib.is_adapter_path(p) for p in saved), sorted(saved)
+    train(config, str(tmp_path / "resumed"))
+    a, b = final_state(config, tmp_path / "straight"), final_state(config, tmp_path / "resumed")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.array_equal(x, y)
+    assert train_losses(tmp_path / "straight") == train_losses(tmp_path / "resumed")
+    # The final eval runs on the base the resume streamed and quantized again.
+    summaries = [
+        json.loads((tmp_path / r / "summary.json").read_text()) for r in ("straight", "resumed")
+    ]
+    assert summaries[0]["best"] == summaries[1]["best"]

@@ -190,7 +190,9 @@ def _checkpoint_values(
 
         stacked: dict[str, dict[int, hf_mapping.HFMapping]] = {}  # path -> layer -> row
         for m in rows:
-            if m.path in replace or m.path not in shardings:  # replaced, or not asked for
+            if m.path in replace or not any(  # replaced, or not asked for
+                p in shardings for p in _stored_paths(m.path, abstract)
+            ):
                 continue
             if m.layer is None:  # one checkpoint tensor in flight at a time
                 for path, value in host_values(m).items():
