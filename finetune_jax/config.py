@@ -250,6 +250,18 @@ def _peft() -> ml_collections.ConfigDict:
     # prompt: trained virtual tokens prepended to every input (decoders and encoders);
     # they start as the embeddings of random vocabulary tokens.
     s.num_virtual_tokens = 20
+    # QLoRA: none | nf4 | int8 | q4_1. The frozen kernels peft.quantize_targets matches are
+    # stored quantized on the devices and dequantized inside each layer, under any method's
+    # adapter: nf4 (QLoRA's NormalFloat4, blocks of 64, double-quantized absmax: 4.127
+    # bits/weight), int8 (per output feature absmax: 8 bits + a float per feature) or q4_1
+    # (llama.cpp's blocks of 32 with f16 scale and minimum: 5 bits; a Q4_1 GGUF such as the
+    # packaged SmolLM2 keeps its own blocks, exactly). Embeddings, norms and the LM head stay
+    # float. README "QLoRA".
+    s.quantize = "none"
+    # peft.quantize != none: a regex full-matching the '/'-joined paths of the kernels
+    # stored quantized; "auto" = the family's attention and MLP projections (Llama:
+    # self_attn/(q|k|v|o)_proj, mlp/(gate|up|down)_proj).
+    s.quantize_targets = "auto"
     return s
 
 
@@ -345,6 +357,16 @@ def _sharding() -> ml_collections.ConfigDict:
         ("patch", None),  # a ViT patch's pixel values (patch embedding kernel rows)
         ("token_type", None),
         ("classes", None),
+        # Per-block statistics of a quantized kernel (peft.quantize: NF4's absmax per 64
+        # weights, Q4_1's scale and minimum per 32) along an input dim, 1/64 (1/32) of its
+        # size: split like that dim where it divides, else replicated.
+        ("embed_blocks", "fsdp"),
+        ("embed_blocks", None),
+        ("mlp_blocks", "tensor"),
+        ("mlp_blocks", None),
+        ("heads_blocks", "tensor"),
+        ("heads_blocks", None),
+        ("kv_blocks", None),
         ("lora_rank", None),  # LoRA's rank dim; its other dims follow the base weight's
         ("virtual_tokens", None),  # prompt tuning's virtual tokens (peft.method=prompt)
         ("layers", None),  # leading layer axis of stacked params (model.scan_layers)

@@ -24,8 +24,9 @@ def _llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def _write_gguf(path, hf_config, tensors, arch="llama", permute=True):
-    """Writes HF tensors as a GGUF file the way llama.cpp's converter names and orders them."""
+def _write_gguf(path, hf_config, tensors, arch="llama", permute=True, q4_1=False):
+    """Writes HF tensors as a GGUF file the way llama.cpp's converter names and orders them
+    (with `q4_1`, the projection weights in llama.cpp's Q4_1 blocks)."""
     layers = hf_config["num_hidden_layers"]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
     writer = gguf.GGUFWriter(path, arch)
@@ -46,7 +47,12 @@ def _write_gguf(path, hf_config, tensors, arch="llama", permute=True):
             value = _llama_cpp_permute(value, hf_config["num_attention_heads"])
         elif permute and module.endswith("k_proj"):
             value = _llama_cpp_permute(value, hf_config["num_key_value_heads"])
-        writer.add_tensor(f"{names.get_name(module)}.{suffix}", value)
+        name = f"{names.get_name(module)}.{suffix}"
+        if q4_1 and module.endswith("_proj") and suffix == "weight":
+            quantized = gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q4_1)
+            writer.add_tensor(name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+        else:
+            writer.add_tensor(name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,16 +1,19 @@
-"""Peak host memory of a 2-process, fsdp=8 full fine-tune of a ~0.47B Llama on CPU.
+"""Peak host memory of a 2-process, fsdp=8 (or 1-process, fsdp=4) fine-tune of a ~0.47B
+Llama on CPU.
 
   python tools/bench_big_load.py [--model_dir=/tmp/bench_llama_047b] [--steps=2] \\
-      [--max_length=256] [--batch_size=8] [--json=out.json] [--extra=train.log_every=1 ...]
+      [--max_length=256] [--batch_size=8] [--json=out.json] [--extra=train.log_every=1 ...] \\
+      [--processes=1]
 
 Creates once (cached in --model_dir) a random-weight HF Llama (hidden 1024, 24 layers,
 SmolLM2's 49,152-token vocabulary and tokenizer) saved as bf16 safetensors shards, then runs
 `python -m finetune_jax.train` (configs/sft/smollm2_gsm8k_lora.py, full fine-tuning, GSM8K)
-as two processes on 127.0.0.1 (4 forced CPU devices each: one mesh, data=1 fsdp=8), each
-wrapped in `/usr/bin/time -f %M`. Reports per process: peak RSS, wall time, exit status,
-against a budget of 1.5 x (float32 params + AdamW moments = 12 bytes/param) / 2 processes.
-Drives training only through the public CLI. A watchdog kills both processes when their
-combined RSS passes --kill_above_gb (the machine would otherwise OOM) and says so.
+as two processes on 127.0.0.1 (4 forced CPU devices each: one mesh, data=1 fsdp=8; with
+`--processes=1`, one process, fsdp=4), each wrapped in `/usr/bin/time -f %M`. Reports per
+process: peak RSS, wall time, exit status, against a budget of 1.5 x (float32 params +
+AdamW moments = 12 bytes/param) / processes. Drives training only through the public CLI.
+A watchdog kills the processes when their combined RSS passes --kill_above_gb (the machine
+would otherwise OOM) and says so.
 """
 
 from __future__ import annotations
@@ -138,14 +141,14 @@ def run_training(args, model_dir: Path):
         "generate.num_samples": 0,
         "train.progress": False,
         "mesh.data": 1,
-        "mesh.fsdp": 8,
+        "mesh.fsdp": 4 * args.processes,
     }
     overrides.update(kv.split("=", 1) for kv in args.extra)
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
     )
     procs = []
-    for i in range(2):
+    for i in range(args.processes):
         cmd = [
             sys.executable,
             "-m",
@@ -153,10 +156,13 @@ def run_training(args, model_dir: Path):
             f"--config={args.config}",
             f"--workdir={workdir}",
             *(f"--config.{k}={v}" for k, v in overrides.items()),
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
         ]
+        if args.processes > 1:
+            cmd += [
+                f"--coordinator_address=127.0.0.1:{port}",
+                f"--num_processes={args.processes}",
+                f"--process_id={i}",
+            ]
         time_file, log = workdir / f"time{i}.txt", workdir / f"proc{i}.log"
         if i == 0:
             print("command (process 0):", " ".join(cmd), flush=True)
@@ -234,6 +240,9 @@ def main() -> None:
     ap.add_argument("--max_length", type=int, default=256)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value config overrides")
+    ap.add_argument(
+        "--processes", type=int, default=2, choices=(1, 2), help="of 4 devices each (fsdp=4n)"
+    )
     ap.add_argument("--kill_above_gb", type=float, default=22.0)
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--time_bin", default="/usr/bin/time")
@@ -249,7 +258,7 @@ def main() -> None:
         )  # memory is gone before training starts
     params, shards = param_count(model_dir)
     state_gb = 12 * params / 1e9
-    budget_gb = 1.5 * state_gb / 2
+    budget_gb = 1.5 * state_gb / args.processes
     results, peak_total_gb, killed, timeline = run_training(args, model_dir)
     for r in results:
         r["within_budget"] = r["exit_status"] == 0 and r["peak_rss_gb"] <= budget_gb
@@ -266,7 +275,7 @@ def main() -> None:
     print(f"\nmodel {model_dir}: {params:,} params in {len(shards)} shards")
     print(
         f"float32 params + AdamW moments: {state_gb:.2f} GB; "
-        f"budget per process (1.5x / 2): {budget_gb:.2f} GB"
+        f"budget per process (1.5x / {args.processes}): {budget_gb:.2f} GB"
     )
     for r in results:
         print(

@@ -178,6 +178,27 @@ class GGUFTensors:
             array = _unpermute_rows(array, self._heads[module])
         return np.ascontiguousarray(array)
 
+    def blocks(self, name: str, fmt: str) -> dict[str, np.ndarray] | None:
+        """The tensor's own quantized blocks, in HF layout, when the file stores it in `fmt`
+        (`peft.quantize`'s name): for Q4_1, `codes` uint8 [out, in] (0..15) and `scale`,
+        `min` float16 [out, in / 32]; None for any other storage. No float copy is made."""
+        tensor = self._by_name[name]
+        if fmt != "q4_1" or tensor.tensor_type != gguf.GGMLQuantizationType.Q4_1:
+            return None
+        out_features = int(tensor.shape[-1])
+        raw = np.asarray(tensor.data).reshape(out_features, -1, 20)  # f16 d, f16 m, 16 bytes
+        packed = raw[..., 4:]  # weight j in the low nibble of byte j, j + 16 in its high one
+        codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(out_features, -1)
+        blocks = {
+            "codes": codes,
+            "scale": np.ascontiguousarray(raw[..., 0:2]).view(np.float16)[..., 0],
+            "min": np.ascontiguousarray(raw[..., 2:4]).view(np.float16)[..., 0],
+        }
+        module = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else ""
+        if self.arch == "llama" and module in self._heads:  # rows permuted as in `get`
+            blocks = {k: _unpermute_rows(v, self._heads[module]) for k, v in blocks.items()}
+        return blocks
+
     def close(self) -> None:
         self._by_name.clear()
 

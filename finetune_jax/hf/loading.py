@@ -3,11 +3,13 @@
 One mechanism for every model family: the family's `HFMapping` rows say which checkpoint
 tensor fills which param. Tensors are read one at a time in their stored dtype, converted to
 our layout and dtype, and placed with `jax.make_array_from_callback`, so each process keeps
-only the shards its devices hold plus one checkpoint tensor in flight. Params the checkpoint
-does not have (a new task head, an absent optional pooler, adapters) come from the
-family's init with the run's seed, computed under jit straight into their shardings; the
-adapters that start from the pretrained weights (DoRA's magnitudes, prompt tuning's virtual
-tokens) are then computed from them (`adapter_values`).
+only the shards its devices hold plus one checkpoint tensor in flight. A kernel the model
+stores quantized (`peft.quantize`) is quantized on the host as its tensor arrives (a GGUF's
+own Q4_1 blocks are kept as they are), so only its quantized leaves are ever placed. Params
+the checkpoint does not have (a new task head, an absent optional pooler, adapters) come
+from the family's init with the run's seed, computed under jit straight into their
+shardings; the adapters that start from the pretrained weights (DoRA's magnitudes, prompt
+tuning's virtual tokens) are then computed from them (`adapter_values`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from finetune_jax import tree_paths
 from finetune_jax.hf import model_files
-from finetune_jax.models import hf_mapping, prompt_tuning
+from finetune_jax.models import hf_mapping, prompt_tuning, quantization, quantized_kernels
 from finetune_jax.models import lora as lora_lib
 from finetune_jax.models.family import ModelFamily
 
@@ -77,35 +79,47 @@ def _place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
 
 
 def _place_stacked(
-    shape: tuple[int, ...],
-    dtype: Any,
-    sharding: jax.sharding.Sharding,
-    layer_value: Callable[[int], np.ndarray],
-) -> jax.Array:
-    """A param stacked along its leading (layer) axis, built from one layer at a time.
+    leaves: Mapping[str, Any],
+    shardings: Mapping[str, jax.sharding.Sharding],
+    layer_values: Callable[[int], Mapping[str, np.ndarray]],
+) -> dict[str, jax.Array]:
+    """Params stacked along their leading (layer) axis (`leaves`: path -> shape and dtype),
+    built from one layer at a time: `layer_values(i)` gives layer i of each (one checkpoint
+    tensor, or the quantized leaves of one kernel).
 
     Each local device's shard (its layers x its slice of the rest) is filled on the host
-    layer by layer and then placed, so the host holds this process's shards of this one
-    param plus one layer's tensor; no per-layer device arrays are stacked afterwards (which
-    held every layer twice).
+    layer by layer and then placed, so the host holds this process's shards of these params
+    plus one layer's values; no per-layer device arrays are stacked afterwards (which held
+    every layer twice).
     """
-    index_map = sharding.addressable_devices_indices_map(shape)
     key = lambda index: tuple((s.start, s.stop) for s in index)
-    shards: dict[tuple, tuple[range, tuple, np.ndarray]] = {}
-    for index in index_map.values():
-        if key(index) not in shards:
-            layers = range(*index[0].indices(shape[0]))
-            rest = index[1:]
-            size = [len(range(*sl.indices(n))) for sl, n in zip(rest, shape[1:])]
-            shards[key(index)] = (layers, rest, np.empty((len(layers), *size), dtype))
-    for layer in range(shape[0]):
-        value = layer_value(layer)
-        for layers, rest, buffer in shards.values():
-            if layer in layers:
-                buffer[layer - layers.start] = value[rest]
-        del value
-    arrays = [jax.device_put(shards[key(index)][2], d) for d, index in index_map.items()]
-    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+    shards: dict[str, dict[tuple, tuple[range, tuple, np.ndarray]]] = {}
+    index_maps = {}
+    for path, leaf in leaves.items():
+        shape = leaf.shape
+        index_maps[path] = shardings[path].addressable_devices_indices_map(shape)
+        shards[path] = {}
+        for index in index_maps[path].values():
+            if key(index) not in shards[path]:
+                layers = range(*index[0].indices(shape[0]))
+                rest = index[1:]
+                size = [len(range(*sl.indices(n))) for sl, n in zip(rest, shape[1:])]
+                buffer = np.empty((len(layers), *size), leaf.dtype)
+                shards[path][key(index)] = (layers, rest, buffer)
+    for layer in range(next(iter(leaves.values())).shape[0]):
+        values = layer_values(layer)
+        for path, by_index in shards.items():
+            for layers, rest, buffer in by_index.values():
+                if layer in layers:
+                    buffer[layer - layers.start] = values[path][rest]
+        del values
+    placed = {}
+    for path, index_map in index_maps.items():
+        arrays = [jax.device_put(shards[path][key(index)][2], d) for d, index in index_map.items()]
+        placed[path] = jax.make_array_from_single_device_arrays(
+            leaves[path].shape, shardings[path], arrays
+        )
+    return placed
 
 
 def load_params(
@@ -171,27 +185,78 @@ def _checkpoint_values(
             family, config, seed, fresh_paths(family, config, missing, list(abstract)), shardings
         )
 
-        def host_value(m: hf_mapping.HFMapping) -> np.ndarray:
-            name = hf_mapping.row_name(m)
-            value = hf_mapping.hf_to_param(m, tensors.get(m.hf_key), m.hf_key, name)
-            return value.astype(abstract[m.path].dtype)
+        def host_values(m: hf_mapping.HFMapping) -> dict[str, np.ndarray]:
+            return _stored(m, tensors, abstract)
 
         stacked: dict[str, dict[int, hf_mapping.HFMapping]] = {}  # path -> layer -> row
         for m in rows:
-            if m.path in replace or m.path not in shardings:  # replaced, or not asked for
+            if m.path in replace or not any(  # replaced, or not asked for
+                p in shardings for p in _stored_paths(m.path, abstract)
+            ):
                 continue
             if m.layer is None:  # one checkpoint tensor in flight at a time
-                values[m.path] = _place(host_value(m), shardings[m.path])
+                for path, value in host_values(m).items():
+                    values[path] = _place(value, shardings[path])
             else:
                 stacked.setdefault(m.path, {})[m.layer] = m
         for path, by_layer in stacked.items():
-            leaf = abstract[path]
-            values[path] = _place_stacked(
-                leaf.shape, leaf.dtype, shardings[path], lambda i: host_value(by_layer[i])
+            leaves = {p: abstract[p] for p in _stored_paths(path, abstract)}
+            values.update(
+                _place_stacked(leaves, shardings, lambda i, rows=by_layer: host_values(rows[i]))
             )
     finally:
         tensors.close()
     return values
+
+
+def _stored_paths(path: str, abstract: Mapping[str, Any]) -> list[str]:
+    """The params that hold checkpoint tensor `path`: itself, or a quantized kernel's
+    leaves."""
+    layer = path.rpartition("/")[0]
+    method = quantized_kernels.method_of(layer, abstract)
+    if method is None or not path.endswith("/kernel"):
+        return [path]
+    return [f"{layer}/{name}" for name in quantization.LEAVES[method]]
+
+
+def _stored(
+    m: hf_mapping.HFMapping, tensors: Any, abstract: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """{param path: host value} of checkpoint tensor `m` (one layer of a stacked param),
+    converted to our layout: cast to its param's dtype, or the leaves of a quantized kernel,
+    quantized right here on the host (no float copy of the kernel is kept) or, where the file
+    stores the tensor in that very format (a Q4_1 GGUF), its own blocks as they are."""
+    convert = lambda: hf_mapping.hf_to_param(
+        m, tensors.get(m.hf_key), m.hf_key, hf_mapping.row_name(m)
+    )
+    paths = _stored_paths(m.path, abstract)
+    if paths == [m.path]:
+        return {m.path: convert().astype(abstract[m.path].dtype)}
+    layer = m.path.rpartition("/")[0]
+    method = quantized_kernels.method_of(layer, abstract)
+    first = 0 if m.layer is None else 1  # a stacked leaf's layer axis
+    shapes = {p.rpartition("/")[2]: abstract[p].shape[first:] for p in paths}
+    in_axes = quantization.in_axes_of(method, shapes, len(m.shape))
+    leaves = _file_blocks(m, tensors.blocks(m.hf_key, method), in_axes)
+    if leaves is None:
+        leaves = quantization.quantize(method, convert(), in_axes)
+    return {f"{layer}/{name}": leaf for name, leaf in leaves.items()}
+
+
+def _file_blocks(
+    m: hf_mapping.HFMapping, blocks: dict[str, np.ndarray] | None, in_axes: int
+) -> dict[str, np.ndarray] | None:
+    """A checkpoint's own Q4_1 blocks of a torch Linear weight (`GGUFTensors.blocks`) as our
+    Q4_1 leaves, or None (none stored, or runs that would straddle our kernel's last input
+    dim: the float values are quantized instead)."""
+    in_shape, out_shape = m.shape[:in_axes], m.shape[in_axes:]
+    if blocks is None or not m.transpose or in_shape[-1] % quantization.Q4_1_BLOCK:
+        return None
+    codes = hf_mapping.hf_to_param(m, blocks["codes"], m.hf_key, hf_mapping.row_name(m))
+    runs = (*in_shape[:-1], in_shape[-1] // quantization.Q4_1_BLOCK, *out_shape)
+    stats = [np.ascontiguousarray(blocks[k].T).reshape(runs) for k in ("scale", "min")]
+    packed = quantization.pack(codes.astype(np.uint8), m.shape, in_axes)
+    return dict(zip(quantization.LEAVES["q4_1"], (packed, *stats)))
 
 
 def adapter_values(

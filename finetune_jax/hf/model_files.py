@@ -152,6 +152,10 @@ class SafetensorsTensors:
     def get(self, name: str) -> np.ndarray:
         return self._files[self._file_of[name]].get_tensor(name)
 
+    def blocks(self, name: str, fmt: str) -> None:
+        """A quantized storage of the tensor (`GGUFTensors.blocks`): safetensors keep none."""
+        return None
+
     def close(self) -> None:
         self._files.clear()
 

@@ -81,6 +81,8 @@ class ModelFamily:
       ia3_targets / ia3_feedforward: the kernels IA3 scales by default, and those of them
         scaled on their input (HF PEFT's IA3 `target_modules` / `feedforward_modules` for
         the model type; "" = none named: set `peft.targets` / `peft.feedforward`).
+      quantize_targets: the frozen kernels `peft.quantize` stores quantized by default (the
+        attention and MLP projections; "" = none named: set `peft.quantize_targets`).
       word_embeddings: path of the vocabulary embedding table, for families whose models
         take prompt tuning's virtual tokens (its rows initialise them); "" = they take none.
       dropout_keys: config fields `model.dropout` sets (empty: the family has no dropout).
@@ -110,6 +112,7 @@ class ModelFamily:
     lora_targets: str = ""
     ia3_targets: str = ""
     ia3_feedforward: str = ""
+    quantize_targets: str = ""
     word_embeddings: str = ""
     dropout_keys: tuple[str, ...] = ()
     optional_params: tuple[str, ...] = ()

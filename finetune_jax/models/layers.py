@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from finetune_jax.models import dora, ia3
+from finetune_jax.models import dora, ia3, quantized_kernels
 from finetune_jax.models.lora import (
     LORA_A,
     LORA_B,
@@ -252,7 +252,9 @@ class DenseND(nn.Module):
     adapted by `lora.method`: LoRA adds `scale * ((dropout(x) @ lora_a) @ lora_b)` (see
     `lora.py`), DoRA rescales that sum per output feature (`dora.py`), IA3 scales the
     output or, for `feedforward` kernels, the input (`ia3.py`). The frozen kernel's matmul
-    is always kept separate, so no gradient with respect to it is ever formed. Adapter
+    is always kept separate, so no gradient with respect to it is ever formed. A kernel that
+    `lora.quantize_targets` matches is stored quantized (`quantized_kernels.py`: QLoRA's
+    base) and dequantized to `dtype` inside the call. Adapter
     params are created after kernel and bias, so adding one leaves every other param's init
     draw unchanged.
     """
@@ -270,14 +272,20 @@ class DenseND(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         in_shape = x.shape[x.ndim - self.in_axes :]
         kernel_shape = (*in_shape, *self.features)
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        # The path the optimizer and sharding rules see for this kernel (a shared scope,
+        # as in BertOutput, makes it the parent's path).
+        path = "/".join(self.scope.path) + "/kernel"
+        if self.lora is not None and self.lora.quantizes(path):  # QLoRA's frozen base
+            kernel = quantized_kernels.create(
+                self, self.lora.quantize, self.kernel_init, kernel_shape, self.in_axes,
+                self.param_dtype,
+            )  # fmt: skip
+        else:
+            kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
         bias = None
         if self.bias_init is not None:
             bias = self.param("bias", self.bias_init, self.features, self.param_dtype)
         x = x.astype(self.dtype)
-        # The path the optimizer and sharding rules see for this kernel (a shared scope,
-        # as in BertOutput, makes it the parent's path).
-        path = "/".join(self.scope.path) + "/kernel"
         adapter = self.lora if self.lora is not None and self.lora.matches(path) else None
         if adapter is not None and adapter.method == "ia3":
             return self._ia3(x, kernel, bias, adapter.scales_input(path))
@@ -291,15 +299,19 @@ class DenseND(nn.Module):
             y = y + self._lora_update(self._lora_dropout(x, deterministic), a, b)
         return y
 
-    def _project(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
-        """x @ kernel over the last `in_axes` dims of x, no bias."""
+    def _project(self, x: jax.Array, kernel: Any) -> jax.Array:
+        """x @ kernel over the last `in_axes` dims of x, no bias (a quantized kernel
+        dequantized on the fly)."""
         contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
-        return jax.lax.dot_general(
-            x,
-            kernel.astype(self.dtype),
-            (contract, ((), ())),
-            preferred_element_type=self.out_dtype,
-        )
+
+        def dot(x: jax.Array, w: jax.Array) -> jax.Array:
+            return jax.lax.dot_general(
+                x, w.astype(self.dtype), (contract, ((), ())), preferred_element_type=self.out_dtype
+            )
+
+        if isinstance(kernel, quantized_kernels.QuantizedKernel):
+            return kernel.matmul(dot, x)
+        return dot(x, kernel)
 
     def _low_rank_params(self, kernel_shape: tuple) -> tuple[jax.Array, jax.Array]:
         """LoRA's (and DoRA's) A [*in, r] and B [r, *out]."""
@@ -326,14 +338,15 @@ class DenseND(nn.Module):
         Under dropout the base term is PEFT's too: x W + (g - 1) * drop(x) W + g * update.
         """
         a, b = self._low_rank_params(kernel.shape)
+        weight = quantized_kernels.dense(kernel)
         init = named_like_kernel(
             self.kernel_init,
             kernel.shape,
-            lambda rng, shape, dtype: dora.weight_norm(kernel, None, self.in_axes).astype(dtype),
+            lambda rng, shape, dtype: dora.weight_norm(weight, None, self.in_axes).astype(dtype),
             lambda base: base[self.in_axes :],
         )
         magnitude = self.param(LORA_MAGNITUDE, init, self.features, self.param_dtype)
-        g = dora.magnitude_scale(magnitude, kernel, a, b, self.lora.scale, self.in_axes)
+        g = dora.magnitude_scale(magnitude, weight, a, b, self.lora.scale, self.in_axes)
         g = g.astype(y.dtype)
         dropped = self._lora_dropout(x, deterministic)
         if dropped is x:

@@ -432,6 +432,7 @@ FAMILY = ModelFamily(
     lora_targets=r".*/self_attn/(q_proj|v_proj)/kernel",
     ia3_targets=r".*/(self_attn/(k_proj|v_proj)|mlp/down_proj)/kernel",
     ia3_feedforward=r".*/mlp/down_proj/kernel",
+    quantize_targets=r".*/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel",
     word_embeddings="model/embed_tokens/embedding",
     strict=True,  # every tensor of a decoder checkpoint has a place; others mean a mismatch
     # RoPE buffers some checkpoints carry; a tied model's file may still hold its lm_head copy.

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from finetune_jax import tree_paths
-from finetune_jax.models import dora, ia3
+from finetune_jax.models import dora, ia3, quantization, quantized_kernels
 from finetune_jax.models.prompt_tuning import PROMPT_EMBEDDINGS
 
 LORA_A, LORA_B = "lora_a", "lora_b"
@@ -70,6 +70,10 @@ class LoraConfig:
     method: str = "lora"
     feedforward: str = ""  # ia3: regex of the targets scaled on their input
     num_virtual_tokens: int = 0  # prompt: trained embeddings prepended to the input
+    # QLoRA: the frozen kernels `quantize_targets` matches stored quantized (nf4 | int8 |
+    # q4_1; "none": float), dequantized inside their layer (`quantized_kernels.py`).
+    quantize: str = "none"
+    quantize_targets: str = ""
     # Set by models that scan their layers (`for_layer_stack`), not by users: (stack path,
     # layer count) pairs whose stacked kernels are matched on their per-layer paths.
     layer_stacks: tuple[tuple[str, int], ...] = ()
@@ -85,9 +89,13 @@ class LoraConfig:
             raise ValueError(
                 f"prompt tuning needs num_virtual_tokens >= 1, got {self.num_virtual_tokens}"
             )
+        if self.quantize not in quantization.METHODS:
+            raise ValueError(
+                f"peft.quantize {self.quantize!r} is not one of {list(quantization.METHODS)}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        for name in ("targets", "feedforward"):
+        for name in ("targets", "feedforward", "quantize_targets"):
             try:
                 re.compile(getattr(self, name))
             except re.error as e:
@@ -116,6 +124,11 @@ class LoraConfig:
     def scales_input(self, kernel_path: str) -> bool:
         """Whether IA3 scales this (adapted) kernel's input: `feedforward` matches it."""
         return self.method == "ia3" and self._matches("feedforward", kernel_path)
+
+    def quantizes(self, kernel_path: str) -> bool:
+        """Whether the frozen kernel at this path is stored quantized (`quantize_targets`
+        matches it; a stacked kernel's layers all or none, as for `targets`)."""
+        return self.quantize != "none" and self._matches("quantize_targets", kernel_path)
 
     def _matches(self, key: str, kernel_path: str) -> bool:
         regex = getattr(self, key)
@@ -148,6 +161,8 @@ class LoraConfig:
             method=method,
             feedforward=str(peft["feedforward"]) if method == "ia3" else "",
             num_virtual_tokens=int(peft["num_virtual_tokens"]) if method == "prompt" else 0,
+            quantize=str(peft["quantize"]),
+            quantize_targets="" if peft["quantize"] == "none" else str(peft["quantize_targets"]),
         )
 
 
@@ -281,7 +296,8 @@ def adapter_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def merge(params: Mapping[str, Any], lora: LoraConfig) -> dict[str, Any]:
-    """The adapters folded into the kernels (adapter leaves removed): LoRA's W + s A B,
+    """The adapters folded into the kernels (adapter leaves removed, quantized kernels
+    dequantized first: as HF PEFT merges into a bitsandbytes 4-bit base): LoRA's W + s A B,
     DoRA's m (W + s A B) / ||W + s A B||, IA3's diagonal scale of W (and of the bias, for an
     output scale). Prompt tuning has no kernel to fold into: a ValueError.
 
@@ -294,7 +310,7 @@ def merge(params: Mapping[str, Any], lora: LoraConfig) -> dict[str, Any]:
             "peft.method=prompt cannot be merged into the base weights: its virtual tokens "
             "are an input, not a change to a kernel; export the adapter alone (HF PEFT format)"
         )
-    flat = flat_paths(params)
+    flat = quantized_kernels.dequantized(flat_paths(params))
     merged = {p: v for p, v in flat.items() if not is_adapter_path(p)}
     for path in flat:
         layer, _, leaf = path.rpartition("/")
@@ -331,7 +347,7 @@ def dora_magnitudes(
     """{path: ||W + scale A B||} for the DoRA magnitude leaves `magnitudes` (path -> shape
     and dtype) from the kernels and A, B in `flat`: the value a layer starts from (||W||
     while B is zero), computed once the kernels are loaded."""
-    out = {}
+    out, flat = {}, quantized_kernels.dequantized(flat)
     for path, magnitude in magnitudes.items():
         kernel, delta, stacked = _low_rank_delta(flat, path.rpartition("/")[0], scale)
         in_axes = kernel.ndim - len(magnitude.shape)

@@ -19,7 +19,7 @@ from finetune_jax import config as config_lib
 from finetune_jax import config_ranges, tasks, tree_paths
 from finetune_jax.cluster import sharding
 from finetune_jax.hf import loading, model_files
-from finetune_jax.models import family_for
+from finetune_jax.models import family_for, quantization, quantized_kernels
 from finetune_jax.models import lora as lora_lib
 from finetune_jax.models.family import ModelFamily
 from finetune_jax.tasks.kind import check_data_keys
@@ -46,6 +46,7 @@ def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None
             f"peft.method={peft.method!r} is not one of {', '.join(lora_lib.METHOD_LEAVES)}"
             + (f"; {hint}" if hint else "")
         )
+    _check_quantize(peft)
     ignored = {
         "peft.dropout": peft.dropout != 0 and peft.method not in lora_lib.LOW_RANK,
         "peft.targets": peft.targets not in (AUTO, "") and peft.method == "prompt",
@@ -66,12 +67,33 @@ def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None
             "weights too; set optim.preset=lora (adapter params + head "
             "trainable, rest frozen) or write explicit optim.rules with optim.preset=rules"
         )
+    if lora is None and peft.quantize != "none":
+        raise ValueError(
+            f"peft.quantize={peft.quantize!r} stores the frozen base quantized under an adapter "
+            "(QLoRA), but no adapter is on: set peft.rank > 0 (LoRA) or another peft.method"
+        )
     if lora is None and preset in PRESETS_FOR_ADAPTERS[:2]:
         raise ValueError(
             f"optim.preset={preset} needs adapter params: set peft.rank > 0 (LoRA) or "
             "another peft.method"
         )
     return lora
+
+
+def _check_quantize(peft: ml_collections.ConfigDict) -> None:
+    """`peft.quantize` is one of the formats (a misspelt one names the closest), and
+    `peft.quantize_targets` is left alone when nothing is quantized."""
+    if peft.quantize not in quantization.METHODS:
+        hint = config_lib.did_you_mean(peft.quantize, quantization.METHODS)
+        raise ValueError(
+            f"peft.quantize={peft.quantize!r} is not one of {', '.join(quantization.METHODS)}"
+            + (f"; {hint}" if hint else "")
+        )
+    if peft.quantize == "none" and peft.quantize_targets not in (AUTO, ""):
+        raise ValueError(
+            "peft.quantize_targets is set, but peft.quantize='none' quantizes nothing: set "
+            "peft.quantize=nf4, int8 or q4_1, or leave peft.quantize_targets at 'auto'"
+        )
 
 
 def build(
@@ -113,6 +135,7 @@ def build(
     mesh = sharding.make_mesh(config.mesh, devices, config.mesh_dcn)
     rules = sharding.logical_rules(config)
     boxed = jax.eval_shape(lambda: family.init_params(model_config, jax.random.key(0)))
+    quantized_kernels.check_targets(model_config.lora, tree_paths.param_paths(nn.meta.unbox(boxed)))
     params_sharding = sharding.param_shardings(boxed, mesh, rules)
     abstract_params = checkpoints.abstract_with_shardings(nn.meta.unbox(boxed), params_sharding)
     groups = optim.param_groups(config.optim, abstract_params, family.layer_stacks(model_config))
@@ -152,16 +175,18 @@ def with_family_defaults(
     config: ml_collections.ConfigDict, family: ModelFamily
 ) -> ml_collections.ConfigDict:
     """A copy of `config` with the family's own values where it says 'auto': the trained
-    head (`optim.head`, of the bound head), the layer regex (`optim.layer`) and the PEFT
-    method's targets (`peft.targets`, `peft.feedforward`)."""
+    head (`optim.head`, of the bound head), the layer regex (`optim.layer`), the PEFT
+    method's targets (`peft.targets`, `peft.feedforward`) and the kernels `peft.quantize`
+    stores quantized (`peft.quantize_targets`)."""
     config = copy.deepcopy(config)
-    method = config.peft.method
+    method, quantized = config.peft.method, config.peft.quantize != "none"
     targets = {"ia3": family.ia3_targets, "prompt": ""}.get(method, family.lora_targets)
     defaults = {
         ("optim", "head"): family.head.trained,
         ("optim", "layer"): family.layer_pattern,
         ("peft", "targets"): targets,
         ("peft", "feedforward"): family.ia3_feedforward if method == "ia3" else "",
+        ("peft", "quantize_targets"): family.quantize_targets if quantized else "",
     }
     adapter_on = method != "lora" or config.peft.rank > 0
     for (section, key), value in defaults.items():
@@ -177,6 +202,11 @@ def with_family_defaults(
                 f"peft.targets='auto': model family {family.name!r} names no default "
                 f"{method} targets; set peft.targets to a regex over kernel paths"
                 + (" (and peft.feedforward)" if method == "ia3" else "")
+            )
+        if (section, key) == ("peft", "quantize_targets") and not value and quantized:
+            raise ValueError(
+                f"peft.quantize_targets='auto': model family {family.name!r} names no default "
+                "kernels to quantize; set peft.quantize_targets to a regex over kernel paths"
             )
         config[section][key] = value
     if method == "prompt" and not family.word_embeddings:

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from finetune_jax import tree_paths
+from finetune_jax.models import quantization, quantized_kernels
 from finetune_jax.models.lora import ADAPTER_LEAVES
 from finetune_jax.training import layer_groups, low_precision
 from finetune_jax.training import rules as rules_lib
@@ -161,6 +162,7 @@ def param_groups(
     treedef = jax.tree.structure(params)
     labels = jax.tree.unflatten(treedef, [label(vs) for vs in per_leaf])
     trainable = jax.tree.map(lambda label: label != FROZEN, labels)
+    _check_trainable_leaves(paths, jax.tree.leaves(params), jax.tree.leaves(trainable), optim)
     if not any(jax.tree.leaves(trainable)):
         raise ValueError(
             f"optim.preset={optim.preset!r} (optim.head={optim.head!r}"
@@ -171,6 +173,21 @@ def param_groups(
     if optim.preset == "rules":
         unused = rules_lib.unused_rules_of_paths(train_rules, virtual)
     return ParamGroups(labels, trainable, multipliers, decay, tuple(unused), per_layer)
+
+
+def _check_trainable_leaves(paths, leaves, trainable, optim: ml_collections.ConfigDict) -> None:
+    """A rule that trains a leaf of a quantized base kernel (`peft.quantize`: its integer
+    codes or its scales) or any other integer leaf is an error naming it: codes have no
+    gradient, and the base under a QLoRA adapter stays frozen."""
+    for path, leaf, train in zip(paths, leaves, trainable):
+        integer = not jnp.issubdtype(leaf.dtype, jnp.inexact)
+        if train and (integer or quantized_kernels.is_quantized_path(path)):
+            raise rules_lib.RuleError(
+                f"optim.preset={optim.preset!r} would train {path!r} ({leaf.dtype}), a leaf of "
+                "a quantized frozen kernel (peft.quantize), which cannot train: freeze it (its "
+                "adapter trains instead: optim.preset=lora) or set peft.quantize_targets to "
+                "leave that kernel float"
+            )
 
 
 def schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -272,8 +289,8 @@ def make_optimizer(
 def group_table(groups: ParamGroups, params: Any) -> str:
     """A printable table: group, #params, #tensors, lr multiplier, weight decay."""
     counts: dict[str, list[int]] = {name: [0, 0] for name in groups.multipliers}
-    for label, leaf in zip(jax.tree.leaves(groups.labels), jax.tree.leaves(params)):
-        counts[label][0] += int(np.prod(leaf.shape))
+    for label, (path, leaf) in zip(jax.tree.leaves(groups.labels), _leaves(params)):
+        counts[label][0] += quantization.weights(path, leaf.shape)
         counts[label][1] += 1
     total = sum(c[0] for c in counts.values())
     trainable = param_counts(groups, params)[0]
@@ -312,11 +329,16 @@ def group_table(groups: ParamGroups, params: Any) -> str:
     return "\n".join(lines)
 
 
+def _leaves(params: Any) -> list[tuple[str, Any]]:
+    return list(zip(tree_paths.param_paths(params), jax.tree.leaves(params)))
+
+
 def param_counts(groups: ParamGroups, params: Any) -> tuple[int, int]:
-    """(trainable, frozen) parameter counts; a per-layer group's frozen layers are frozen."""
+    """(trainable, frozen) parameter counts; a per-layer group's frozen layers are frozen; a
+    quantized kernel counts the weights it stores (`quantization.weights`)."""
     trainable = total = 0
-    for leaf, label in zip(jax.tree.leaves(params), jax.tree.leaves(groups.labels)):
-        size = int(np.prod(leaf.shape))
+    for (path, leaf), label in zip(_leaves(params), jax.tree.leaves(groups.labels)):
+        size = quantization.weights(path, leaf.shape)
         total += size
         layers = groups.per_layer.get(label)
         trainable += layer_groups.trained_size(size, layers, label != FROZEN)
