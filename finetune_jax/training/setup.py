@@ -66,15 +66,18 @@ class Setup:
     @property
     def trainable_paths(self) -> list[str]:
         """'/'-joined paths of the trainable leaves, in the order the step's grads use."""
-        paths = tree_paths.param_paths(self.abstract_params)
-        return [p for p, t in zip(paths, jax.tree.leaves(self.groups.trainable)) if t]
+        return self._paths_where(trainable=True)
 
     @property
     def frozen_paths(self) -> list[str]:
         """'/'-joined paths of the frozen leaves (a stacked leaf frozen in some of its
         layers only trains, so it is not among them)."""
+        return self._paths_where(trainable=False)
+
+    def _paths_where(self, trainable: bool) -> list[str]:
         paths = tree_paths.param_paths(self.abstract_params)
-        return [p for p, t in zip(paths, jax.tree.leaves(self.groups.trainable)) if not t]
+        flags = jax.tree.leaves(self.groups.trainable)
+        return [p for p, t in zip(paths, flags) if t == trainable]
 
     def frozen_record(self, params: Any) -> dict[str, Any] | None:
         """The record a slim checkpoint saves of the frozen leaves of `params` (this run's,
