@@ -1,4 +1,4 @@
-"""tools/bench.py: the --versus comparison of two variants of one config; image configs
+"""tools/bench.py: the --versus comparison of variants of one config, side by side; image configs
 and their torch peer (tools/peer_torch_vision.py)."""
 
 from __future__ import annotations
@@ -33,11 +33,40 @@ def test_with_overrides_parses_values_and_keeps_the_original(bench, tiny_bert_di
 
 def test_frozen_backbone_benches_cheaper_than_full(bench, tiny_bert_dir, sst2_slice):
     config = tiny_config(tiny_bert_dir, sst2_slice)
-    probe = bench.bench(bench.with_overrides(config, "optim.preset=linear_probe"), 2, 1)
-    full = bench.bench(config, 2, 1)
+    full, probe = bench.bench_side_by_side(
+        [config, bench.with_overrides(config, "optim.preset=linear_probe")], 2, 1
+    )
     assert probe["gflop_per_step"] < full["gflop_per_step"]
     assert probe["optimizer_state_bytes"] < full["optimizer_state_bytes"]
     assert probe["trainable_params"] < full["trainable_params"]
+    ratios = bench.ratios(probe, full)
+    assert ratios["ratio_gflop_per_step"] < 1 and ratios["ratio_optimizer_state_bytes"] < 1
+
+
+def test_side_by_side_warms_each_then_takes_turns(bench, tiny_bert_dir, sst2_slice, monkeypatch):
+    """Timed steps alternate between the configs (load that comes and goes falls on all),
+    after every config's warm-up."""
+    config = tiny_config(tiny_bert_dir, sst2_slice)
+    order, step = [], bench._Run.step
+
+    def recorded(run, timed):
+        order.append((run.config.optim.preset, timed))
+        step(run, timed)
+
+    monkeypatch.setattr(bench._Run, "step", recorded)
+    results = bench.bench_side_by_side(
+        [config, bench.with_overrides(config, "optim.preset=linear_probe")], 2, 1
+    )
+    assert (
+        order
+        == [("full", False), ("linear_probe", False)]
+        + [
+            ("full", True),
+            ("linear_probe", True),
+        ]
+        * 2
+    )
+    assert [result["steps_timed"] for result in results] == [2, 2]
 
 
 def _image_config(request):

@@ -16,8 +16,10 @@ FLOPs come from XLA's cost analysis of each compiled shape.
 size and max length (image tasks: the same model directory and image size,
 `tools/peer_torch_vision.py`), and reports the step-time ratio (one sitting, one machine
 state). For images, samples/s is images/s.
-`--versus` benchmarks the same config with other overrides right afterwards (e.g. LoRA vs
-full fine-tuning) and reports the ratios of step time, FLOPs and optimizer-state bytes.
+`--versus` (repeatable) benchmarks variants of the config with other overrides (e.g. LoRA vs
+full fine-tuning, or one variant per PEFT method) side by side with it: all are built and
+warmed up, then their timed steps take turns, so load that comes and goes falls on all alike;
+it reports each variant's ratios of step time, FLOPs and optimizer-state bytes to the config.
 """
 
 from __future__ import annotations
@@ -53,58 +55,88 @@ def measure_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def bench(config, steps: int, warmup: int) -> dict:
-    """Time `warmup + steps` train steps on real batches; returns the figures."""
-    t_build = time.perf_counter()
-    exp = builder.build(config)
-    batches = exp.data.train_batches()
-    state = exp.initial_state()
-    build_s = time.perf_counter() - t_build
-    step_flops = StepFlops(config, exp.hf_config)
-    flops_by_shape, times, tokens = {}, [], []
-    t_compile = time.perf_counter()
-    for i in range(warmup + steps):
-        batch = next(batches)
+class _Run:
+    """One config's experiment, train state and batch stream, stepped on demand, so several
+    configs can take turns on the machine (`bench_side_by_side`)."""
+
+    def __init__(self, config):
+        t_build = time.perf_counter()
+        self.config = config
+        self.exp = builder.build(config)
+        self.batches = self.exp.data.train_batches()
+        self.state = self.exp.initial_state()
+        self.build_s = time.perf_counter() - t_build
+        self.step_flops = StepFlops(config, self.exp.hf_config)
+        self.flops_by_shape, self.times, self.tokens = {}, [], []
+        self.warmup_s = 0.0
+
+    def step(self, timed: bool) -> None:
+        exp, batch = self.exp, next(self.batches)
         shape = tuple((key, value.shape) for key, value in sorted(batch.items()))
-        if shape not in flops_by_shape:
+        if shape not in self.flops_by_shape:
             device_batch = exp.put_batch(batch)
-            lowered = exp.train_step.lower(state, device_batch)
-            flops_by_shape[shape] = step_flops(lowered, device_batch)
+            lowered = exp.train_step.lower(self.state, device_batch)
+            self.flops_by_shape[shape] = self.step_flops(lowered, device_batch)
             # A shape's first call compiles it (or loads it from the compilation cache): run
             # it once untimed, so a bucket first seen after the warm-up is not timed compiling.
             # (Timing the AOT executable above instead would compile once, but its calls ran
             # 0.85 s against the jitted function's 0.71 s per MiniLM step.)
-            state, metrics = exp.train_step(state, exp.put_batch(batch))
+            self.state, metrics = exp.train_step(self.state, exp.put_batch(batch))
             jax.block_until_ready(metrics)
         start = time.perf_counter()
-        state, metrics = exp.train_step(state, exp.put_batch(batch))
+        self.state, metrics = exp.train_step(self.state, exp.put_batch(batch))
         jax.block_until_ready(metrics)
-        if i == warmup - 1:
-            warmup_s = time.perf_counter() - t_compile
-        if i >= warmup:
-            times.append((time.perf_counter() - start, flops_by_shape[shape]))
+        if timed:
+            self.times.append((time.perf_counter() - start, self.flops_by_shape[shape]))
             # Images have no tokens: their tokens_per_s is 0 (samples_per_s is images/s).
-            tokens.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0)
-    step_s = statistics.median(t for t, _ in times)
-    mean_s = float(np.mean([t for t, _ in times]))
-    flops = float(np.mean([f for _, f in times]))
-    batch_size = config.train.batch_size
-    return {
-        "build_s": build_s,
-        "warmup_s_incl_compile": warmup_s,
-        "compiled_train_shapes": exp.train_step._cache_size(),
-        "steps_timed": steps,
-        "step_s_median": step_s,
-        "step_s_mean": mean_s,
-        "samples_per_s": batch_size / mean_s,
-        "tokens_per_s": float(np.sum(tokens)) / float(np.sum([t for t, _ in times])),
-        "gflop_per_step": flops / 1e9,
-        "achieved_gflops": flops / mean_s / 1e9,
-        "trainable_params": optim.param_counts(exp.groups, exp.abstract_params)[0],
-        "optimizer_state_bytes": optim.tree_bytes(state.opt_state),
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "model_dir": exp.model_ref,
-    }
+            mask = batch.get("attention_mask")
+            self.tokens.append(int(mask.sum()) if mask is not None else 0)
+
+    def warm(self, warmup: int) -> None:
+        start = time.perf_counter()
+        for _ in range(warmup):
+            self.step(timed=False)
+        self.warmup_s = time.perf_counter() - start
+
+    def result(self) -> dict:
+        times = [t for t, _ in self.times]
+        mean_s = float(np.mean(times))
+        flops = float(np.mean([f for _, f in self.times]))
+        return {
+            "build_s": self.build_s,
+            "warmup_s_incl_compile": self.warmup_s,
+            "compiled_train_shapes": self.exp.train_step._cache_size(),
+            "steps_timed": len(times),
+            "step_s_median": statistics.median(times),
+            "step_s_mean": mean_s,
+            "samples_per_s": self.config.train.batch_size / mean_s,
+            "tokens_per_s": float(np.sum(self.tokens)) / float(np.sum(times)),
+            "gflop_per_step": flops / 1e9,
+            "achieved_gflops": flops / mean_s / 1e9,
+            "trainable_params": optim.param_counts(self.exp.groups, self.exp.abstract_params)[0],
+            "optimizer_state_bytes": optim.tree_bytes(self.state.opt_state),
+            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "model_dir": self.exp.model_ref,
+        }
+
+
+def bench(config, steps: int, warmup: int) -> dict:
+    """Time `warmup + steps` train steps on real batches; returns the figures."""
+    return bench_side_by_side([config], steps, warmup)[0]
+
+
+def bench_side_by_side(configs: list, steps: int, warmup: int) -> list[dict]:
+    """Bench several configs in one sitting: each is built and warmed up, then their timed
+    steps take turns (step 1 of each, step 2 of each, ...), so a change in the machine's
+    load during the run (another job, thermal state) falls on all of them alike and their
+    ratios stay fair. All the experiments are held in memory together."""
+    runs = [_Run(config) for config in configs]
+    for run in runs:
+        run.warm(warmup)
+    for _ in range(steps):
+        for run in runs:
+            run.step(timed=True)
+    return [run.result() for run in runs]
 
 
 def torch_peer(script: str, config, steps: int, model_dir: str, mode: str = "full") -> dict:
@@ -149,6 +181,34 @@ def with_overrides(config, overrides: str):
     return config_lib.apply_overrides(config.copy_and_resolve_references(), parsed, "--versus")
 
 
+def ratios(variant: dict, base: dict) -> dict:
+    """The variant's step time, FLOPs and optimizer state over the base config's (> 1: the
+    variant costs more)."""
+    keys = ("step_s_median", "step_s_mean", "gflop_per_step", "optimizer_state_bytes")
+    return {f"ratio_{key}": variant[key] / base[key] if base[key] else float("nan") for key in keys}
+
+
+def _shown(value) -> str:
+    return f"{value:,.4g}" if isinstance(value, float) else str(value)
+
+
+def print_versus(variants: list[dict]) -> None:
+    """One row per variant: its figures and its ratios to the config as given."""
+    columns = (
+        "step_s_median",
+        "ratio_step_s_median",
+        "ratio_gflop_per_step",
+        "trainable_params",
+        "ratio_optimizer_state_bytes",
+    )
+    print("\nvariants, against the config as given (ratio > 1: the variant costs more):")
+    print("| overrides | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for variant in variants:
+        cells = [_shown(variant[column]) for column in columns]
+        print(f"| `{variant['overrides']}` | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     config = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
     steps = flags.DEFINE_integer("steps", 30, "Timed steps after warmup.")
@@ -161,14 +221,18 @@ def main() -> None:
         "Path of peer_torch_glue.py (text) or tools/peer_torch_vision.py (images): run it "
         "right after, same batch and length / image size.",
     )
-    versus = flags.DEFINE_string(
-        "versus", "", "Overrides 'a.b=v,c.d=w': benchmark that variant right after and compare."
+    versus = flags.DEFINE_multi_string(
+        "versus",
+        [],
+        "Overrides 'a.b=v,c.d=w' of a variant to compare; repeat the flag for several. The "
+        "config and its variants are benched side by side (their timed steps take turns).",
     )
     flags.mark_flags_as_required(["config"])
 
     def run(argv):
         quiet_libraries()
-        result = bench(config.value, steps.value, warmup.value)
+        variants = [with_overrides(config.value, overrides) for overrides in versus.value]
+        result, *others = bench_side_by_side([config.value, *variants], steps.value, warmup.value)
         result["peak_gflops"] = peak.value or measure_peak_gflops()
         result["utilisation"] = result["achieved_gflops"] / result["peak_gflops"]
         if peer.value:
@@ -178,14 +242,16 @@ def main() -> None:
             result["speed_ratio_torch_step_over_ours"] = (
                 result["torch_step_s"] / result["step_s_mean"]
             )
-        if versus.value:
-            other = bench(with_overrides(config.value, versus.value), steps.value, warmup.value)
-            result.update({f"versus_{k}": v for k, v in other.items()})
-            # < 1: this config's step is cheaper than the variant's.
-            for key in ("step_s_median", "gflop_per_step", "optimizer_state_bytes"):
-                result[f"ratio_{key}_vs"] = result[key] / other[key]
+        if others:
+            result["versus"] = [
+                {"overrides": overrides, **other, **ratios(other, result)}
+                for overrides, other in zip(versus.value, others)
+            ]
         for key, value in result.items():
-            print(f"{key:<34}{value:,.4g}" if isinstance(value, float) else f"{key:<34}{value}")
+            if key != "versus":
+                print(f"{key:<34}{_shown(value)}")
+        if others:
+            print_versus(result["versus"])
         if out.value:
             Path(out.value).write_text(json.dumps(result, indent=2))
 
