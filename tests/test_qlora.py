@@ -30,13 +30,20 @@ from tests.test_sft_train import tiny_sft_config
 TARGETS = llama.FAMILY.quantize_targets  # every attention and MLP projection
 
 
-def _adapter(method: str) -> lora_lib.LoraConfig:
+# The adapter methods on a quantized base: LoRA and DoRA on three projections, IA3 on its
+# HF PEFT targets (down_proj scaled on its input).
+ADAPTERS = {
+    "lora": dict(rank=4, alpha=8.0, targets=r".*/(q_proj|o_proj|down_proj)/kernel"),
+    "dora": dict(rank=4, alpha=8.0, targets=r".*/(q_proj|o_proj|down_proj)/kernel"),
+    "ia3": dict(
+        rank=0, targets=r".*/(k_proj|v_proj|down_proj)/kernel", feedforward=r".*/down_proj/kernel"
+    ),
+}
+
+
+def _adapter(method: str, adapter: str = "lora") -> lora_lib.LoraConfig:
     return lora_lib.LoraConfig(
-        rank=4,
-        alpha=8.0,
-        targets=r".*/(q_proj|o_proj|down_proj)/kernel",
-        quantize=method,
-        quantize_targets=TARGETS,
+        **ADAPTERS[adapter], method=adapter, quantize=method, quantize_targets=TARGETS
     )
 
 
@@ -152,8 +159,8 @@ def test_round_trips_stay_within_the_formats_bounds(shape, in_axes):
 
 
 @functools.cache
-def _load(model_dir, method, **overrides):
-    return load_llama(model_dir, lora=_adapter(method), **overrides)
+def _load(model_dir, method, adapter="lora", **overrides):
+    return load_llama(model_dir, lora=_adapter(method, adapter), **overrides)
 
 
 @functools.cache
@@ -166,21 +173,27 @@ def _logits(module, params, ids):
 
 
 def _moved(params, seed=0):
-    """LoRA's B moved off zero, so a wrongly merged adapter shows."""
+    """Adapters moved off their no-op start (LoRA's B = 0, DoRA's magnitude = the base's norm,
+    IA3's scales 1), so a wrongly merged adapter shows."""
     rng, flat = np.random.default_rng(seed), lora_lib.flat_paths(params)
-    for path in flat:
-        if path.endswith("/lora_b"):
-            flat[path] = rng.normal(0.0, 0.05, flat[path].shape).astype(np.float32)
+    for path, value in flat.items():
+        leaf = path.rsplit("/", 1)[-1]
+        if leaf == "lora_b":
+            flat[path] = rng.normal(0.0, 0.05, value.shape).astype(np.float32)
+        elif leaf in ("lora_magnitude", "ia3_scale", "ia3_input_scale"):
+            flat[path] = (value * rng.uniform(0.7, 1.3, value.shape)).astype(np.float32)
     return lora_lib.nested(flat)
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8"])
-def test_logits_equal_transformers_with_the_dequantized_weights(method, tiny_llama_dir):
+@pytest.mark.parametrize(
+    "method, adapter", [("nf4", "lora"), ("int8", "lora"), ("nf4", "dora"), ("nf4", "ia3")]
+)
+def test_logits_equal_transformers_with_the_dequantized_weights(method, adapter, tiny_llama_dir):
     """Our QLoRA model against transformers' Llama holding the merged export's tensors (the
-    dequantized base + the LoRA delta, as HF PEFT merges into a bitsandbytes base): float32
-    logits within 1e-4; only the projections are quantized (embeddings, norms, LM head
-    float)."""
-    config, module, params = _load(tiny_llama_dir, method)
+    dequantized base + the adapter merged in: LoRA's delta, DoRA's rescaled direction, IA3's
+    scales, as HF PEFT merges into a bitsandbytes base): float32 logits within 1e-4; only
+    the projections are quantized (embeddings, norms, LM head float)."""
+    config, module, params = _load(tiny_llama_dir, method, adapter)
     params = _moved(params)
     flat = lora_lib.flat_paths(params)
     codes = quantization.LEAVES[method][0]
