@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from finetune_jax.training.checkpoints import CheckpointError
+from finetune_jax.training.element_index import flat_index
 
 _MIX = 0x9E3779B1  # Knuth's multiplicative hash constant: spreads positions over 32 bits
 
@@ -93,11 +94,7 @@ def _sums(x: jax.Array) -> jax.Array:
         bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
     else:  # integers (quantized weights) and bools: exact
         bits = x.astype(jnp.uint32)
-    # The flat position (mod 2**32) from per-axis iotas: a reshape would gather the shards.
-    index, stride = jnp.zeros(x.shape, jnp.uint32), 1
-    for axis in reversed(range(x.ndim)):
-        index = index + lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride)
-        stride = stride * x.shape[axis] % 2**32
+    index = flat_index(x.shape)
     mixed = index * jnp.uint32(_MIX)
     first = jnp.sum(bits * (index * 2 + 1), dtype=jnp.uint32)
     second = jnp.sum((bits ^ mixed) * (mixed | 1), dtype=jnp.uint32)

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from finetune_jax.training.element_index import flat_index
+
 MODES = ("nearest", "stochastic", "kahan")
 # What `optim.bf16_rounding="auto"` means when anything is stored in bf16 (chosen by the
 # measurements in README "bf16 storage that trains like float32").
@@ -65,11 +67,7 @@ def random_bits(shape: tuple[int, ...], seed: jax.Array) -> jax.Array:
     indices), where `jax.random.bits`' threefry cost 1.6 s per 22.7M values on this 2-core
     CPU: more than the whole train step. Good enough for rounding, not for cryptography.
     """
-    index = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-        stride = (stride * shape[axis]) & 0xFFFFFFFF
+    index = flat_index(shape)
     return _mix(index * jnp.uint32(0x9E3779B1) + _mix(seed.astype(jnp.uint32)))
 
 
