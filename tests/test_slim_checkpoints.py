@@ -27,6 +27,7 @@ from tests.helpers import SHARED_DATA, tiny_config, train_losses
 from tests.multidevice.test_two_processes import run_workers
 
 FROZEN_KEY = "bert.encoder.layer.0.attention.self.key.weight"  # a frozen base tensor
+RESUME_CHECKSUMS: list[int] = []  # one entry per checksum the `runs` fixture's resume computed
 
 
 def lora_config(model_dir, data_dir):
@@ -50,7 +51,10 @@ def runs(tiny_bert_dir, sst2_slice, tmp_path_factory):
     root = tmp_path_factory.mktemp("slim_runs")
     config = lora_config(tiny_bert_dir, sst2_slice)
     train(config, str(root / "slim"), until_step=2)
-    train(config, str(root / "slim"))
+    with pytest.MonkeyPatch.context() as patch:  # count the checksums the resume computes
+        checksum = frozen_base.checksum
+        patch.setattr(frozen_base, "checksum", lambda x: RESUME_CHECKSUMS.append(1) or checksum(x))
+        train(config, str(root / "slim"))
     full = copy.deepcopy(config)
     full.train.checkpoint_frozen = True
     train(full, str(root / "full"))
@@ -119,6 +123,11 @@ def test_a_resumed_slim_run_equals_a_straight_full_one_bitwise(runs, monkeypatch
     # the frozen base, not the trained pooler.
     assert reads["full"] == []
     assert FROZEN_KEY in reads["slim"] and "bert.pooler.dense.weight" not in reads["slim"]
+    # The resume checksummed each streamed frozen param once (to check it), and its own
+    # record reused that check rather than computing them again.
+    manager = checkpoints.make_manager(str(root / "slim"), 2, None, read_only=True)
+    assert len(RESUME_CHECKSUMS) == len(checkpoints.frozen_record(manager, 4)["leaves"])
+    checkpoints.close(manager)
     # A run resumed from a full checkpoint records the base it holds: the same as the slim
     # run's, so its later slim checkpoints stream and check the same params.
     manager = checkpoints.make_manager(str(root / "slim"), 2, None, read_only=True)

@@ -89,8 +89,8 @@ def _train(config, workdir: str, until_step: int | None, lock) -> dict[str, Any]
         metric_mode(setup.metric),
         config.train.async_checkpoint,
     )
-    state, stopper, window = _resume_or_init(setup, manager, batches, workdir)
-    frozen = setup.frozen_record(state.params)  # what slim checkpoints record of the base
+    state, stopper, window, checked = _resume_or_init(setup, manager, batches, workdir)
+    frozen = setup.frozen_record(state.params, checked)  # what slim checkpoints record of the base
     # Written only now that the config, data and weights have passed: a failed start
     # (a frozen base that changed since the checkpoint, too) changes nothing.
     workdir_files.write_config(config, workdir)
@@ -253,10 +253,11 @@ def _check_final_split(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _resume_or_init(setup, manager, batches, workdir) -> tuple[Any, EarlyStopping, Any]:
-    """The latest checkpoint's state (moving the data iterator to its position) and its open
-    log window, or a new state (and None)."""
-    stopper, window = EarlyStopping(setup.metric, setup.config.train.patience), None
+def _resume_or_init(setup, manager, batches, workdir) -> tuple[Any, EarlyStopping, Any, Any]:
+    """The latest checkpoint's state (moving the data iterator to its position), its early
+    stopping, its open log window and the record of the frozen params a slim one was
+    checked against; or a new state (and None for the last two)."""
+    stopper, window, checked = EarlyStopping(setup.metric, setup.config.train.patience), None, None
     restored = setup.restore_latest(manager)  # a slim one's frozen params streamed again
     if restored is None:
         state = setup.initial_state()
@@ -271,6 +272,7 @@ def _resume_or_init(setup, manager, batches, workdir) -> tuple[Any, EarlyStoppin
             )
         batches.restore(progress["data"])
         window = progress.get("log_window")  # absent from checkpoints of older runs
+        checked = progress.get(checkpoints.FROZEN)  # a slim checkpoint's, checked on restore
         stopper = EarlyStopping.from_dict(
             {**progress["early_stopping"], "patience": setup.config.train.patience}
         )
@@ -280,7 +282,7 @@ def _resume_or_init(setup, manager, batches, workdir) -> tuple[Any, EarlyStoppin
         f"optimizer state: {optim.tree_bytes(state.opt_state):,} bytes; mesh {dict(setup.mesh.shape)}"
         + ("" if rounding == "nearest" else f"; bf16 updates: {rounding} rounding")
     )
-    return state, stopper, window
+    return state, stopper, window, checked
 
 
 def _final_eval(run: _Run, state, split: str, data) -> dict[str, Any]:

@@ -79,12 +79,17 @@ class Setup:
         flags = jax.tree.leaves(self.groups.trainable)
         return [p for p, t in zip(paths, flags) if t == trainable]
 
-    def frozen_record(self, params: Any) -> dict[str, Any] | None:
+    def frozen_record(self, params: Any, checked: dict | None = None) -> dict[str, Any] | None:
         """The record a slim checkpoint saves of the frozen leaves of `params` (this run's,
         as loaded or restored); None when checkpoints hold every param: nothing is frozen,
-        or `train.checkpoint_frozen` keeps the frozen ones in them."""
+        or `train.checkpoint_frozen` keeps the frozen ones in them. `checked`: the record of
+        the slim checkpoint `params` were restored from, whose frozen leaves `frozen_params`
+        has just checked against it: reused (with this run's source) rather than computing
+        every checksum again."""
         if self.config.train.checkpoint_frozen or not self.frozen_paths:
             return None
+        if checked is not None and set(checked["leaves"]) == set(self.frozen_paths):
+            return {**checked, "source": self.model_ref}
         flat = lora_lib.flat_paths(params)
         return frozen_base.record(self.model_ref, {p: flat[p] for p in self.frozen_paths})
 
