@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import tracemalloc
 import weakref
 
 import gguf
@@ -153,6 +154,34 @@ def test_round_trips_stay_within_the_formats_bounds(shape, in_axes):
         theirs = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1)
         np.testing.assert_array_equal(dense, theirs.T)
     assert quantization.bits_per_weight("nf4", (4096, 4096), 1) == pytest.approx(4.127, abs=1e-3)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8", "q4_1"])
+def test_host_quantization_in_chunks_equals_it_whole_and_bounds_its_temporaries(
+    method, monkeypatch
+):
+    """On the host the output features are quantized a chunk at a time: the leaves equal the
+    whole kernel's at once for every shape, and the memory numpy takes beyond the input
+    stays near the outputs' size (~17 bytes per weight for NF4 at once)."""
+    whole = {}
+    for chunk in (1 << 30, 1000):
+        monkeypatch.setattr(quantization, "HOST_CHUNK_WEIGHTS", chunk)
+        for shape, in_axes in SHAPES:
+            kernel = _kernel(shape, seed=2)
+            whole.setdefault(shape, quantization.quantize(method, kernel, in_axes))
+            chunked = quantization.quantize(method, kernel, in_axes)
+            assert chunked.keys() == whole[shape].keys()
+            for name, leaf in whole[shape].items():
+                np.testing.assert_array_equal(chunked[name], leaf, err_msg=name)
+    monkeypatch.setattr(quantization, "HOST_CHUNK_WEIGHTS", 1 << 18)
+    kernel = _kernel((512, 8192), seed=3)  # 16 chunks
+    tracemalloc.start()
+    try:
+        quantization.quantize(method, kernel, 1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak / kernel.size < 3.0  # bytes per weight
 
 
 # ----------------------------------------------------------------------------- models

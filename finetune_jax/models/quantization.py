@@ -113,32 +113,62 @@ def _scaled(x: Any, absmax: Any, xp: Any) -> Any:
     return xp.clip(x * (np.float32(1.0) / xp.maximum(absmax, np.float32(1e-38))), -1.0, 1.0)
 
 
+# Weights quantized at a time on the host: numpy's float temporaries (scaled copies, int64
+# search indices: ~17 bytes per weight for NF4) then cover this many weights, not the whole
+# kernel (a 70B MLP projection holds 235M weights: 4 GB of them).
+HOST_CHUNK_WEIGHTS = 1 << 22
+
+
 def quantize(method: str, kernel: Any, in_axes: int, xp: Any = np) -> dict[str, Any]:
     """{leaf name: array} of a float kernel [*in, *out] (`in_axes` input dims) in `method`'s
-    format; `xp` is numpy or jax.numpy."""
-    kernel = xp.asarray(kernel, xp.float32)
-    if method == "int8":
-        absmax = xp.max(xp.abs(kernel), axis=tuple(range(in_axes)), keepdims=True)
-        scale = (absmax / np.float32(INT8_MAX)).astype(xp.float32)
-        codes = xp.round(kernel / xp.where(scale == 0, np.float32(1.0), scale))
-        return dict(
-            zip(LEAVES["int8"], (xp.clip(codes, -INT8_MAX, INT8_MAX).astype(xp.int8), scale))
-        )
+    format; `xp` is numpy or jax.numpy. On numpy, the output features are quantized a chunk
+    at a time (every format's blocks lie within one output feature), so the temporaries
+    stay near `HOST_CHUNK_WEIGHTS` weights' worth whatever the kernel's size."""
     if method not in LEAVES:
         raise ValueError(f"quantization {method!r} is not one of {METHODS[1:]}")
-    if method == "q4_1":
-        return _quantize_q4_1(kernel, in_axes, xp)
-    n_in, n_out = math.prod(kernel.shape[:in_axes]), math.prod(kernel.shape[in_axes:])
+    kernel = xp.asarray(kernel, xp.float32)
+    in_shape, out_shape = kernel.shape[:in_axes], kernel.shape[in_axes:]
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    columns = kernel.reshape(*in_shape, n_out)
+    step = max(1, HOST_CHUNK_WEIGHTS // max(1, n_in)) if xp is np else n_out
+    if step >= n_out:
+        leaves = _QUANTIZERS[method](columns, in_axes, xp)
+    else:
+        parts = [
+            _QUANTIZERS[method](columns[..., start : start + step], in_axes, xp)
+            for start in range(0, n_out, step)
+        ]
+        leaves = {name: xp.concatenate([p[name] for p in parts], -1) for name in parts[0]}
+    if method == "nf4":  # the double quantization runs over all the block absmaxes at once
+        codes, scale, offset = _quantize_absmax(leaves.pop("absmax"), xp)
+        leaves.update(zip(LEAVES["nf4"][1:], (codes, scale, offset)))
+    per_group = LEAVES["nf4"][2:]  # the double quantization's scale and offset: no feature axis
+    return {
+        name: leaf if name in per_group else leaf.reshape(*leaf.shape[:-1], *out_shape)
+        for name, leaf in leaves.items()
+    }
+
+
+def _quantize_int8(columns: Any, in_axes: int, xp: Any) -> dict[str, Any]:
+    """Codes and per-output-feature scales of a kernel [*in, n] (see `quantize`)."""
+    absmax = xp.max(xp.abs(columns), axis=tuple(range(in_axes)), keepdims=True)
+    scale = (absmax / np.float32(INT8_MAX)).astype(xp.float32)
+    codes = xp.round(columns / xp.where(scale == 0, np.float32(1.0), scale))
+    return dict(zip(LEAVES["int8"], (xp.clip(codes, -INT8_MAX, INT8_MAX).astype(xp.int8), scale)))
+
+
+def _quantize_nf4(columns: Any, in_axes: int, xp: Any) -> dict[str, Any]:
+    """Packed codes and the f32 block absmaxes [blocks, n] (`absmax`, double-quantized by
+    `quantize` once every chunk's are in) of a kernel [*in, n]."""
+    n_in, n_out = math.prod(columns.shape[:in_axes]), columns.shape[-1]
     blocks = -(-n_in // NF4_BLOCK)  # runs of 64 along the flattened input dims, zero-padded
-    flat = xp.pad(kernel.reshape(n_in, n_out), ((0, blocks * NF4_BLOCK - n_in), (0, 0)))
+    flat = columns.reshape(n_in, n_out)
+    if blocks * NF4_BLOCK != n_in:
+        flat = xp.pad(flat, ((0, blocks * NF4_BLOCK - n_in), (0, 0)))
     flat = flat.reshape(blocks, NF4_BLOCK, n_out)
     absmax = xp.max(xp.abs(flat), axis=1)  # [blocks, out]
     codes = _nearest(_scaled(flat, absmax[:, None, :], xp), NF4_VALUES, xp)
-    absmax_codes, scale, offset = _quantize_absmax(absmax, xp)
-    absmax_codes = absmax_codes.reshape(blocks, *kernel.shape[in_axes:])
-    return dict(
-        zip(LEAVES["nf4"], (pack(codes, kernel.shape, in_axes), absmax_codes, scale, offset))
-    )
+    return {LEAVES["nf4"][0]: pack(codes, columns.shape, in_axes), "absmax": absmax}
 
 
 def _quantize_q4_1(kernel: Any, in_axes: int, xp: Any) -> dict[str, Any]:
@@ -166,6 +196,9 @@ def _quantize_q4_1(kernel: Any, in_axes: int, xp: Any) -> dict[str, Any]:
     codes = xp.take(codes, xp.arange(size), axis=axis)
     stats = (scale.astype(xp.float16), low.astype(xp.float16))
     return dict(zip(LEAVES["q4_1"], (pack(codes, kernel.shape, in_axes), *stats)))
+
+
+_QUANTIZERS = {"int8": _quantize_int8, "nf4": _quantize_nf4, "q4_1": _quantize_q4_1}
 
 
 def pack(codes: Any, shape: tuple[int, ...], in_axes: int) -> Any:
