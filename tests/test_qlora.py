@@ -24,7 +24,7 @@ from finetune_jax.hf import model_files
 from finetune_jax.models import hf_mapping, llama, quantization
 from finetune_jax.models import lora as lora_lib
 from finetune_jax.training import builder, optim
-from tests.helpers import load_llama
+from tests.helpers import load_llama, tiny_config
 from tests.test_scan_layers import LLAMA_STACK, restack
 from tests.test_sft_train import tiny_sft_config
 
@@ -357,6 +357,20 @@ def test_qlora_trains_only_its_adapters_and_exports_merged(tiny_chat_llama_dir, 
     with torch.no_grad():
         theirs = model(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(_logits(exp.module, state.params, ids), theirs, atol=1e-4)
+
+
+def test_bert_quantizes_every_encoder_projection_by_default(tiny_bert_dir, sst2_slice):
+    """`peft.quantize_targets='auto'` on BERT: the attention and FFN projections of every
+    encoder layer, not the embeddings, pooler or classifier."""
+    config = tiny_config(tiny_bert_dir, sst2_slice)
+    config.peft.rank, config.optim.preset, config.peft.quantize = 4, "lora", "nf4"
+    paths = lora_lib.flat_paths(builder.build(config).abstract_params)
+    quantized = {p.rpartition("/")[0] for p in paths if p.endswith("/kernel_nf4")}
+    layers = {p.split("/")[2] for p in paths if "/layer_" in p}
+    names = ("attention/query", "attention/key", "attention/value", "attention/output")
+    names += ("intermediate", "output")
+    assert quantized == {f"bert/encoder/{layer}/{name}" for layer in layers for name in names}
+    assert "bert/pooler/dense/kernel" in paths and "classifier/kernel" in paths
 
 
 def test_a_rule_training_a_quantized_leaf_is_an_error_naming_it(tiny_chat_llama_dir):

@@ -398,6 +398,8 @@ FAMILY = ModelFamily(
     # HF PEFT's "output.dense" names both the attention output and the FFN output.
     ia3_targets=r".*/attention/(key|value)/kernel|.*/output/kernel",
     ia3_feedforward=r".*/output/kernel",
+    # Every attention and FFN projection of the encoder layers (not the pooler or a head).
+    quantize_targets=r".*/layer_\d+/(attention/(query|key|value|output)|intermediate|output)/kernel",
     word_embeddings="bert/embeddings/word_embeddings/embedding",
     dropout_keys=("hidden_dropout_prob", "attention_probs_dropout_prob"),
     optional_params=("bert/pooler",),  # some checkpoints drop the pooler
