@@ -7,12 +7,14 @@ with our logits; config mistakes and a rule training a quantized leaf are errors
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import json
 import tracemalloc
 import weakref
 
+import flax.linen as nn
 import gguf
 import jax
 import numpy as np
@@ -21,9 +23,10 @@ import torch
 import transformers
 
 from finetune_jax.hf import model_files
-from finetune_jax.models import hf_mapping, llama, quantization
+from finetune_jax.models import hf_mapping, llama, marian, quantization, vit, whisper
 from finetune_jax.models import lora as lora_lib
 from finetune_jax.training import builder, optim
+from tests import test_marian, test_vit, test_whisper
 from tests.helpers import load_llama, tiny_config
 from tests.test_scan_layers import LLAMA_STACK, restack
 from tests.test_sft_train import tiny_sft_config
@@ -371,6 +374,63 @@ def test_bert_quantizes_every_encoder_projection_by_default(tiny_bert_dir, sst2_
     names += ("intermediate", "output")
     assert quantized == {f"bert/encoder/{layer}/{name}" for layer in layers for name in names}
     assert "bert/pooler/dense/kernel" in paths and "classifier/kernel" in paths
+
+
+def _family_case(name):
+    """(family, tiny config, init, module class, inputs, quantized kernels per model) of the
+    families besides Llama and BERT."""
+    if name == "dinov2":
+        config = test_vit.TINY["dinov2"]
+        inputs = (test_vit._nhwc(test_vit._pixels(28, 28)),)
+        count = 6 * config.num_hidden_layers
+        return (
+            vit.DINOV2_FAMILY,
+            config,
+            vit.init_params,
+            vit.ViTForImageClassification,
+            inputs,
+            count,
+        )
+    if name == "whisper":
+        config = test_whisper.ONE_LAYER
+        inputs = test_whisper._inputs()[:2]
+        count = 6 * config.encoder_layers + 10 * config.decoder_layers
+        return (
+            whisper.FAMILY,
+            config,
+            whisper.init_params,
+            whisper.WhisperForConditionalGeneration,
+            inputs,
+            count,
+        )
+    config = test_marian.TINY_SSRU  # the SSRU cell's own projections stay float
+    count = 6 * config.encoder_layers + 6 * config.decoder_layers
+    module = marian.MarianMTModel
+    return marian.FAMILY, config, marian.init_params, module, test_marian._inputs(), count
+
+
+@pytest.mark.parametrize("name", ["dinov2", "whisper", "marian"])
+def test_the_other_families_quantize_their_projections_by_default(name):
+    """ViT / DINOv2, Whisper and Marian: `peft.quantize_targets='auto'` stores every attention
+    and MLP projection of their layers in NF4, and the quantized model (with a LoRA moved off
+    zero on the same kernels) computes what the plain model computes with the merge of its
+    dequantized kernels and adapters."""
+    family, config, init, module, inputs, count = _family_case(name)
+    adapter = lora_lib.LoraConfig(
+        rank=2,
+        targets=family.quantize_targets,
+        quantize="nf4",
+        quantize_targets=family.quantize_targets,
+    )
+    quantized_config = dataclasses.replace(config, lora=adapter)
+    params = _moved(nn.meta.unbox(init(quantized_config, jax.random.PRNGKey(0))))
+    assert sum(p.endswith("/kernel_nf4") for p in lora_lib.flat_paths(params)) == count
+    ours = jax.jit(module(quantized_config).apply)({"params": params}, *inputs)
+    merged = lora_lib.merge(params, adapter)
+    plain = jax.jit(module(dataclasses.replace(config, lora=None)).apply)(
+        {"params": merged}, *inputs
+    )
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(plain), atol=1e-5)
 
 
 def test_a_rule_training_a_quantized_leaf_is_an_error_naming_it(tiny_chat_llama_dir):

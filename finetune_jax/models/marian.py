@@ -177,6 +177,8 @@ FAMILY = ModelFamily(
     layer_stacks=marian_hf.layer_stacks,
     layer_pattern=r".*/layers_(\d+)/.*",
     lora_targets=r".*/(self_attn|encoder_attn)/(q_proj|v_proj)/kernel",
+    # Every attention and MLP projection of the layers (an SSRU cell's stay float).
+    quantize_targets=r".*/layers_\d+/((self_attn|encoder_attn)/(q|k|v|out)_proj|fc1|fc2)/kernel",
     dropout_keys=("dropout",),
     # Checkpoints may leave out the bias (transformers: "ignore on load missing"): zeros.
     optional_params=("final_logits_bias",),

@@ -355,6 +355,8 @@ def _family(model_type: str, class_prefix: str) -> ModelFamily:
         backbone_mappings=vit_hf.backbone_mappings,
         layer_stacks=vit_hf.layer_stacks,
         lora_targets=r".*/attention/(query|value)/kernel",
+        # Every attention and MLP projection of the layers (not the patch embedding or heads).
+        quantize_targets=r".*/layer_\d+/(attention/(query|key|value|output)|mlp/(fc1|fc2))/kernel",
         dropout_keys=("hidden_dropout_prob", "attention_probs_dropout_prob"),
         constant_tensors=vit_hf.constant_tensors,
         ignored_tensors=("embeddings.mask_token",),  # written by export, never read

@@ -166,6 +166,8 @@ FAMILY = ModelFamily(
     backbone_mappings=whisper_hf.backbone_mappings,
     layer_pattern=r".*/layers_(\d+)/.*",
     lora_targets=r".*/(self_attn|encoder_attn)/(q_proj|v_proj)/kernel",
+    # Every attention and MLP projection of the layers (not the convolutions).
+    quantize_targets=r".*/layers_\d+/((self_attn|encoder_attn)/(q|k|v|out)_proj|fc1|fc2)/kernel",
     dropout_keys=("dropout",),
     strict=True,  # every tensor of the checkpoint has a place; others mean a mismatch
     # The frozen sinusoid table (computed here, see `sinusoids`) and a saved copy of the
